@@ -1,0 +1,157 @@
+// FourierFT CUDA kernels: the same three primitives as csrc/cpu/fourierft.cpp,
+// with float32 (or float64) accumulation through atomics on zeroed outputs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../fourierft_fold.h"
+#include "../ops.h"
+
+namespace spectral_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kTokensPerBlock = 64;  // tokens reduced per thread before its atomic
+
+template <typename T>
+__global__ void spectrum_to_half_kernel(const T* __restrict__ c, const int64_t* __restrict__ rows,
+                                        const int64_t* __restrict__ cols, int64_t nnz, int64_t m, int64_t n,
+                                        T scale, T* __restrict__ half) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= nnz) return;
+  const int64_t stride = n / 2 + 1;
+  int64_t first, second;
+  hermitian_bins(cols[k], n, first, second);
+  const T v = scale * c[k];
+  if (first >= 0) atomicAdd(half + 2 * (rows[k] * stride + first), v);
+  if (second >= 0) atomicAdd(half + 2 * (((m - rows[k]) % m) * stride + second), v);
+}
+
+// grid: (coefficient blocks, token slots); one thread per coefficient, striding
+// over tokens.
+template <typename T>
+__global__ void mix_kernel(const T* __restrict__ xf, const T* __restrict__ c, const int64_t* __restrict__ gather,
+                           const int64_t* __restrict__ scatter, int64_t nnz, int64_t tokens, int64_t n_in, int64_t n_out, T scale,
+                           T* __restrict__ out) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= nnz) return;
+  const T w = scale * c[k];
+  int64_t first, second;
+  hermitian_bins(scatter[k], n_out, first, second);
+  const int64_t gk = gather[k];
+  for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {
+    T re, im;
+    plus_transform_at(xf + 2 * t * (n_in / 2 + 1), gk, n_in, re, im);
+    re *= w;
+    im *= w;
+    T* yt = out + 2 * t * (n_out / 2 + 1);
+    if (first >= 0) {
+      atomicAdd(yt + 2 * first, re);
+      atomicAdd(yt + 2 * first + 1, im);
+    }
+    if (second >= 0) {
+      atomicAdd(yt + 2 * second, re);
+      atomicAdd(yt + 2 * second + 1, -im);
+    }
+  }
+}
+
+// grid: (coefficient blocks, token slots); each thread reduces one coefficient
+// over the tokens of its slot, then adds its partial sum.
+template <typename T>
+__global__ void coef_grad_kernel(const T* __restrict__ xf, const T* __restrict__ yf, const int64_t* __restrict__ a,
+                                 const int64_t* __restrict__ b, int64_t nnz, int64_t tokens, int64_t n_x,
+                                 int64_t n_y, T scale, T* __restrict__ grad) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= nnz) return;
+  const int64_t ak = a[k], bk = b[k];
+  T acc = 0;
+  for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {
+    T xr, xi, yr, yi;
+    plus_transform_at(xf + 2 * t * (n_x / 2 + 1), ak, n_x, xr, xi);
+    plus_transform_at(yf + 2 * t * (n_y / 2 + 1), bk, n_y, yr, yi);
+    acc += xr * yr - xi * yi;
+  }
+  atomicAdd(grad + k, scale * acc);
+}
+
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+template <typename T>
+T* real_ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+}  // namespace
+
+at::Tensor fourierft_spectrum_to_half_cuda(const at::Tensor& coef_in, const at::Tensor& rows_in,
+                                           const at::Tensor& cols_in, int64_t m, int64_t n, double scale) {
+  TORCH_CHECK(coef_in.numel() == rows_in.numel() && coef_in.numel() == cols_in.numel(),
+              "fourierft: coefficient and index counts differ");
+  const c10::cuda::CUDAGuard guard(coef_in.device());
+  const auto coef = coef_in.contiguous();
+  const auto rows = rows_in.contiguous();
+  const auto cols = cols_in.contiguous();
+  auto half = at::zeros({m, n / 2 + 1}, coef.options().dtype(c10::toComplexType(coef.scalar_type())));
+  const int64_t nnz = coef.numel();
+  if (nnz == 0) return half;
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_spectrum_to_half_cuda", [&] {
+    spectrum_to_half_kernel<scalar_t><<<blocks_for(nnz), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        coef.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), nnz, m, n,
+        static_cast<scalar_t>(scale / 2), real_ptr<scalar_t>(half));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return half;
+}
+
+at::Tensor fourierft_mix_cuda(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
+                              const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
+  TORCH_CHECK(xf_in.dim() == 2 && xf_in.size(1) == n_in / 2 + 1 && xf_in.is_complex(),
+              "fourierft_mix: xf must be complex (T, n_in/2+1)");
+  const c10::cuda::CUDAGuard guard(xf_in.device());
+  const auto xf = xf_in.contiguous();
+  const auto coef = coef_in.contiguous().to(c10::toRealValueType(xf.scalar_type()));
+  const auto gather = gather_in.contiguous();
+  const auto scatter = scatter_in.contiguous();
+  const int64_t tokens = xf.size(0), nnz = coef.numel();
+  auto out = at::zeros({tokens, n_out / 2 + 1}, xf.options());
+  if (nnz == 0 || tokens == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_mix_cuda", [&] {
+    const dim3 grid(blocks_for(nnz), static_cast<unsigned>(std::min<int64_t>(tokens, 65535)));
+    mix_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        real_ptr<scalar_t>(xf), coef.data_ptr<scalar_t>(), gather.data_ptr<int64_t>(), scatter.data_ptr<int64_t>(),
+        nnz, tokens, n_in, n_out, static_cast<scalar_t>(scale / 2), real_ptr<scalar_t>(out));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf_in, const at::Tensor& yf_in, const at::Tensor& x_idx_in,
+                                    const at::Tensor& y_idx_in, int64_t n_x, int64_t n_y, double scale) {
+  TORCH_CHECK(xf_in.is_complex() && yf_in.is_complex() && xf_in.size(0) == yf_in.size(0),
+              "fourierft_coef_grad: complex half spectra with equal token counts expected");
+  const c10::cuda::CUDAGuard guard(xf_in.device());
+  const auto xf = xf_in.contiguous();
+  const auto yf = yf_in.contiguous().to(xf.scalar_type());
+  const auto x_idx = x_idx_in.contiguous();
+  const auto y_idx = y_idx_in.contiguous();
+  const int64_t tokens = xf.size(0), nnz = x_idx.numel();
+  auto grad = at::zeros({nnz}, xf.options().dtype(c10::toRealValueType(xf.scalar_type())));
+  if (nnz == 0 || tokens == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fourierft_coef_grad_cuda", [&] {
+    const dim3 grid(blocks_for(nnz), static_cast<unsigned>(std::min<int64_t>((tokens + kTokensPerBlock - 1) / kTokensPerBlock, 65535)));
+    coef_grad_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        real_ptr<scalar_t>(xf), real_ptr<scalar_t>(yf), x_idx.data_ptr<int64_t>(), y_idx.data_ptr<int64_t>(), nnz,
+        tokens, n_x, n_y, static_cast<scalar_t>(scale), grad.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(spectral_kernels, CUDA, m) {
+  m.impl("fourierft_spectrum_to_half", &fourierft_spectrum_to_half_cuda);
+  m.impl("fourierft_mix", &fourierft_mix_cuda);
+  m.impl("fourierft_coef_grad", &fourierft_coef_grad_cuda);
+}
+
+}  // namespace spectral_kernels

@@ -1,0 +1,36 @@
+// Declarations of every native kernel. The op schemas live in Python
+// (spectral_kernels/ops/_schema.py); this library only adds implementations, so
+// the ops and their pure-PyTorch reference exist even when this build failed.
+#pragma once
+#include <torch/types.h>
+
+namespace spectral_kernels {
+
+// FourierFT (math in spectral_kernels/ops/fourierft.py).
+// Folded sparse spectrum -> Hermitian half spectrum H (M, N/2+1) with
+// irfft2(H, s=(M, N)) == scale * Re(ifft2(S)).
+at::Tensor fourierft_spectrum_to_half_cpu(const at::Tensor& coef, const at::Tensor& rows,
+                                          const at::Tensor& cols, int64_t m, int64_t n,
+                                          double scale);
+// Per-token sparse spectral mixing: (T, n_in/2+1) -> (T, n_out/2+1).
+at::Tensor fourierft_mix_cpu(const at::Tensor& xf, const at::Tensor& coef,
+                             const at::Tensor& gather_idx, const at::Tensor& scatter_idx,
+                             int64_t n_in, int64_t n_out, double scale);
+// Sampled reduction over tokens: d coef_k = scale * sum_t Re(X^[t, a_k] * Y^[t, b_k]).
+at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf, const at::Tensor& yf,
+                                   const at::Tensor& x_idx, const at::Tensor& y_idx,
+                                   int64_t n_x, int64_t n_y, double scale);
+
+#ifdef SPECTRAL_KERNELS_WITH_CUDA
+at::Tensor fourierft_spectrum_to_half_cuda(const at::Tensor& coef, const at::Tensor& rows,
+                                           const at::Tensor& cols, int64_t m, int64_t n,
+                                           double scale);
+at::Tensor fourierft_mix_cuda(const at::Tensor& xf, const at::Tensor& coef,
+                              const at::Tensor& gather_idx, const at::Tensor& scatter_idx,
+                              int64_t n_in, int64_t n_out, double scale);
+at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf, const at::Tensor& yf,
+                                    const at::Tensor& x_idx, const at::Tensor& y_idx,
+                                    int64_t n_x, int64_t n_y, double scale);
+#endif
+
+}  // namespace spectral_kernels

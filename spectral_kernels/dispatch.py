@@ -1,0 +1,108 @@
+"""The one place that decides which backend and which algorithm run.
+
+Backends: ``reference`` (pure PyTorch, peft's algorithm), ``cpu`` and ``cuda`` (C++
+kernels in csrc/), ``triton``. The choice per call is, in order: the ``backend``
+argument, the ``SPECTRAL_KERNELS_BACKEND`` environment variable, then the fastest
+available one for the tensors' device.
+"""
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_BACKEND = "SPECTRAL_KERNELS_BACKEND"
+ENV_FOURIERFT_PATH = "SPECTRAL_KERNELS_FOURIERFT_PATH"
+FOURIERFT_PATHS = ("token", "weight")
+
+
+def _native():
+    from .kernels import native
+
+    return native
+
+
+def _triton_error():
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton not importable ({err})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+    return None
+
+
+def _unavailable_reason(name):
+    if name == "reference":
+        return None
+    native = _native()
+    if name == "cpu":
+        return native.IMPORT_ERROR
+    if name == "cuda":
+        if native.IMPORT_ERROR:
+            return native.IMPORT_ERROR
+        if not native.CUDA_BUILT:
+            return "native extension built without CUDA (needs nvcc and a CUDA build of torch at build time)"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    return _triton_error()
+
+
+def backends():
+    """{name: None if available here, else the reason why not}."""
+    return {name: _unavailable_reason(name) for name in BACKENDS}
+
+
+def _serves(name, device):
+    """Whether backend ``name`` runs tensors on ``device``."""
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return True
+
+
+def select_backend(device, requested=None):
+    """Backend name for tensors on ``device``; raises if the requested one cannot run there."""
+    requested = requested or os.environ.get(ENV_BACKEND) or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; expected one of {BACKENDS}")
+        reason = _unavailable_reason(requested)
+        if reason is not None:
+            raise RuntimeError(f"backend {requested!r} is not available: {reason}")
+        if not _serves(requested, device):
+            raise RuntimeError(f"backend {requested!r} cannot run tensors on {device}")
+        return requested
+    # CUDA before Triton until the GPU measurements of issue 6 say otherwise.
+    order = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+    for name in order:
+        if _unavailable_reason(name) is None and _serves(name, device):
+            return name
+    return "reference"
+
+
+def kernels(method, backend):
+    """The module holding ``method``'s primitives for ``backend`` (not for ``reference``)."""
+    package = "native" if backend in ("cpu", "cuda") else backend
+    return importlib.import_module(f"spectral_kernels.kernels.{package}.{method}")
+
+
+# Measured on the 2-core CPU machine (bench/results): the token path costs about
+# four length-d FFTs per token, the weight path one (d_out x d_in) real 2-D FFT per
+# call; the weight path wins once tokens * (d_out + d_in) exceeds this many d_out*d_in.
+FOURIERFT_WEIGHT_PATH_RATIO = 0.5
+
+
+def fourierft_path(tokens, out_features, in_features, requested=None):
+    """'token' (per-token spectral path) or 'weight' (effective-weight GEMM path)."""
+    requested = requested or os.environ.get(ENV_FOURIERFT_PATH) or None
+    if requested is not None:
+        if requested not in FOURIERFT_PATHS:
+            raise ValueError(f"unknown FourierFT path {requested!r}; expected one of {FOURIERFT_PATHS}")
+        return requested
+    ratio = tokens * (out_features + in_features) / (out_features * in_features)
+    return "weight" if ratio >= FOURIERFT_WEIGHT_PATH_RATIO else "token"

@@ -1,0 +1,25 @@
+"""C++ kernels (csrc/cpu, csrc/cuda), reached through the torch dispatcher.
+
+The op schemas are defined here, in Python, before the extension is loaded, so the
+namespace exists even when `_C` could not be built; `_C` then only adds CPU and
+(when compiled with CUDA) CUDA implementations. Torch picks CPU or CUDA by device.
+"""
+import torch
+
+_lib = torch.library.Library("spectral_kernels", "DEF")
+_lib.define(
+    "fourierft_spectrum_to_half(Tensor coef, Tensor rows, Tensor cols, int m, int n, float scale) -> Tensor")
+_lib.define(
+    "fourierft_mix(Tensor xf, Tensor coef, Tensor gather_idx, Tensor scatter_idx, int n_in, int n_out, "
+    "float scale) -> Tensor")
+_lib.define(
+    "fourierft_coef_grad(Tensor xf, Tensor yf, Tensor x_idx, Tensor y_idx, int n_x, int n_y, float scale) -> Tensor")
+
+try:
+    from spectral_kernels import _C  # noqa: F401  (registers the kernels)
+
+    IMPORT_ERROR = None
+    CUDA_BUILT = bool(_C.cuda_built)
+except ImportError as err:  # extension not built: reference/Triton paths only
+    IMPORT_ERROR = f"native extension not importable ({err})"
+    CUDA_BUILT = False

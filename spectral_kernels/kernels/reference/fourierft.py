@@ -1,0 +1,22 @@
+"""FourierFT exactly as peft 0.21 computes it: a dense complex ifft2 per call.
+
+This is the baseline every other backend is tested and benchmarked against.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling):
+    """peft's FourierFTLayer.get_delta_weight: scaling * Re(ifft2(S)), in spectrum.dtype."""
+    dense = torch.zeros(out_features, in_features, device=spectrum.device,
+                        dtype=torch.float64 if spectrum.dtype == torch.float64 else torch.float32)
+    dense[indices[0, :], indices[1, :]] = spectrum.to(dense.dtype)
+    return (torch.fft.ifft2(dense).real * scaling).to(spectrum.dtype)
+
+
+def fourierft_linear(x, weight, bias, spectrum, indices, scaling):
+    """peft's FourierFTLinear.forward for one active adapter (weight is (out, in))."""
+    result = F.linear(x, weight, bias)
+    delta_w = fourierft_delta_weight(spectrum, indices, weight.shape[0], weight.shape[1], scaling)
+    result = result + F.linear(x.to(delta_w.dtype), delta_w)
+    return result.to(x.dtype)

@@ -1,0 +1,120 @@
+"""FourierFT primitives in Triton (GPU; on CPU under TRITON_INTERPRET=1).
+
+Same contracts as csrc/cpu/fourierft.cpp; the index folding is spelled out in
+csrc/fourierft_fold.h. Complex tensors are handled as interleaved (re, im) reals.
+"""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_K = 128
+BLOCK_T = 16
+
+
+@triton.jit
+def _plus_transform_at(half_ptr, g, n):
+    """X^[g] = sum_q x[q] exp(+2 pi i g q / n) from the rfft half spectrum of x."""
+    low = 2 * g <= n
+    j = tl.where(low, g, n - g)
+    re = tl.load(half_ptr + 2 * j)
+    im = tl.load(half_ptr + 2 * j + 1)
+    return re, tl.where(low, -im, im)
+
+
+@triton.jit
+def _spectrum_to_half_kernel(c_ptr, rows_ptr, cols_ptr, half_ptr, nnz, m, n, scale, BLOCK: tl.constexpr):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = k < nnz
+    c = tl.load(c_ptr + k, mask=live, other=0.0) * scale
+    r = tl.load(rows_ptr + k, mask=live, other=0)
+    q = tl.load(cols_ptr + k, mask=live, other=0)
+    stride = n // 2 + 1
+    mirror_q = (n - q) % n
+    mirror_r = (m - r) % m
+    tl.atomic_add(half_ptr + 2 * (r * stride + q), c, mask=live & (2 * q <= n))
+    tl.atomic_add(half_ptr + 2 * (mirror_r * stride + mirror_q), c, mask=live & (2 * mirror_q <= n))
+
+
+@triton.jit
+def _mix_kernel(xf_ptr, c_ptr, g_ptr, b_ptr, out_ptr, tokens, nnz, n_in, n_out, scale,
+                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    live = (t < tokens) & (k < nnz)
+    w = tl.load(c_ptr + k, mask=k < nnz, other=0.0) * scale
+    g = tl.load(g_ptr + k, mask=k < nnz, other=0)
+    b = tl.load(b_ptr + k, mask=k < nnz, other=0)
+    low = 2 * g <= n_in
+    j = tl.where(low, g, n_in - g)
+    src = xf_ptr + 2 * (t * (n_in // 2 + 1) + j)
+    re = tl.load(src, mask=live, other=0.0) * w
+    im = tl.load(src + 1, mask=live, other=0.0) * w
+    im = tl.where(low, -im, im)
+    dst = out_ptr + 2 * t * (n_out // 2 + 1)
+    mirror = (n_out - b) % n_out
+    first = live & (2 * b <= n_out)
+    second = live & (2 * mirror <= n_out)
+    tl.atomic_add(dst + 2 * b, re, mask=first)
+    tl.atomic_add(dst + 2 * b + 1, im, mask=first)
+    tl.atomic_add(dst + 2 * mirror, re, mask=second)
+    tl.atomic_add(dst + 2 * mirror + 1, -im, mask=second)
+
+
+@triton.jit
+def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, grad_ptr, tokens, nnz, n_x, n_y, scale,
+                      BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + k, mask=k < nnz, other=0)
+    b = tl.load(b_ptr + k, mask=k < nnz, other=0)
+    a_low = 2 * a <= n_x
+    b_low = 2 * b <= n_y
+    ja = tl.where(a_low, a, n_x - a)[None, :]
+    jb = tl.where(b_low, b, n_y - b)[None, :]
+    # Re(X^ Y^) = xr*yr - xi*yi with each imaginary part negated on the low half.
+    sign = tl.where(a_low == b_low, 1.0, -1.0)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=xf_ptr.dtype.element_ty)
+    for t0 in range(0, tokens, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)[:, None]
+        live = (t < tokens) & (k[None, :] < nnz)
+        xs = xf_ptr + 2 * (t * (n_x // 2 + 1) + ja)
+        ys = yf_ptr + 2 * (t * (n_y // 2 + 1) + jb)
+        xr = tl.load(xs, mask=live, other=0.0)
+        xi = tl.load(xs + 1, mask=live, other=0.0)
+        yr = tl.load(ys, mask=live, other=0.0)
+        yi = tl.load(ys + 1, mask=live, other=0.0)
+        acc += xr * yr - sign * xi * yi
+    tl.store(grad_ptr + k, tl.sum(acc, axis=0) * scale, mask=k < nnz)
+
+
+def spectrum_to_half(coef, rows, cols, m, n, scale):
+    half = torch.zeros(m, n // 2 + 1, dtype=coef.dtype.to_complex(), device=coef.device)
+    nnz = coef.numel()
+    if nnz:
+        _spectrum_to_half_kernel[(triton.cdiv(nnz, BLOCK_K),)](
+            coef.contiguous(), rows.contiguous(), cols.contiguous(), torch.view_as_real(half), nnz, m, n, scale / 2,
+            BLOCK=BLOCK_K)
+    return half
+
+
+def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
+    xf = xf.contiguous()
+    tokens, nnz = xf.shape[0], coef.numel()
+    out = torch.zeros(tokens, n_out // 2 + 1, dtype=xf.dtype, device=xf.device)
+    if tokens and nnz:
+        grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(nnz, BLOCK_K))
+        _mix_kernel[grid](torch.view_as_real(xf), coef.to(xf.real.dtype).contiguous(), gather_idx.contiguous(),
+                          scatter_idx.contiguous(), torch.view_as_real(out), tokens, nnz, n_in, n_out, scale / 2,
+                          BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
+    return out
+
+
+def coef_grad(xf, yf, x_idx, y_idx, n_x, n_y, scale):
+    xf = xf.contiguous()
+    yf = yf.to(xf.dtype).contiguous()
+    nnz = x_idx.numel()
+    grad = torch.empty(nnz, dtype=xf.real.dtype, device=xf.device)
+    if nnz:
+        _coef_grad_kernel[(triton.cdiv(nnz, BLOCK_K),)](
+            torch.view_as_real(xf), torch.view_as_real(yf), x_idx.contiguous(), y_idx.contiguous(), grad,
+            xf.shape[0], nnz, n_x, n_y, scale, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
+    return grad

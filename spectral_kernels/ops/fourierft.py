@@ -1,0 +1,170 @@
+r"""FourierFT linear: y = x (W + dW)^T + b, with dW built from n spectral coefficients.
+
+For W of shape (M, N) = (d_out, d_in), coefficients c_k at spectrum positions
+(u_k, v_k) (peft's ``indices``: rows u, cols v) and scaling s:
+
+    dW[p, q] = s / (M N) * sum_k c_k cos(2 pi (u_k p / M + v_k q / N))
+             = s * Re(ifft2(S)),   S zero except S[u_k, v_k] = c_k        (peft)
+
+With X^[t, v] = sum_q x[t, q] exp(+2 pi i v q / N) (read off rfft(x), see
+csrc/fourierft_fold.h):
+
+    (x dW^T)[t, p]  = (s / N) * irfft_M( sum_k c_k X^[t, v_k] at bin u_k )[p]
+    dL/dc_k         = s / (M N) * sum_t Re(X^[t, v_k] Y^[t, u_k]),   Y^ from rfft(dL/dy)
+    (dy dW)[t, q]   = (s / M) * irfft_N( sum_k c_k Y^[t, u_k] at bin v_k )[q]
+
+Two exact algorithms, chosen by shape in dispatch.fourierft_path:
+  token:  per token O((M + N) log + n); no dense M x N tensor is ever formed.
+  weight: dW = irfft2 of the folded sparse spectrum (O(M N log)), one GEMM with
+          W + dW; the backward reuses that effective weight for dx and gets dc
+          from the sampled reduction above (no dense gradient).
+FFTs run in float32 (float64 for float64 inputs), whatever the input dtype.
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from ..kernels.reference import fourierft as reference
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("spectral_kernels::fourierft_linear_fwd", mutates_args=())
+def _fourierft_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor,
+                   rows: torch.Tensor, cols: torch.Tensor, scaling: float, backend: str,
+                   path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    k = dispatch.kernels("fourierft", backend)
+    m, n = weight.shape
+    acc = _acc_dtype(x.dtype)
+    x2 = x.reshape(-1, n)
+    coef = spectrum.to(acc)
+    if path == "weight":
+        w_eff = torch.fft.irfft2(k.spectrum_to_half(coef, rows, cols, m, n, scaling), s=(m, n))
+        w_eff = w_eff.add_(weight).to(x.dtype)
+        y = F.linear(x2, w_eff, bias)
+    else:
+        w_eff = x.new_empty(0)
+        y = F.linear(x2, weight, bias)
+        xf = torch.fft.rfft(x2.to(acc), dim=-1)
+        y = y.add_(torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m))
+    return y.reshape(*x.shape[:-1], m), w_eff
+
+
+@_fourierft_fwd.register_fake
+def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
+    m, n = weight.shape
+    w_eff = x.new_empty((m, n) if path == "weight" else (0,))
+    return x.new_empty(*x.shape[:-1], m), w_eff
+
+
+@torch.library.custom_op("spectral_kernels::fourierft_linear_bwd", mutates_args=())
+def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor,
+                   rows: torch.Tensor, cols: torch.Tensor, w_eff: torch.Tensor, scaling: float, backend: str,
+                   path: str, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dweight, dbias, dspectrum); empty tensors for those not needed."""
+    k = dispatch.kernels("fourierft", backend)
+    m, n = weight.shape
+    acc = _acc_dtype(x.dtype)
+    dy2 = dy.reshape(-1, m).to(x.dtype)
+    x2 = x.reshape(-1, n)
+    coef = spectrum.to(acc)
+    need_dx, need_dw, need_db, need_dc = needs
+    yf = torch.fft.rfft(dy2.to(acc), dim=-1) if need_dc or (need_dx and path == "token") else None
+    dx = x.new_empty(0)
+    if need_dx:
+        if path == "weight":
+            dx = dy2 @ w_eff
+        else:
+            dx = (dy2 @ weight.to(x.dtype)).add_(torch.fft.irfft(k.mix(yf, coef, rows, cols, m, n, scaling / m), n=n))
+        dx = dx.reshape(x.shape)
+    dc = x.new_empty(0)
+    if need_dc:
+        # x's spectrum is recomputed, not saved: one rfft per token is cheaper than
+        # keeping a complex copy of the activations alive until the backward.
+        xf = torch.fft.rfft(x2.to(acc), dim=-1)
+        dc = k.coef_grad(xf, yf, cols, rows, n, m, scaling / (m * n)).to(spectrum.dtype)
+    dw = (dy2.t() @ x2).to(weight.dtype) if need_dw else x.new_empty(0)
+    db = dy2.sum(0).to(weight.dtype) if need_db else x.new_empty(0)
+    return dx, dw, db, dc
+
+
+@_fourierft_bwd.register_fake
+def _(dy, x, weight, spectrum, rows, cols, w_eff, scaling, backend, path, needs):
+    def like(t, need):
+        return torch.empty_like(t) if need else x.new_empty(0)
+
+    return like(x, needs[0]), like(weight, needs[1]), weight.new_empty(weight.shape[0] if needs[2] else 0), \
+        like(spectrum, needs[3])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, spectrum, rows, cols, scaling, backend, path = inputs
+    ctx.save_for_backward(x, weight, spectrum, rows, cols, output[1])
+    ctx.scaling, ctx.backend, ctx.path = scaling, backend, path
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dw_eff):
+    x, weight, spectrum, rows, cols, w_eff = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+             ctx.needs_input_grad[3]]
+    dx, dw, db, dc = _fourierft_bwd(dy, x, weight, spectrum, rows, cols, w_eff, ctx.scaling, ctx.backend,
+                                    ctx.path, needs)
+    grads = [g if need else None for g, need in zip((dx, dw, db, dc), needs)]
+    return grads[0], grads[1], grads[2], grads[3], None, None, None, None, None
+
+
+_fourierft_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x, weight, bias, spectrum, indices):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"fourierft_linear: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if weight.dim() != 2:
+        raise ValueError(f"fourierft_linear: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    m, n = weight.shape
+    if x.dim() == 0 or x.shape[-1] != n:
+        raise ValueError(f"fourierft_linear: x has {x.shape[-1] if x.dim() else 0} features, "
+                         f"the layer expects in_features={n}")
+    if spectrum.dim() != 1 or not spectrum.is_floating_point():
+        raise ValueError("fourierft_linear: spectrum must be a 1-D floating-point tensor")
+    if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != spectrum.numel():
+        raise ValueError(f"fourierft_linear: indices must have shape (2, {spectrum.numel()}), "
+                         f"got {tuple(indices.shape)}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"fourierft_linear: indices must be int64, got {indices.dtype}")
+    if not 0 < spectrum.numel() <= m * n:
+        raise ValueError(f"fourierft_linear: n_frequency must be in [1, {m * n}], got {spectrum.numel()}")
+    tensors = {"x": x, "weight": weight, "spectrum": spectrum, "indices": indices}
+    if bias is not None:
+        tensors["bias"] = bias
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise RuntimeError(f"fourierft_linear: tensors on different devices: {devices}")
+
+
+def fourierft_linear(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):
+    """y = x (weight + dW)^T + bias for FourierFT coefficients ``spectrum`` at ``indices`` (2, n).
+
+    ``backend`` and ``path`` override the automatic choice (see spectral_kernels.dispatch).
+    """
+    _check(x, weight, bias, spectrum, indices)
+    backend = dispatch.select_backend(x.device, backend)
+    if backend == "reference":
+        return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)
+    tokens = x.numel() // x.shape[-1]
+    path = dispatch.fourierft_path(tokens, weight.shape[0], weight.shape[1], path)
+    return _fourierft_fwd(x, weight, bias, spectrum, indices[0], indices[1], float(scaling), backend, path)[0]
+
+
+def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling, backend=None):
+    """dW (out_features, in_features) in spectrum.dtype, as peft's get_delta_weight returns it."""
+    backend = dispatch.select_backend(spectrum.device, backend)
+    if backend == "reference":
+        return reference.fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling)
+    coef = spectrum.detach().to(_acc_dtype(spectrum.dtype))
+    half = dispatch.kernels("fourierft", backend).spectrum_to_half(
+        coef, indices[0], indices[1], out_features, in_features, float(scaling))
+    return torch.fft.irfft2(half, s=(out_features, in_features)).to(spectrum.dtype)
