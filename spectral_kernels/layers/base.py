@@ -1,0 +1,111 @@
+"""Adapter bookkeeping shared by the layers: named adapters, activation, merging.
+
+Attribute names follow peft's BaseTunerLayer (active_adapters, merged_adapters,
+disable_adapters, set_adapter, merge/unmerge) so code written for peft layers works.
+"""
+import warnings
+
+import torch
+from torch import nn
+
+
+def base_weight_and_layout(base_layer):
+    """(in_features, out_features, fan_in_fan_out) of an nn.Linear or transformers Conv1D."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features, False
+    if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features, True
+    raise TypeError(f"Unsupported layer type {type(base_layer).__name__}: only torch.nn.Linear and "
+                    "transformers' Conv1D can be adapted")
+
+
+class AdapterLayer(nn.Module):
+    """Subclasses define ``adapter_layer_names`` and ``delta_weight(adapter)`` (out, in)."""
+
+    adapter_layer_names: tuple = ()
+
+    def __init__(self, base_layer):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self._conv1d = base_weight_and_layout(base_layer)
+        self._active_adapter = []
+        self.merged_adapters = []
+        self._disable_adapters = False
+
+    @property
+    def active_adapters(self):
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self):
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def merged(self):
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self):
+        return self._disable_adapters
+
+    def _adapters(self):
+        return getattr(self, self.adapter_layer_names[0]).keys()
+
+    def set_adapter(self, adapter_names):
+        """Activate ``adapter_names`` (str or list); only their parameters train."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self._adapters()]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self._adapters())}")
+        for layer_name in self.adapter_layer_names:
+            for key, param in getattr(self, layer_name).items():
+                param.requires_grad_(key in names)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled):
+        """peft's enable_adapters: False runs the base layer alone (unmerging first)."""
+        if not enabled and self.merged:
+            self.unmerge()
+        self._disable_adapters = not enabled
+
+    def _weight(self):
+        """The base weight as (out_features, in_features), a view for Conv1D."""
+        weight = self.base_layer.weight
+        return weight.t() if self._conv1d else weight
+
+    def get_delta_weight(self, adapter):
+        return self.delta_weight(adapter)
+
+    @torch.no_grad()
+    def merge(self, safe_merge=False, adapter_names=None):
+        """Add the adapters' delta weights into the base weight (peft's merge)."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self._adapters() and n not in self.merged_adapters]
+        if self.merged and names:
+            warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                          f"You are now additionally merging {','.join(names)}.")
+        weight = self.base_layer.weight
+        for name in names:
+            delta = self.delta_weight(name).to(weight.dtype)
+            delta = delta.t() if self._conv1d else delta
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                weight.data = merged
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Subtract every merged adapter's delta weight again (peft's unmerge)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.delta_weight(name).to(weight.dtype)
+            weight.data -= delta.t() if self._conv1d else delta

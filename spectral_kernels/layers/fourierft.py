@@ -1,0 +1,109 @@
+"""FourierFTLinear: peft's FourierFT layer, computed by the fused op."""
+import torch
+from torch import nn
+
+from .. import dispatch
+from ..config import FourierFTConfig
+from ..ops.fourierft import fourierft_delta_weight, fourierft_linear
+from .base import AdapterLayer
+
+
+def fourierft_indices(out_features, in_features, n_frequency, random_loc_seed):
+    """peft's spectrum positions: (2, n) int64 rows/cols of a seeded randperm."""
+    flat = torch.randperm(out_features * in_features,
+                          generator=torch.Generator().manual_seed(random_loc_seed))[:n_frequency]
+    return torch.stack([flat // in_features, flat % in_features], dim=0)
+
+
+class FourierFTLinear(AdapterLayer):
+    """Wraps an nn.Linear or transformers Conv1D; parameters ``fourierft_spectrum.<adapter>`` as in peft.
+
+    In eval mode without autograd, the effective weight of the weight path is kept
+    until the coefficients or the base weight change (tracked by tensor versions,
+    so in-place optimizer steps invalidate it); ``cache_effective_weight = False``
+    turns that off to save its memory (one copy of the base weight).
+    """
+
+    adapter_layer_names = ("fourierft_spectrum",)
+    other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed", "indices")
+
+    def __init__(self, base_layer, adapter_name="default", config=None, n_frequency=None, backend=None):
+        super().__init__(base_layer)
+        self.fourierft_spectrum = nn.ParameterDict({})
+        self.fourierft_n_frequency, self.fourierft_scaling, self.fourierft_random_loc_seed = {}, {}, {}
+        self.indices = {}
+        self.backend = backend
+        self.cache_effective_weight = True
+        self._cache = None
+        self.update_layer(adapter_name, config or FourierFTConfig(), n_frequency)
+
+    def update_layer(self, adapter_name, config, n_frequency=None):
+        """Add adapter ``adapter_name`` (peft's update_layer) and activate the current set."""
+        n_frequency = config.n_frequency if n_frequency is None else n_frequency
+        if n_frequency <= 0:
+            raise ValueError(f"`n_frequency` should be a positive integer value but the value passed is {n_frequency}")
+        if n_frequency > self.in_features * self.out_features:
+            raise ValueError(
+                "`n_frequency` should be less than or equal to the product of the input and output dimensions "
+                f"but the value passed is {n_frequency} and the product is {self.in_features * self.out_features}")
+        weight = self.base_layer.weight
+        self.fourierft_n_frequency[adapter_name] = n_frequency
+        self.fourierft_scaling[adapter_name] = config.scaling
+        self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
+        self.indices[adapter_name] = fourierft_indices(self.out_features, self.in_features, n_frequency,
+                                                       config.random_loc_seed).to(weight.device)
+        spectrum = torch.zeros(n_frequency) if config.init_weights else torch.randn(n_frequency)
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.fourierft_spectrum[adapter_name] = nn.Parameter(spectrum.to(weight.device, dtype))
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _indices(self, adapter):
+        spectrum = self.fourierft_spectrum[adapter]
+        if self.indices[adapter].device != spectrum.device:
+            self.indices[adapter] = self.indices[adapter].to(spectrum.device)
+        return self.indices[adapter]
+
+    def delta_weight(self, adapter):
+        return fourierft_delta_weight(self.fourierft_spectrum[adapter], self._indices(adapter), self.out_features,
+                                      self.in_features, self.fourierft_scaling[adapter], self.backend)
+
+    def _adapter_terms(self):
+        """(spectrum, indices, scaling) of the active adapters, folded into one when several."""
+        names = [n for n in self.active_adapters if n in self.fourierft_spectrum]
+        if len(names) == 1:
+            name = names[0]
+            return self.fourierft_spectrum[name], self._indices(name), self.fourierft_scaling[name]
+        if not names:
+            return None
+        # dW is linear in the coefficients: sum_a s_a Re(ifft2(S_a)) = Re(ifft2(sum_a s_a S_a)).
+        spectra = [self.fourierft_spectrum[n] * self.fourierft_scaling[n] for n in names]
+        return torch.cat(spectra), torch.cat([self._indices(n) for n in names], dim=1), 1.0
+
+    def _cached_weight(self, spectrum, indices, scaling):
+        weight = self._weight()
+        key = (spectrum.data_ptr(), spectrum._version, weight.data_ptr(), weight._version, scaling, indices.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # drop the old one before building the new one
+            delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling,
+                                           self.backend)
+            self._cache = (key, (weight + delta.to(weight.dtype)))
+        return self._cache[1]
+
+    def forward(self, x, *args, **kwargs):
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        terms = None if self.merged else self._adapter_terms()
+        if terms is None:
+            return self.base_layer(x, *args, **kwargs)
+        spectrum, indices, scaling = terms
+        weight, bias = self._weight(), self.base_layer.bias
+        if (self.cache_effective_weight and not self.training and not torch.is_grad_enabled()
+                and x.dim() > 0 and dispatch.fourierft_path(x.numel() // x.shape[-1], self.out_features,
+                                                            self.in_features) == "weight"):
+            return nn.functional.linear(x, self._cached_weight(spectrum, indices, scaling), bias)
+        return fourierft_linear(x, weight, bias, spectrum, indices, scaling, self.backend)
+
+    def __repr__(self):
+        return "spectral_kernels.fourierft." + super().__repr__()
