@@ -1,6 +1,8 @@
 // FourierFT CUDA kernels: the same three primitives as csrc/cpu/fourierft.cpp,
 // with float32 (or float64) accumulation through atomics on zeroed outputs.
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -96,7 +98,7 @@ at::Tensor fourierft_spectrum_to_half_cuda(const at::Tensor& coef_in, const at::
   const int64_t nnz = coef.numel();
   if (nnz == 0) return half;
   AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_spectrum_to_half_cuda", [&] {
-    spectrum_to_half_kernel<scalar_t><<<blocks_for(nnz), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    spectrum_to_half_kernel<scalar_t><<<blocks_for(nnz), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         coef.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), nnz, m, n,
         static_cast<scalar_t>(scale / 2), real_ptr<scalar_t>(half));
   });
@@ -118,7 +120,7 @@ at::Tensor fourierft_mix_cuda(const at::Tensor& xf_in, const at::Tensor& coef_in
   if (nnz == 0 || tokens == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_mix_cuda", [&] {
     const dim3 grid(blocks_for(nnz), static_cast<unsigned>(std::min<int64_t>(tokens, 65535)));
-    mix_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    mix_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         real_ptr<scalar_t>(xf), coef.data_ptr<scalar_t>(), gather.data_ptr<int64_t>(), scatter.data_ptr<int64_t>(),
         nnz, tokens, n_in, n_out, static_cast<scalar_t>(scale / 2), real_ptr<scalar_t>(out));
   });
@@ -140,7 +142,7 @@ at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf_in, const at::Tensor& y
   if (nnz == 0 || tokens == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fourierft_coef_grad_cuda", [&] {
     const dim3 grid(blocks_for(nnz), static_cast<unsigned>(std::min<int64_t>((tokens + kTokensPerBlock - 1) / kTokensPerBlock, 65535)));
-    coef_grad_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    coef_grad_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         real_ptr<scalar_t>(xf), real_ptr<scalar_t>(yf), x_idx.data_ptr<int64_t>(), y_idx.data_ptr<int64_t>(), nnz,
         tokens, n_x, n_y, static_cast<scalar_t>(scale), grad.data_ptr<scalar_t>());
   });

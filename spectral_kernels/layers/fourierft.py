@@ -4,7 +4,7 @@ from torch import nn
 
 from .. import dispatch
 from ..config import FourierFTConfig
-from ..ops.fourierft import fourierft_delta_weight, fourierft_linear
+from ..ops.fourierft import fourierft_apply, fourierft_delta_weight
 from .base import AdapterLayer
 
 
@@ -103,7 +103,7 @@ class FourierFTLinear(AdapterLayer):
                 and x.dim() > 0 and dispatch.fourierft_path(x.numel() // x.shape[-1], self.out_features,
                                                             self.in_features) == "weight"):
             return nn.functional.linear(x, self._cached_weight(spectrum, indices, scaling), bias)
-        return fourierft_linear(x, weight, bias, spectrum, indices, scaling, self.backend)
+        return fourierft_apply(x, weight, bias, spectrum, indices, scaling, self.backend)
 
     def __repr__(self):
         return "spectral_kernels.fourierft." + super().__repr__()

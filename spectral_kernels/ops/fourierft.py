@@ -145,11 +145,25 @@ def _check(x, weight, bias, spectrum, indices):
         raise RuntimeError(f"fourierft_linear: tensors on different devices: {devices}")
 
 
+def _check_index_values(indices, m, n):
+    # Reads the indices (a device sync on GPU): done by the public function, and once
+    # by the layers, which build their indices themselves.
+    if indices.numel() and (indices.min() < 0 or indices[0].max() >= m or indices[1].max() >= n):
+        raise ValueError(f"fourierft_linear: indices out of range for a ({m}, {n}) spectrum")
+
+
 def fourierft_linear(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):
     """y = x (weight + dW)^T + bias for FourierFT coefficients ``spectrum`` at ``indices`` (2, n).
 
     ``backend`` and ``path`` override the automatic choice (see spectral_kernels.dispatch).
     """
+    _check(x, weight, bias, spectrum, indices)
+    _check_index_values(indices, *weight.shape)
+    return fourierft_apply(x, weight, bias, spectrum, indices, scaling, backend, path)
+
+
+def fourierft_apply(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):
+    """fourierft_linear for indices already known to be in range (the layers' own)."""
     _check(x, weight, bias, spectrum, indices)
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":

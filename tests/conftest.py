@@ -1,0 +1,50 @@
+"""Shared test helpers: the backends runnable here, and the per-dtype tolerance rule."""
+import os
+
+import pytest
+import torch
+
+# The Triton kernels run on the CPU through the interpreter when there is no GPU;
+# the flag must be set before triton decorates the kernels.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import spectral_kernels  # noqa: E402
+
+# fp32/fp64: absolute error bound relative to the largest reference magnitude.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+# bf16/fp16 (FlashAttention's rule): the error against the float64 result is at most
+# twice the error of the PyTorch reference run in the same dtype, plus this floor
+# relative to the largest magnitude.
+LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def device_backends():
+    """(device, backend) pairs to test; those not available here are skipped with the reason."""
+    available = spectral_kernels.backends()
+    cuda = torch.cuda.is_available()
+    pairs = [("cpu", "cpu"), ("cuda", "cuda"), ("cuda", "triton")]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pairs.append(("cpu", "triton"))
+    params = []
+    for device, backend in pairs:
+        reason = available[backend] or (None if device == "cpu" or cuda else "no CUDA device")
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(device, backend, marks=marks, id=f"{backend}-{device}"))
+    return params
+
+
+def assert_close(actual, expected, dtype):
+    """fp32/fp64: |actual - expected| <= tol * max|expected| (expected in the same dtype)."""
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+
+
+def assert_low_precision_close(actual, reference_lowp, exact):
+    """FlashAttention's rule for bf16/fp16 against an exact (float64) result."""
+    scale = exact.abs().max().item()
+    ours = (actual.double() - exact).abs().max().item()
+    ref = (reference_lowp.double() - exact).abs().max().item()
+    bound = 2 * ref + LOW_PRECISION_FLOOR[actual.dtype] * scale
+    assert ours <= bound, f"error {ours:.3g} > 2 x reference error {ref:.3g} + floor"

@@ -1,0 +1,124 @@
+"""FourierFT: every backend and path against the reference (peft's torch.fft math)."""
+import pytest
+import torch
+
+import spectral_kernels as sk
+from spectral_kernels.kernels.reference import fourierft as reference
+from spectral_kernels.layers.fourierft import fourierft_indices
+
+from conftest import assert_close, assert_low_precision_close, device_backends
+
+PATHS = ["token", "weight"]
+# (out_features, in_features, n_frequency): odd, non-square, n from 1 to out*in.
+SMALL = [(33, 17, 1), (24, 40, 100), (16, 12, 192), (1000, 37, 700)]
+LARGE = [(768, 768, 1000), (37, 1000, 37000), (300, 513, 4000)]
+
+
+def make_case(m, n, nf, lead, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(m, n, generator=g, dtype=torch.float64) / n ** 0.5
+    bias = torch.randn(m, generator=g, dtype=torch.float64)
+    spectrum = torch.randn(nf, generator=g, dtype=torch.float64)
+    x = torch.randn(*lead, n, generator=g, dtype=torch.float64)
+    indices = fourierft_indices(m, n, nf, 777)
+    cast = [t.to(device, dtype) for t in (x, weight, bias, spectrum)]
+    exact = [t.to(device) for t in (x, weight, bias, spectrum)]
+    return cast, exact, indices.to(device)
+
+
+def run(fn, x, weight, bias, spectrum, grad_out=None):
+    """Output and gradients w.r.t. x, spectrum and bias."""
+    x, spectrum, bias = (t.detach().requires_grad_() for t in (x, spectrum, bias))
+    y = fn(x, weight, bias, spectrum)
+    if grad_out is None:
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(y, (x, spectrum, bias), grad_out.to(y.device, y.dtype))
+    return [y.detach(), *grads], grad_out
+
+
+def check(device, backend, path, m, n, nf, lead, dtype):
+    (x, w, b, c), (x64, w64, b64, c64), indices = make_case(m, n, nf, lead, dtype, device)
+    scaling = 150.0
+
+    def ours(x, w, b, c):
+        return sk.fourierft_linear(x, w, b, c, indices, scaling, backend=backend, path=path)
+
+    def ref(x, w, b, c):
+        return reference.fourierft_linear(x, w, b, c, indices, scaling)
+
+    exact, g = run(ref, x64, w64, b64, c64)
+    got, _ = run(ours, x, w, b, c, g)
+    names = ("y", "dx", "dspectrum", "dbias")
+    if dtype in (torch.float32, torch.float64):
+        for name, a, e in zip(names, got, exact):
+            assert a.dtype == dtype, name
+            assert_close(a, e.to(dtype), dtype)
+    else:
+        lowp, _ = run(ref, x, w, b, c, g)
+        for name, a, r, e in zip(names, got, lowp, exact):
+            assert a.dtype == dtype, name
+            assert_low_precision_close(a, r, e)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m,n,nf", SMALL)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+def test_matches_reference(device, backend, path, m, n, nf, lead, dtype):
+    check(device, backend, path, m, n, nf, lead, dtype)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.id != "triton-cpu"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m,n,nf", LARGE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference_large(device, backend, path, m, n, nf, dtype):
+    check(device, backend, path, m, n, nf, (2, 9), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck(device, backend, path):
+    (x, w, b, c), _, indices = make_case(12, 10, 30, (2, 3), torch.float64, device)
+    inputs = [t.detach().requires_grad_() for t in (x, w, b, c)]
+
+    def fn(x, w, b, c):
+        return sk.fourierft_linear(x, w, b, c, indices, 3.0, backend=backend, path=path)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_delta_weight(device, backend):
+    for m, n, nf in SMALL:
+        _, (_, _, _, c), indices = make_case(m, n, nf, (1,), torch.float64, device)
+        expected = reference.fourierft_delta_weight(c, indices, m, n, 150.0)
+        assert_close(sk.fourierft_delta_weight(c, indices, m, n, 150.0, backend=backend), expected, torch.float64)
+
+
+def test_duplicate_positions_accumulate():
+    """Several adapters folded into one call may share positions: contributions add."""
+    (x, w, b, c), _, indices = make_case(9, 14, 20, (4,), torch.float64, "cpu")
+    doubled = sk.fourierft_linear(x, w, b, torch.cat([c, c]), torch.cat([indices, indices], 1), 1.0,
+                                  backend="cpu", path="token")
+    once = sk.fourierft_linear(x, w, b, c, indices, 2.0, backend="cpu", path="token")
+    assert_close(doubled, once, torch.float64)
+
+
+def test_compile_fullgraph():
+    layer = sk.FourierFTLinear(torch.nn.Linear(20, 12), n_frequency=30)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 20, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert_close(y, layer(x), torch.float32)
+    assert layer.fourierft_spectrum["default"].grad is not None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_opcheck(path):
+    (x, w, b, c), _, indices = make_case(10, 8, 12, (3,), torch.float32, "cpu")
+    args = (x.requires_grad_(), w, b, c.requires_grad_(), indices[0], indices[1], 2.0, "cpu", path)
+    torch.library.opcheck(torch.ops.spectral_kernels.fourierft_linear_fwd.default, args)

@@ -1,0 +1,172 @@
+"""FourierFTLinear against peft's own FourierFT layer, plus the layer's adapter handling."""
+import copy
+
+import pytest
+import torch
+from peft import FourierFTConfig as PeftFourierFTConfig
+from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
+from transformers.pytorch_utils import Conv1D
+
+import spectral_kernels as sk
+
+from conftest import assert_close
+
+
+def pair(base, n_frequency=200, scaling=150.0, init_weights=False, backend=None):
+    """Ours and peft's layer over copies of ``base``, with identical spectra."""
+    torch.manual_seed(0)
+    peft = PeftFourierFTLinear(copy.deepcopy(base), "default",
+                               PeftFourierFTConfig(n_frequency=n_frequency, scaling=scaling, init_weights=init_weights,
+                                                   fan_in_fan_out=isinstance(base, Conv1D)),
+                               n_frequency=n_frequency)
+    torch.manual_seed(0)
+    ours = sk.FourierFTLinear(copy.deepcopy(base), config=sk.FourierFTConfig(
+        n_frequency=n_frequency, scaling=scaling, init_weights=init_weights), backend=backend)
+    return ours, peft
+
+
+def outputs_and_grads(layer, x):
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    return y.detach(), x.grad, layer.fourierft_spectrum["default"].grad
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("base", [lambda: torch.nn.Linear(48, 30), lambda: Conv1D(30, 48),
+                                  lambda: torch.nn.Linear(64, 40, bias=False)], ids=["linear", "conv1d", "nobias"])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_peft_parity(backend, base, tokens):
+    ours, peft = pair(base(), backend=backend)
+    assert torch.equal(ours.indices["default"], peft.indices["default"])
+    assert torch.equal(ours.fourierft_spectrum["default"], peft.fourierft_spectrum["default"])
+    assert ours.state_dict().keys() == peft.state_dict().keys()
+    x = torch.randn(2, tokens, 48 if isinstance(ours.base_layer, Conv1D) else ours.in_features)
+    for a, e in zip(outputs_and_grads(ours, x), outputs_and_grads(peft, x)):
+        assert_close(a, e, torch.float32)
+    assert_close(ours.get_delta_weight("default"), peft.get_delta_weight("default"), torch.float32)
+    ours.merge()
+    peft.merge()
+    assert_close(ours.base_layer.weight, peft.base_layer.weight, torch.float32)
+
+
+def test_loads_peft_state_dict():
+    ours, peft = pair(torch.nn.Linear(20, 10))
+    with torch.no_grad():
+        peft.fourierft_spectrum["default"].mul_(3)
+    ours.load_state_dict(peft.state_dict())
+    x = torch.randn(4, 20)
+    assert_close(ours(x), peft(x), torch.float32)
+
+
+def test_merge_unmerge_disable():
+    ours, _ = pair(torch.nn.Linear(32, 24))
+    base_weight = ours.base_layer.weight.detach().clone()
+    x = torch.randn(5, 32)
+    adapted = ours(x).detach()
+    ours.merge(safe_merge=True)
+    assert ours.merged
+    assert_close(ours(x), adapted, torch.float32)
+    ours.unmerge()
+    assert_close(ours.base_layer.weight, base_weight, torch.float32)
+    ours.enable_adapters(False)
+    assert_close(ours(x), torch.nn.functional.linear(x, base_weight, ours.base_layer.bias), torch.float32)
+
+
+def test_safe_merge_detects_nan():
+    ours, _ = pair(torch.nn.Linear(8, 8), n_frequency=4)
+    with torch.no_grad():
+        ours.fourierft_spectrum["default"][0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        ours.merge(safe_merge=True)
+
+
+def test_multiple_adapters_sum():
+    base = torch.nn.Linear(30, 20)
+    ours = sk.FourierFTLinear(copy.deepcopy(base), "a", sk.FourierFTConfig(n_frequency=50, scaling=10.0))
+    ours.update_layer("b", sk.FourierFTConfig(n_frequency=80, scaling=20.0, random_loc_seed=3))
+    x = torch.randn(6, 30)
+    ours.set_adapter("a")
+    only_a = ours(x) - base(x)
+    ours.set_adapter("b")
+    only_b = ours(x) - base(x)
+    assert not ours.fourierft_spectrum["a"].requires_grad
+    ours.set_adapter(["a", "b"])
+    assert_close(ours(x), base(x) + only_a + only_b, torch.float32)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        ours.set_adapter("c")
+
+
+@pytest.mark.parametrize("tokens", [1, 600])
+def test_eval_cache_follows_inplace_updates(tokens):
+    ours, _ = pair(torch.nn.Linear(40, 30))
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    x = torch.randn(tokens, 40)
+    ours.eval()
+    with torch.no_grad():
+        first = ours(x)
+        assert torch.equal(ours(x), first)
+    ours.train()
+    ours(x).sum().backward()
+    opt.step()
+    ours.eval()
+    with torch.no_grad():
+        after = ours(x)
+        expected = sk.fourierft_linear(x, ours.base_layer.weight, ours.base_layer.bias,
+                                       ours.fourierft_spectrum["default"], ours.indices["default"], 150.0,
+                                       backend="reference")
+    assert not torch.equal(after, first)
+    assert_close(after, expected, torch.float32)
+
+
+def bad_inputs():
+    w, b, c = torch.randn(6, 5), torch.randn(6), torch.randn(4)
+    ind = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    x = torch.randn(3, 5)
+    return [
+        ("in_features", (torch.randn(3, 4), w, b, c, ind), ValueError),
+        ("floating-point", (torch.ones(3, 5, dtype=torch.int64), w, b, c, ind), TypeError),
+        ("floating-point", (torch.randn(3, 5, dtype=torch.complex64), w, b, c, ind), TypeError),
+        ("shape", (x, w, b, c, ind[:, :3]), ValueError),
+        ("int64", (x, w, b, c, ind.int()), TypeError),
+        ("n_frequency", (x, w, b, torch.randn(0), ind[:, :0]), ValueError),
+        ("n_frequency", (torch.randn(3, 2), torch.randn(1, 2), b[:1], c, ind), ValueError),
+        ("out of range", (x, w, b, c, torch.tensor([[0, 1, 2, 6], [0, 1, 2, 3]])), ValueError),
+        ("out of range", (x, w, b, c, torch.tensor([[0, 1, 2, 3], [0, -1, 2, 3]])), ValueError),
+        ("different devices", (x.to("meta"), w, b, c, ind), RuntimeError),
+        ("in_features", (torch.tensor(1.0), w, b, c, ind), ValueError),
+    ]
+
+
+@pytest.mark.parametrize("match,args,error", bad_inputs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(match, args, error):
+    with pytest.raises(error, match=match):
+        sk.fourierft_linear(*args, 1.0, backend="cpu")
+
+
+def test_bad_layer_and_hyperparameters():
+    with pytest.raises(TypeError, match="Unsupported layer type"):
+        sk.FourierFTLinear(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="n_frequency"):
+        sk.FourierFTLinear(torch.nn.Linear(4, 3), n_frequency=13)
+    with pytest.raises(ValueError, match="positive"):
+        sk.FourierFTConfig(n_frequency=0)
+    with pytest.raises(ValueError, match="bias"):
+        sk.FourierFTConfig(bias="some")
+
+
+def test_backend_selection(monkeypatch):
+    available = sk.backends()
+    assert available["reference"] is None
+    assert set(available) == {"reference", "cpu", "cuda", "triton"}
+    x, w, b, c = torch.randn(2, 5), torch.randn(6, 5), torch.randn(6), torch.randn(4)
+    ind = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="unknown backend"):
+        sk.fourierft_linear(x, w, b, c, ind, 1.0, backend="fast")
+    with pytest.raises(RuntimeError, match="cannot run tensors on cpu|not available"):
+        sk.fourierft_linear(x, w, b, c, ind, 1.0, backend="cuda")
+    monkeypatch.setenv("SPECTRAL_KERNELS_BACKEND", "reference")
+    assert sk.dispatch.select_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("SPECTRAL_KERNELS_FOURIERFT_PATH", "slow")
+    with pytest.raises(ValueError, match="unknown FourierFT path"):
+        sk.dispatch.fourierft_path(1, 4, 4)
