@@ -3,6 +3,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../fourierft_fold.h"
 #include "../ops.h"
 
@@ -45,6 +48,21 @@ at::Tensor fourierft_spectrum_to_half_cpu(const at::Tensor& coef_in, const at::T
   return half;
 }
 
+// Where coefficient k reads in a half spectrum of length n: the stored bin and the
+// sign of its imaginary part (see plus_transform_at). Resolved once per call so the
+// token loops below are branch-free.
+struct Gather {
+  std::vector<int64_t> bin;
+  std::vector<int8_t> im_sign;
+  Gather(const int64_t* g, int64_t nnz, int64_t n) : bin(nnz), im_sign(nnz) {
+    for (int64_t k = 0; k < nnz; ++k) {
+      const bool low = 2 * g[k] <= n;
+      bin[k] = low ? g[k] : n - g[k];
+      im_sign[k] = low ? -1 : 1;
+    }
+  }
+};
+
 at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
                              const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
   check_indices(coef_in, gather_in, scatter_in);
@@ -52,37 +70,35 @@ at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in,
               "fourierft_mix: xf must be complex (T, n_in/2+1)");
   const auto xf = xf_in.contiguous();
   const auto coef = coef_in.contiguous().to(c10::toRealValueType(xf.scalar_type()));
-  const auto gather = gather_in.contiguous();
   const auto scatter = scatter_in.contiguous();
   const int64_t tokens = xf.size(0), nnz = coef.numel();
   const int64_t in_stride = n_in / 2 + 1, out_stride = n_out / 2 + 1;
-  auto out = at::zeros({tokens, out_stride}, xf.options());
+  const Gather src(gather_in.contiguous().data_ptr<int64_t>(), nnz, n_in);
+  std::vector<int64_t> first(nnz), second(nnz);
+  for (int64_t k = 0; k < nnz; ++k) hermitian_bins(scatter.data_ptr<int64_t>()[k], n_out, first[k], second[k]);
+  auto out = at::empty({tokens, out_stride}, xf.options());
   AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_mix_cpu", [&] {
     const scalar_t* c = coef.data_ptr<scalar_t>();
-    const int64_t* g = gather.data_ptr<int64_t>();
-    const int64_t* b = scatter.data_ptr<int64_t>();
     const scalar_t* x = reinterpret_cast<const scalar_t*>(xf.data_ptr());
     scalar_t* y = reinterpret_cast<scalar_t*>(out.data_ptr());
     const scalar_t s = static_cast<scalar_t>(scale) / 2;
-    // Tokens are independent; each thread owns whole output rows.
+    // Tokens are independent; each thread owns whole output rows, zeroes and fills them.
     at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* xt = x + 2 * t * in_stride;
         scalar_t* yt = y + 2 * t * out_stride;
+        std::fill(yt, yt + 2 * out_stride, scalar_t(0));
         for (int64_t k = 0; k < nnz; ++k) {
-          scalar_t re, im;
-          plus_transform_at(xt, g[k], n_in, re, im);
-          re *= s * c[k];
-          im *= s * c[k];
-          int64_t first, second;
-          hermitian_bins(b[k], n_out, first, second);
-          if (first >= 0) {
-            yt[2 * first] += re;
-            yt[2 * first + 1] += im;
+          const scalar_t w = s * c[k];
+          const scalar_t re = w * xt[2 * src.bin[k]];
+          const scalar_t im = w * src.im_sign[k] * xt[2 * src.bin[k] + 1];
+          if (first[k] >= 0) {
+            yt[2 * first[k]] += re;
+            yt[2 * first[k] + 1] += im;
           }
-          if (second >= 0) {
-            yt[2 * second] += re;
-            yt[2 * second + 1] -= im;
+          if (second[k] >= 0) {
+            yt[2 * second[k]] += re;
+            yt[2 * second[k] + 1] -= im;
           }
         }
       }
@@ -99,33 +115,36 @@ at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf_in, const at::Tensor& yf
               "fourierft_coef_grad: xf (T, n_x/2+1) and yf (T, n_y/2+1) complex expected");
   const auto xf = xf_in.contiguous();
   const auto yf = yf_in.contiguous().to(xf.scalar_type());
-  const auto x_idx = x_idx_in.contiguous();
-  const auto y_idx = y_idx_in.contiguous();
-  const int64_t tokens = xf.size(0), nnz = x_idx.numel();
+  const int64_t tokens = xf.size(0), nnz = x_idx_in.numel();
   const int64_t x_stride = n_x / 2 + 1, y_stride = n_y / 2 + 1;
-  auto grad = at::empty({nnz}, xf.options().dtype(c10::toRealValueType(xf.scalar_type())));
+  const Gather a(x_idx_in.contiguous().data_ptr<int64_t>(), nnz, n_x);
+  const Gather b(y_idx_in.contiguous().data_ptr<int64_t>(), nnz, n_y);
+  auto grad = at::zeros({nnz}, xf.options().dtype(c10::toRealValueType(xf.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fourierft_coef_grad_cpu", [&] {
     const scalar_t* x = reinterpret_cast<const scalar_t*>(xf.data_ptr());
     const scalar_t* y = reinterpret_cast<const scalar_t*>(yf.data_ptr());
-    const int64_t* a = x_idx.data_ptr<int64_t>();
-    const int64_t* b = y_idx.data_ptr<int64_t>();
-    scalar_t* out = grad.data_ptr<scalar_t>();
-    // Parallel over chunks of coefficients; each chunk sweeps all tokens, so a
-    // token's two half spectra are read from cache by every coefficient of the chunk.
-    at::parallel_for(0, nnz, 256, [&](int64_t k0, int64_t k1) {
-      std::fill(out + k0, out + k1, scalar_t(0));
-      for (int64_t t = 0; t < tokens; ++t) {
-        const scalar_t* xt = x + 2 * t * x_stride;
-        const scalar_t* yt = y + 2 * t * y_stride;
-        for (int64_t k = k0; k < k1; ++k) {
-          scalar_t xr, xi, yr, yi;
-          plus_transform_at(xt, a[k], n_x, xr, xi);
-          plus_transform_at(yt, b[k], n_y, yr, yi);
-          out[k] += xr * yr - xi * yi;
+    std::vector<scalar_t> sign(nnz);  // Re(X^ Y^) = xr yr - sign * xi yi
+    for (int64_t k = 0; k < nnz; ++k) sign[k] = a.im_sign[k] * b.im_sign[k];
+    // Each thread streams its own tokens once (both rows stay in L1 while all
+    // coefficients gather from them) into a private accumulator; sums are merged after.
+    const int64_t chunks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(tokens, 1));
+    std::vector<scalar_t> partial(chunks * nnz, scalar_t(0));
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        scalar_t* acc = partial.data() + chunk * nnz;
+        for (int64_t t = chunk * tokens / chunks; t < (chunk + 1) * tokens / chunks; ++t) {
+          const scalar_t* xt = x + 2 * t * x_stride;
+          const scalar_t* yt = y + 2 * t * y_stride;
+          for (int64_t k = 0; k < nnz; ++k) {
+            acc[k] += xt[2 * a.bin[k]] * yt[2 * b.bin[k]] - sign[k] * xt[2 * a.bin[k] + 1] * yt[2 * b.bin[k] + 1];
+          }
         }
       }
     });
+    scalar_t* out = grad.data_ptr<scalar_t>();
     const scalar_t s = static_cast<scalar_t>(scale);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      for (int64_t k = 0; k < nnz; ++k) out[k] += partial[chunk * nnz + k];
     for (int64_t k = 0; k < nnz; ++k) out[k] *= s;
   });
   return grad;
