@@ -1,6 +1,8 @@
 """FourierFT: every backend and path against the reference (peft's torch.fft math)."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import spectral_kernels as sk
 from spectral_kernels.kernels.reference import fourierft as reference
@@ -122,3 +124,13 @@ def test_opcheck(path):
     (x, w, b, c), _, indices = make_case(10, 8, 12, (3,), torch.float32, "cpu")
     args = (x.requires_grad_(), w, b, c.requires_grad_(), indices[0], indices[1], 2.0, "cpu", path)
     torch.library.opcheck(torch.ops.spectral_kernels.fourierft_linear_fwd.default, args)
+
+
+@pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 12), n=st.integers(1, 12), tokens=st.integers(1, 3), data=st.data(),
+       path=st.sampled_from(PATHS))
+def test_index_folding_any_shape(m, n, tokens, data, path):
+    """Every spectrum size, parity and position (Nyquist and DC rows/columns included)."""
+    nf = data.draw(st.integers(1, m * n))
+    check("cpu", "cpu", path, m, n, nf, (tokens,), torch.float64)
