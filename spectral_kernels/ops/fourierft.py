@@ -104,9 +104,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, spectrum, rows, cols, output[1])
     ctx.scaling, ctx.backend, ctx.path = scaling, backend, path
     ctx.has_bias = bias is not None
+    # The effective weight is an output only so the backward can reuse it; without
+    # this, autograd would allocate and zero a (M, N) gradient for it every step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dw_eff):
+    if dy is None:  # only the (internal) effective weight was used
+        return (None,) * 9
     x, weight, spectrum, rows, cols, w_eff = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
              ctx.needs_input_grad[3]]
