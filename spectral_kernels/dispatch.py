@@ -16,10 +16,15 @@ ENV_FOURIERFT_PATH = "SPECTRAL_KERNELS_FOURIERFT_PATH"
 FOURIERFT_PATHS = ("token", "weight")
 
 
-def _native():
-    from .kernels import native
+_modules = {}
 
-    return native
+
+def _native():
+    if "native" not in _modules:
+        from .kernels import native
+
+        _modules["native"] = native
+    return _modules["native"]
 
 
 def _triton_error():
@@ -88,7 +93,10 @@ def select_backend(device, requested=None):
 def kernels(method, backend):
     """The module holding ``method``'s primitives for ``backend`` (not for ``reference``)."""
     package = "native" if backend in ("cpu", "cuda") else backend
-    return importlib.import_module(f"spectral_kernels.kernels.{package}.{method}")
+    key = f"spectral_kernels.kernels.{package}.{method}"
+    if key not in _modules:
+        _modules[key] = importlib.import_module(key)
+    return _modules[key]
 
 
 # Measured on the 2-core CPU machine (bench/results): the token path costs about
@@ -106,3 +114,21 @@ def fourierft_path(tokens, out_features, in_features, requested=None):
         return requested
     ratio = tokens * (out_features + in_features) / (out_features * in_features)
     return "weight" if ratio >= FOURIERFT_WEIGHT_PATH_RATIO else "token"
+
+
+ENV_OFT_PATH = "SPECTRAL_KERNELS_OFT_PATH"
+OFT_PATHS = ("token", "weight")
+# Both OFT forward algorithms rotate rows of length d_in by b x b blocks: the token
+# path the T rows of x, the weight path the d_out rows of W (after which the GEMM
+# costs the same). MEASURED_BELOW
+OFT_WEIGHT_PATH_RATIO = 1.0
+
+
+def oft_path(tokens, out_features, requested=None):
+    """'token' (rotate x, then the GEMM) or 'weight' (rotate W into W_eff, then the GEMM)."""
+    requested = requested or os.environ.get(ENV_OFT_PATH) or None
+    if requested is not None:
+        if requested not in OFT_PATHS:
+            raise ValueError(f"unknown OFT path {requested!r}; expected one of {OFT_PATHS}")
+        return requested
+    return "weight" if tokens >= OFT_WEIGHT_PATH_RATIO * out_features else "token"

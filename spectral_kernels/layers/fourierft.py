@@ -58,10 +58,10 @@ class FourierFTLinear(AdapterLayer):
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def _indices(self, adapter):
-        spectrum = self.fourierft_spectrum[adapter]
-        if self.indices[adapter].device != spectrum.device:
-            self.indices[adapter] = self.indices[adapter].to(spectrum.device)
-        return self.indices[adapter]
+        indices, device = self.indices[adapter], self.fourierft_spectrum[adapter].device
+        if indices.device != device:  # the layer was moved: follow the spectrum
+            indices = self.indices[adapter] = indices.to(device)
+        return indices
 
     def delta_weight(self, adapter):
         return fourierft_delta_weight(self.fourierft_spectrum[adapter], self._indices(adapter), self.out_features,
@@ -69,15 +69,16 @@ class FourierFTLinear(AdapterLayer):
 
     def _adapter_terms(self):
         """(spectrum, indices, scaling) of the active adapters, folded into one when several."""
-        names = [n for n in self.active_adapters if n in self.fourierft_spectrum]
+        spectra = self.fourierft_spectrum
+        names = [n for n in self._active_adapter if n in spectra]
         if len(names) == 1:
             name = names[0]
-            return self.fourierft_spectrum[name], self._indices(name), self.fourierft_scaling[name]
+            return spectra[name], self._indices(name), self.fourierft_scaling[name]
         if not names:
             return None
         # dW is linear in the coefficients: sum_a s_a Re(ifft2(S_a)) = Re(ifft2(sum_a s_a S_a)).
-        spectra = [self.fourierft_spectrum[n] * self.fourierft_scaling[n] for n in names]
-        return torch.cat(spectra), torch.cat([self._indices(n) for n in names], dim=1), 1.0
+        return (torch.cat([spectra[n] * self.fourierft_scaling[n] for n in names]),
+                torch.cat([self._indices(n) for n in names], dim=1), 1.0)
 
     def _cached_weight(self, spectrum, indices, scaling):
         weight = self._weight()
@@ -90,20 +91,22 @@ class FourierFTLinear(AdapterLayer):
         return self._cache[1]
 
     def forward(self, x, *args, **kwargs):
-        if self.disable_adapters:
-            if self.merged:
+        base_layer = self.base_layer
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        terms = None if self.merged else self._adapter_terms()
+            return base_layer(x, *args, **kwargs)
+        terms = None if self.merged_adapters else self._adapter_terms()
         if terms is None:
-            return self.base_layer(x, *args, **kwargs)
+            return base_layer(x, *args, **kwargs)
         spectrum, indices, scaling = terms
-        weight, bias = self._weight(), self.base_layer.bias
-        if (self.cache_effective_weight and not self.training and not torch.is_grad_enabled()
-                and x.dim() > 0 and dispatch.fourierft_path(x.numel() // x.shape[-1], self.out_features,
-                                                            self.in_features) == "weight"):
+        weight, bias = base_layer.weight, base_layer.bias
+        weight = weight.t() if self._conv1d else weight
+        path = dispatch.fourierft_path(x.numel() // x.shape[-1], self.out_features, self.in_features) \
+            if x.dim() else None
+        if path == "weight" and self.cache_effective_weight and not self.training and not torch.is_grad_enabled():
             return nn.functional.linear(x, self._cached_weight(spectrum, indices, scaling), bias)
-        return fourierft_apply(x, weight, bias, spectrum, indices, scaling, self.backend)
+        return fourierft_apply(x, weight, bias, spectrum, indices, scaling, self.backend, path)
 
     def __repr__(self):
         return "spectral_kernels.fourierft." + super().__repr__()
