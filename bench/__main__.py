@@ -1,0 +1,256 @@
+"""Benchmark adapter layers against the frozen base linear they wrap, peft, and LoRA.
+
+Per method, shape (out x in) and token count T, every implementation (the frozen
+base nn.Linear, ours, our reference backend, peft's layer, peft LoRA r=32) wraps its
+own copy of the same base layer and is timed on the same input, whose gradient is
+required as inside a network:
+  fwd      forward in train mode with autograd on,
+  fwd_bwd  forward + backward of a fixed random output gradient (grads cleared untimed),
+  eval_t1  eval mode, no_grad, one token (once per shape),
+  peak_mem peak CUDA memory of fwd_bwd above the inputs and parameters (CUDA only).
+Each implementation is warmed up, then all are repeated round-robin, so drift hits
+all alike, for about 1 s each (0.2 s with --quick; at least 3 repetitions); CUDA times
+come from CUDA events. Reported: median, min and max, and the ratio of medians to base,
+plus the cores other processes kept busy meanwhile (other_load), which skews CPU timings.
+"""
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import spectral_kernels
+
+from . import plots, report, timing
+from .methods import METHODS, implementations
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+FULL_TOKENS = {"cpu": (1, 64, 512, 2048), "cuda": (1, 64, 512, 2048, 8192)}
+FULL_SHAPES = {"cpu": ((768, 768), (1024, 1024), (3072, 768), (2048, 2048), (4096, 4096)),
+               "cuda": ((1024, 1024), (3072, 768), (4096, 4096))}
+# Quick runs: only the target cases, as ((out, in), tokens) pairs, and the eval_t1 shapes.
+QUICK_CASES = {"cpu": (((1024, 1024), 64), ((1024, 1024), 2048), ((4096, 4096), 64)),
+               "cuda": (((4096, 4096), 64), ((4096, 4096), 8192))}
+QUICK_EVAL_SHAPES = {"cpu": ((4096, 4096),), "cuda": ((4096, 4096),)}
+# Average cores busy with other processes during a case above which its CPU timings are flagged.
+OTHER_LOAD_WARNING = 0.2
+# (seconds of timed calls per implementation and case, most repetitions) by --quick
+BUDGET = {True: (0.2, 100), False: (1.0, 500)}
+
+
+def parse_args(argv):
+    def csv(convert):
+        return lambda text: [convert(item) for item in text.split(",") if item]
+
+    def shape(text):
+        out_features, in_features = text.lower().split("x")
+        return int(out_features), int(in_features)
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="short run: the target cases only (unless --tokens/--shapes) and ~0.2 s per timing")
+    parser.add_argument("--methods", type=csv(str), default=list(METHODS),
+                        help=f"comma-separated methods, from {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--tokens", type=csv(int), help="token counts, e.g. 1,64,2048 (default: the device's sweep)")
+    parser.add_argument("--shapes", type=csv(shape),
+                        help="OUTxIN shapes, e.g. 1024x1024,1000x37 (default: the device's sweep)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    parser.add_argument("--n-frequency", type=int, default=1000, help="FourierFT coefficients (default: 1000)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results directory")
+    args = parser.parse_args(argv)
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+    args.device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    return args
+
+
+def sweep(args):
+    """{(out, in): [tokens, ...]} for fwd and fwd_bwd, and the shapes for eval_t1."""
+    kind = args.device.type
+    if args.quick and not (args.tokens or args.shapes):
+        cases, eval_shapes = QUICK_CASES[kind], QUICK_EVAL_SHAPES[kind]
+    else:
+        eval_shapes = args.shapes or FULL_SHAPES[kind]
+        cases = itertools.product(eval_shapes, args.tokens or FULL_TOKENS[kind])
+    by_shape = {}
+    for shape, tokens in cases:
+        by_shape.setdefault(shape, []).append(tokens)
+    for shape in eval_shapes:
+        by_shape.setdefault(shape, [])
+    return by_shape, eval_shapes
+
+
+def summarize(times):
+    """Per implementation: raw times, median/min/max and the ratio of medians to base."""
+    base = statistics.median(times["base"])
+    stats = {}
+    for name, ms in times.items():
+        median = statistics.median(ms)
+        stats[name] = {"median_ms": median, "min_ms": min(ms), "max_ms": max(ms), "ratio": median / base,
+                       "reps": len(ms), "times_ms": [round(t, 5) for t in ms]}
+    return stats
+
+
+def bench_shape(method, shape, token_counts, with_eval, args):
+    """The cases of one method and shape, sharing one set of implementations."""
+    out_features, in_features = shape
+    device, dtype, cuda = args.device, DTYPES[args.dtype], args.device.type == "cuda"
+    budget, max_reps = BUDGET[args.quick]
+    torch.manual_seed(0)
+    base = nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
+    impls = implementations(method, base, args)
+    cases = []
+
+    def measure(metric, tokens, calls):
+        started, others = time.perf_counter(), timing.other_cpu_seconds()
+        stats = summarize(timing.interleaved(calls, budget, max_reps, cuda))
+        elapsed = time.perf_counter() - started
+        other_load = max(0.0, (timing.other_cpu_seconds() - others) / elapsed)
+        cases.append({"method": method, "metric": metric, "out_features": out_features,
+                      "in_features": in_features, "tokens": tokens, "other_load": round(other_load, 2),
+                      "impls": stats})
+        ratios = "  ".join(f"{n} {s['ratio']:.2f}x" for n, s in stats.items() if n != "base")
+        base_ms = report.number(stats["base"]["median_ms"])
+        print(f"{method} {metric:7} {out_features}x{in_features} T={tokens}: base {base_ms} ms  {ratios}"
+              f"  ({elapsed:.1f} s, other processes {other_load:.2f} cores)", flush=True)
+        return stats
+
+    for module in impls.values():
+        module.train()
+    for tokens in token_counts:
+        x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(tokens, out_features, device=device, dtype=dtype)
+
+        def clear(module, x=x):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+
+        forward = {name: (lambda m=m, x=x: m(x), lambda: None) for name, m in impls.items()}
+        measure("fwd", tokens, forward)
+        backward = {name: (lambda m=m, x=x, g=grad_out: m(x).backward(g), lambda m=m: clear(m))
+                    for name, m in impls.items()}
+        stats = measure("fwd_bwd", tokens, backward)
+        # After the timings, so that one-time costs (autotuning, caches) are not counted.
+        peak = {name: timing.peak_mem_mib(*call, device) if cuda else None for name, call in backward.items()}
+        for name, entry in stats.items():
+            entry["peak_mem_mib"] = peak[name]
+            entry["peak_mem_ratio"] = peak[name] / peak["base"] if cuda else None
+    if with_eval:
+        x = torch.randn(1, in_features, device=device, dtype=dtype)
+        for module in impls.values():
+            module.eval()
+        with torch.no_grad():
+            measure("eval_t1", 1, {name: (lambda m=m: m(x), lambda: None) for name, m in impls.items()})
+    return cases
+
+
+def cpu_name():
+    """Model name, family and model of the first CPU (VMs often report just "AMD EPYC"), and the CPU count."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    fields = {}
+    for line in cpuinfo.read_text().split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')}), {os.cpu_count()} CPUs")
+
+
+def environment(args):
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(*command):
+        result = subprocess.run(["git", "--no-optional-locks", *command], cwd=ROOT, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    if args.device.type == "cuda":
+        name = torch.cuda.get_device_name(args.device)
+    else:
+        name = cpu_name()
+    commit = git("rev-parse", "HEAD")
+    # Untracked files count (uncommitted new code is dirty), earlier results do not.
+    dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)bench/results")) if commit else None
+    return {
+        "device": {"kind": args.device.type, "name": name},
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "versions": {"python": platform.python_version(),
+                     **{p: version(p) for p in ("torch", "peft", "triton", "transformers")}},
+        "backends": spectral_kernels.backends(),
+        "git": {"commit": commit, "dirty": dirty},
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "args": {"argv": sys.argv[1:], **vars(args)},
+    }
+
+
+def print_table(run):
+    names = ["base"] + report.impl_names(run)
+    table = [["method", "metric", "out x in", "T", *names]]
+    for method, metric, shape, tokens, unit, values in report.rows(run):
+        def cell(name):
+            if name not in values:
+                return "-"
+            value, ratio = values[name]
+            return f"{report.number(value)} {unit}" + ("" if name == "base" else f" {ratio:.2f}x")
+
+        table.append([method, metric, shape, str(tokens), *map(cell, names)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if run["device"]["kind"] != "cuda":
+        print("peak_mem: n/a on CPU")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    run = environment(args)
+    by_shape, eval_shapes = sweep(args)
+    print(f"{run['device']['name']}, {run['threads']} threads, {args.dtype}; "
+          f"{sum(map(len, by_shape.values()))} cases x 2 + {len(eval_shapes)} eval_t1 per method", flush=True)
+
+    run["cases"] = []
+    for method in args.methods:
+        for shape, token_counts in by_shape.items():
+            run["cases"] += bench_shape(method, shape, token_counts, shape in eval_shapes, args)
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()  # the next shape's copies should not inherit this one's cache
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{args.device.type}-{datetime.fromisoformat(run['date']):%Y%m%d-%H%M%S}"
+    stem.with_suffix(".json").write_text(json.dumps(run, indent=1, default=str))
+    print()
+    print_table(run)
+    disturbed = [c for c in run["cases"] if c["other_load"] > OTHER_LOAD_WARNING]
+    if args.device.type == "cpu" and disturbed:
+        print(f"warning: other processes used over {OTHER_LOAD_WARNING} cores during {len(disturbed)} of "
+              f"{len(run['cases'])} cases (other_load in the JSON); their CPU timings are unreliable")
+    print(f"\nwrote {stem.with_suffix('.json')}")
+    for path in plots.plot(run, stem):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Timing primitives: one timed call, interleaved repetitions, CUDA peak memory."""
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+WARMUP = 2
+MIN_REPS = 3
+
+
+def time_call(fn, cuda):
+    """Milliseconds taken by one ``fn()``."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()  # noqa: F841 -- freed after the clock stops, like below
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    result = fn()  # noqa: F841 -- kept alive so that freeing the output and its graph is not timed
+    return (time.perf_counter() - start) * 1e3
+
+
+def interleaved(calls, budget_s, max_reps, cuda):
+    """``{name: [ms, ...]}`` for ``calls = {name: (fn, reset)}``.
+
+    After WARMUP calls each, every implementation gets enough repetitions for about
+    ``budget_s`` seconds of timed calls (at least MIN_REPS, at most ``max_reps``),
+    run round-robin so that drift (clock boost, other load) hits all of them alike.
+    ``reset()`` runs untimed before every call.
+    """
+    reps = {}
+    for name, (fn, reset) in calls.items():
+        warmup_ms = []
+        for _ in range(WARMUP):
+            reset()
+            warmup_ms.append(time_call(fn, cuda))
+        # The fastest warm-up call estimates the cost: one preempted call must not cut the repetitions.
+        reps[name] = max(MIN_REPS, min(max_reps, math.ceil(budget_s * 1e3 / max(min(warmup_ms), 1e-3))))
+    times = {name: [] for name in calls}
+    for round_ in range(max(reps.values())):
+        for name, (fn, reset) in calls.items():
+            if round_ < reps[name]:
+                reset()
+                times[name].append(time_call(fn, cuda))
+    return times
+
+
+def other_cpu_seconds():
+    """CPU seconds spent so far by everything on this machine but this process (0 where /proc/stat is missing).
+
+    Other work matters more than it seems: one busy core stalls our 2-thread GEMMs for whole
+    scheduler slices, so the cases it overlaps can come out 10x slower.
+    """
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.read_text().split(maxsplit=9)[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK") - time.process_time()
+
+
+def peak_mem_mib(fn, reset, device):
+    """Peak CUDA memory of one ``fn()`` above what was allocated before it (inputs, parameters)."""
+    reset()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
