@@ -14,10 +14,13 @@ csrc/fourierft_fold.h):
     (dy dW)[t, q]   = (s / M) * irfft_N( sum_k c_k Y^[t, u_k] at bin v_k )[q]
 
 Two exact algorithms, chosen by shape in dispatch.fourierft_path:
-  token:  per token O((M + N) log + n); no dense M x N tensor is ever formed.
+  token:  per token O((M + N) log + n); no dense M x N tensor is ever formed. The
+          forward keeps rfft(x) for the backward: this path runs for few tokens,
+          where that spectrum is small and recomputing it costs a transform.
   weight: dW = irfft2 of the folded sparse spectrum (O(M N log)), one GEMM with
           W + dW; the backward reuses that effective weight for dx and gets dc
-          from the sampled reduction above (no dense gradient).
+          from the sampled reduction above (no dense gradient). rfft(x) is only
+          computed in the backward: for many tokens it is as big as x in float32.
 FFTs run in float32 (float64 for float64 inputs), whatever the input dtype.
 """
 import torch
@@ -32,7 +35,7 @@ def _acc_dtype(dtype):
 
 
 def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
-    """(y, effective weight or an empty tensor); the body of the forward op."""
+    """(y, state kept for the backward: the effective weight or rfft(x)); the forward op's body."""
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape
     acc = _acc_dtype(x.dtype)
@@ -40,14 +43,13 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     coef = spectrum.to(acc)
     if path == "weight":
         w_eff = torch.fft.irfft2(k.spectrum_to_half(coef, rows, cols, m, n, scaling), s=(m, n))
-        w_eff = w_eff.add_(weight).to(x.dtype)
-        y = F.linear(x2, w_eff, bias)
+        state = w_eff.add_(weight).to(x.dtype)
+        y = F.linear(x2, state, bias)
     else:
-        w_eff = x.new_empty(0)
         y = F.linear(x2, weight, bias)
-        xf = torch.fft.rfft(x2.to(acc), dim=-1)
-        y = y.add_(torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m))
-    return y.reshape(*x.shape[:-1], m), w_eff
+        state = torch.fft.rfft(x2.to(acc), dim=-1)
+        y = y.add_(torch.fft.irfft(k.mix(state, coef, cols, rows, n, m, scaling / n), n=m))
+    return y.reshape(*x.shape[:-1], m), state
 
 
 @torch.library.custom_op("spectral_kernels::fourierft_linear_fwd", mutates_args=())
@@ -60,13 +62,16 @@ def _fourierft_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @_fourierft_fwd.register_fake
 def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     m, n = weight.shape
-    w_eff = x.new_empty((m, n) if path == "weight" else (0,))
-    return x.new_empty(*x.shape[:-1], m), w_eff
+    if path == "weight":
+        state = x.new_empty(m, n)
+    else:
+        state = x.new_empty(x.numel() // n, n // 2 + 1, dtype=_acc_dtype(x.dtype).to_complex())
+    return x.new_empty(*x.shape[:-1], m), state
 
 
 @torch.library.custom_op("spectral_kernels::fourierft_linear_bwd", mutates_args=())
 def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor,
-                   rows: torch.Tensor, cols: torch.Tensor, w_eff: torch.Tensor, scaling: float, backend: str,
+                   rows: torch.Tensor, cols: torch.Tensor, state: torch.Tensor, scaling: float, backend: str,
                    path: str, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dweight, dbias, dspectrum); empty tensors for those not needed."""
     k = dispatch.kernels("fourierft", backend)
@@ -80,15 +85,13 @@ def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec
     dx = x.new_empty(0)
     if need_dx:
         if path == "weight":
-            dx = dy2 @ w_eff
+            dx = dy2 @ state
         else:
             dx = (dy2 @ weight.to(x.dtype)).add_(torch.fft.irfft(k.mix(yf, coef, rows, cols, m, n, scaling / m), n=n))
         dx = dx.reshape(x.shape)
     dc = x.new_empty(0)
     if need_dc:
-        # x's spectrum is recomputed, not saved: one rfft per token is cheaper than
-        # keeping a complex copy of the activations alive until the backward.
-        xf = torch.fft.rfft(x2.to(acc), dim=-1)
+        xf = state if path == "token" else torch.fft.rfft(x2.to(acc), dim=-1)
         dc = k.coef_grad(xf, yf, cols, rows, n, m, scaling / (m * n)).to(spectrum.dtype)
     dw = (dy2.t() @ x2).to(weight.dtype) if need_dw else x.new_empty(0)
     db = dy2.sum(0).to(weight.dtype) if need_db else x.new_empty(0)
@@ -96,7 +99,7 @@ def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec
 
 
 @_fourierft_bwd.register_fake
-def _(dy, x, weight, spectrum, rows, cols, w_eff, scaling, backend, path, needs):
+def _(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs):
     def like(t, need):
         return torch.empty_like(t) if need else x.new_empty(0)
 
@@ -109,18 +112,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, spectrum, rows, cols, output[1])
     ctx.scaling, ctx.backend, ctx.path = scaling, backend, path
     ctx.has_bias = bias is not None
-    # The effective weight is an output only so the backward can reuse it; without
-    # this, autograd would allocate and zero a (M, N) gradient for it every step.
+    # The state is an output only so the backward can reuse it; without this,
+    # autograd would allocate and zero a gradient of its size every step.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, _dw_eff):
-    if dy is None:  # only the (internal) effective weight was used
+def _backward(ctx, dy, _dstate):
+    if dy is None:  # only the (internal) saved state was used
         return (None,) * 9
-    x, weight, spectrum, rows, cols, w_eff = ctx.saved_tensors
+    x, weight, spectrum, rows, cols, state = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
              ctx.needs_input_grad[3]]
-    dx, dw, db, dc = _fourierft_bwd(dy, x, weight, spectrum, rows, cols, w_eff, ctx.scaling, ctx.backend,
+    dx, dw, db, dc = _fourierft_bwd(dy, x, weight, spectrum, rows, cols, state, ctx.scaling, ctx.backend,
                                     ctx.path, needs)
     grads = [g if need else None for g, need in zip((dx, dw, db, dc), needs)]
     return grads[0], grads[1], grads[2], grads[3], None, None, None, None, None
