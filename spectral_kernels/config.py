@@ -32,3 +32,48 @@ class FourierFTConfig:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+
+
+@dataclass
+class OFTConfig:
+    """peft.OFTConfig's fields (peft 0.21): same names, same defaults, same validation.
+
+    As in peft 0.21, ``module_dropout`` is accepted but has no effect: peft builds
+    its MultiplicativeDropoutLayer and never calls it in the forward.
+    """
+
+    r: int = 0
+    oft_block_size: int = 32
+    module_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    exclude_modules: Optional[Union[list[str], str]] = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        if self.r == 0 and self.oft_block_size == 0:
+            raise ValueError(f"Either `r` or `oft_block_size` must be non-zero. Currently, r = {self.r} and "
+                             f"oft_block_size = {self.oft_block_size}.")
+        if not (self.r != 0) ^ (self.oft_block_size != 0):
+            raise ValueError(f"You can only specify either r ({self.r}) or oft_block_size ({self.oft_block_size}), "
+                             "but not both simultaneously, because r x oft_block_size == in_features.")
+        if self.r < 0 or self.oft_block_size < 0:
+            raise ValueError(f"r and oft_block_size must be non-negative, got r={self.r}, "
+                             f"oft_block_size={self.oft_block_size}")
+        if self.use_cayley_neumann and self.num_cayley_neumann_terms < 1:
+            raise ValueError("num_cayley_neumann_terms must be at least 1 with use_cayley_neumann, "
+                             f"got {self.num_cayley_neumann_terms}")
+        if self.bias not in ("none", "all", "oft_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")

@@ -1,4 +1,5 @@
 """Thin nn.Module adapter layers around the fused ops."""
 from .fourierft import FourierFTLinear
+from .oft import OFTLinear
 
-__all__ = ["FourierFTLinear"]
+__all__ = ["FourierFTLinear", "OFTLinear"]

@@ -14,6 +14,8 @@ _lib.define(
     "float scale) -> Tensor")
 _lib.define(
     "fourierft_coef_grad(Tensor xf, Tensor yf, Tensor x_idx, Tensor y_idx, int n_x, int n_y, float scale) -> Tensor")
+_lib.define("oft_rotate(Tensor x, Tensor rot, bool transpose) -> Tensor")
+_lib.define("oft_rotate_grad(Tensor x, Tensor g, int block_size, bool shared) -> Tensor")
 
 try:
     from spectral_kernels import _C  # noqa: F401  (registers the kernels)

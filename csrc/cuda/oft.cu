@@ -1,0 +1,165 @@
+// OFT CUDA kernels: the two primitives of csrc/cpu/oft.cpp (math in
+// spectral_kernels/ops/oft.py). Both stage 32 x 32 tiles through shared memory, so
+// any block size works (blocks larger than a tile loop over it); accumulation is
+// in float (double for double inputs). The dR reduction writes one partial sum per
+// token split and the host sums them: deterministic, no atomics.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../ops.h"
+
+namespace spectral_kernels {
+namespace {
+
+constexpr int kTile = 32;                   // tokens, k and columns per shared-memory tile
+constexpr int kRowsPerThread = 4;           // blockDim = (kTile, kTile / kRowsPerThread)
+constexpr int kThreadRows = kTile / kRowsPerThread;
+
+// grid (token tiles, blocks, column tiles): out[t, j*b + c] = sum_k x[t, j*b + k] M_j[k, c]
+// for one kTile x kTile output tile, M_j = R_j (or R_j^T), R shared when n_rot == 1.
+template <typename T, typename Acc>
+__global__ void rotate_kernel(const T* __restrict__ x, const Acc* __restrict__ rot, T* __restrict__ out,
+                              int64_t tokens, int64_t b, int64_t ld, bool shared, bool transpose) {
+  __shared__ Acc xs[kTile][kTile + 1];  // +1: no bank conflicts on the column reads
+  __shared__ Acc rs[kTile][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t t0 = blockIdx.x * int64_t(kTile), j = blockIdx.y, c = blockIdx.z * int64_t(kTile) + tx;
+  const Acc* r = rot + (shared ? 0 : j) * b * b;
+  const T* xj = x + j * b;
+  Acc acc[kRowsPerThread] = {};
+  for (int64_t k0 = 0; k0 < b; k0 += kTile) {
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int row = ty + i * kThreadRows;
+      const int64_t t = t0 + row, k = k0 + tx, kr = k0 + row;
+      xs[row][tx] = t < tokens && k < b ? static_cast<Acc>(xj[t * ld + k]) : Acc(0);
+      rs[row][tx] = kr < b && c < b ? (transpose ? r[c * b + kr] : r[kr * b + c]) : Acc(0);
+    }
+    __syncthreads();
+    for (int kk = 0; kk < kTile; ++kk) {
+      const Acc m = rs[kk][tx];
+      for (int i = 0; i < kRowsPerThread; ++i) acc[i] += xs[ty + i * kThreadRows][kk] * m;
+    }
+    __syncthreads();
+  }
+  if (c >= b) return;
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int64_t t = t0 + ty + i * kThreadRows;
+    if (t < tokens) out[t * ld + j * b + c] = static_cast<T>(acc[i]);
+  }
+}
+
+// grid (blocks * k tiles * column tiles, token splits): partial[split, j, k, c] =
+// sum over the split's tokens of x[t, j*b + k] g[t, j*b + c] for one kTile x kTile tile.
+template <typename T, typename Acc>
+__global__ void rotate_grad_kernel(const T* __restrict__ x, const T* __restrict__ g, Acc* __restrict__ partial,
+                                   int64_t tokens, int64_t b, int64_t ld, int64_t blocks, int64_t tiles,
+                                   int64_t split_len) {
+  __shared__ Acc xs[kTile][kTile + 1];
+  __shared__ Acc gs[kTile][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t j = blockIdx.x / (tiles * tiles);
+  const int64_t k0 = blockIdx.x / tiles % tiles * kTile, c0 = blockIdx.x % tiles * kTile;
+  const int64_t split = blockIdx.y;
+  const int64_t t_begin = split * split_len, t_end = t_begin + split_len < tokens ? t_begin + split_len : tokens;
+  Acc acc[kRowsPerThread] = {};
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int row = ty + i * kThreadRows;
+      const int64_t t = t0 + row;
+      const bool live = t < t_end;
+      xs[row][tx] = live && k0 + tx < b ? static_cast<Acc>(x[t * ld + j * b + k0 + tx]) : Acc(0);
+      gs[row][tx] = live && c0 + tx < b ? static_cast<Acc>(g[t * ld + j * b + c0 + tx]) : Acc(0);
+    }
+    __syncthreads();
+    for (int tt = 0; tt < kTile; ++tt) {
+      const Acc gv = gs[tt][tx];
+      for (int i = 0; i < kRowsPerThread; ++i) acc[i] += xs[tt][ty + i * kThreadRows] * gv;
+    }
+    __syncthreads();
+  }
+  const int64_t c = c0 + tx;
+  if (c >= b) return;
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int64_t k = k0 + ty + i * kThreadRows;
+    if (k < b) partial[((split * blocks + j) * b + k) * b + c] = acc[i];
+  }
+}
+
+int64_t tiles_for(int64_t n) { return (n + kTile - 1) / kTile; }
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+at::Tensor oft_rotate_cuda(const at::Tensor& x_in, const at::Tensor& rot_in, bool transpose) {
+  TORCH_CHECK(rot_in.dim() == 3 && rot_in.size(1) == rot_in.size(2), "oft_rotate: rotation blocks must be (n, b, b)");
+  const int64_t b = rot_in.size(1);
+  TORCH_CHECK(x_in.dim() == 2 && b >= 1 && x_in.size(1) % b == 0, "oft_rotate: block size ", b,
+              " does not divide the features of x ", x_in.sizes());
+  const int64_t blocks = x_in.size(1) / b;
+  TORCH_CHECK(rot_in.size(0) == 1 || rot_in.size(0) == blocks, "oft_rotate: ", rot_in.size(0),
+              " rotation blocks for ", blocks, " blocks");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto rot = rot_in.to(acc_type(x.scalar_type())).contiguous();
+  auto out = at::empty_like(x);
+  const int64_t tokens = x.size(0);
+  if (x.numel() == 0) return out;
+  TORCH_CHECK(tiles_for(b) <= 65535 && blocks <= 65535, "oft_rotate: too many blocks for one launch");
+  const dim3 grid(static_cast<unsigned>(tiles_for(tokens)), static_cast<unsigned>(blocks),
+                  static_cast<unsigned>(tiles_for(b)));
+  const dim3 threads(kTile, kThreadRows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "oft_rotate_cuda", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    rotate_kernel<scalar_t, Acc><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), rot.data_ptr<Acc>(), out.data_ptr<scalar_t>(), tokens, b, x.size(1),
+        rot.size(0) == 1, transpose);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor oft_rotate_grad_cuda(const at::Tensor& x_in, const at::Tensor& g_in, int64_t b, bool shared) {
+  TORCH_CHECK(x_in.dim() == 2 && b >= 1 && x_in.size(1) % b == 0, "oft_rotate_grad: block size ", b,
+              " does not divide the features of x ", x_in.sizes());
+  TORCH_CHECK(g_in.sizes() == x_in.sizes(), "oft_rotate_grad: x ", x_in.sizes(), " and g ", g_in.sizes(), " differ");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto g = g_in.to(x.scalar_type()).contiguous();
+  const int64_t tokens = x.size(0), blocks = x.size(1) / b, tiles = tiles_for(b);
+  const int64_t programs = blocks * tiles * tiles;
+  // Enough token splits to give every SM a few thread blocks.
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
+  const int64_t splits = std::clamp<int64_t>(4 * sms / programs, 1, std::max<int64_t>(1, tiles_for(tokens)));
+  const int64_t split_len = (tiles_for(tokens) + splits - 1) / splits * kTile;
+  auto partial = at::zeros({splits, blocks, b, b}, x.options().dtype(acc_type(x.scalar_type())));
+  if (tokens > 0) {
+    TORCH_CHECK(programs <= 2147483647 && splits <= 65535, "oft_rotate_grad: too many blocks for one launch");
+    const dim3 grid(static_cast<unsigned>(programs), static_cast<unsigned>(splits));
+    const dim3 threads(kTile, kThreadRows);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "oft_rotate_grad_cuda", [&] {
+      using Acc = at::opmath_type<scalar_t>;
+      rotate_grad_kernel<scalar_t, Acc><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), partial.data_ptr<Acc>(), tokens, b, x.size(1), blocks,
+          tiles, split_len);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto grad = partial.sum(0);
+  return shared ? grad.sum(0, true) : grad;
+}
+
+TORCH_LIBRARY_IMPL(spectral_kernels, CUDA, m) {
+  m.impl("oft_rotate", &oft_rotate_cuda);
+  m.impl("oft_rotate_grad", &oft_rotate_grad_cuda);
+}
+
+}  // namespace spectral_kernels

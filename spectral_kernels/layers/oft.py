@@ -1,0 +1,203 @@
+"""OFTLinear: peft's OFT layer, computed by the fused op."""
+import warnings
+
+import torch
+from torch import nn
+
+from .. import dispatch
+from ..config import OFTConfig
+from ..kernels.reference import oft as reference
+from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
+from .base import AdapterLayer
+
+
+def adjust_oft_parameters(in_features, params):
+    """peft's rule for an r or block size that does not divide in_features: the nearest divisor (ties go down)."""
+    if params >= in_features:
+        return in_features
+    higher = params
+    while higher <= in_features and in_features % higher != 0:
+        higher += 1
+    lower = params
+    while lower > 1 and in_features % lower != 0:
+        lower -= 1
+    return lower if params - lower <= higher - params else higher
+
+
+def oft_block_layout(in_features, r, block_size):
+    """(r, block_size) with r * block_size == in_features from exactly one of them, adjusted (and warned) as peft."""
+    if (r == 0) == (block_size == 0):
+        raise ValueError(f"OFT needs exactly one of r and oft_block_size to be non-zero, got r={r}, "
+                         f"oft_block_size={block_size}")
+    if r == 0:
+        if in_features % block_size != 0 or block_size > in_features:
+            adjusted = adjust_oft_parameters(in_features, block_size)
+            warnings.warn(f"Invalid `oft_block_size` ({block_size})! Adjusted `oft_block_size` to ({adjusted}).")
+            block_size = adjusted
+        return in_features // block_size, block_size
+    if in_features % r != 0 or r > in_features:
+        adjusted = adjust_oft_parameters(in_features, r)
+        warnings.warn(f"Invalid `r` ({r})! Adjusted `r` to ({adjusted}).")
+        r = adjusted
+    return r, in_features // r
+
+
+class OFTRotation(nn.Module):
+    """One adapter: ``weight`` (r, or 1 with block_share, b(b-1)/2) as peft's OFTRotationModule."""
+
+    def __init__(self, n_blocks, block_size, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_blocks, block_size * (block_size - 1) // 2))
+        self.block_size = block_size
+        self.coft, self.eps = config.coft, config.eps
+        self.use_cayley_neumann = config.use_cayley_neumann
+        self.num_cayley_neumann_terms = config.num_cayley_neumann_terms
+
+    def rotation(self, params=None):
+        """Rotation blocks R (n, b, b) of ``weight``, or of a detached copy ``params`` of it (merging).
+
+        With COFT the parameters are first projected and the projection written back
+        into ``weight``, as peft does on every forward and merge.
+        """
+        if params is None:
+            params = self.weight
+            if self.coft:
+                with torch.no_grad():
+                    params.copy_(reference.project(params, self.block_size, self.eps))
+        elif self.coft:
+            params = reference.project(params, self.block_size, self.eps)
+            with torch.no_grad():
+                self.weight.copy_(params)
+        return oft_rotation(params, self.block_size, self.use_cayley_neumann, self.num_cayley_neumann_terms)
+
+
+class OFTLinear(AdapterLayer):
+    """Wraps an nn.Linear or transformers Conv1D; parameters ``oft_R.<adapter>.weight`` as in peft.
+
+    Without autograd, each adapter's rotation blocks are kept until its parameters
+    change (tracked by tensor versions, so in-place optimizer steps invalidate them),
+    and in eval mode so is the weight path's effective weight W·blockdiag(R)^T until
+    the base weight changes; ``cache_effective_weight = False`` turns the latter off
+    to save its memory (one copy of the base weight).
+    """
+
+    adapter_layer_names = ("oft_R",)
+    other_param_names = ("r", "oft_block_size")
+
+    def __init__(self, base_layer, adapter_name="default", config=None, backend=None):
+        super().__init__(base_layer)
+        self.oft_R = nn.ModuleDict({})
+        self.r, self.oft_block_size = {}, {}
+        self.backend = backend
+        self.cache_effective_weight = True
+        self._rotations, self._cache = {}, None
+        self.update_layer(adapter_name, config or OFTConfig())
+
+    def update_layer(self, adapter_name, config, r=None):
+        """Add adapter ``adapter_name`` (peft's update_layer) and activate the current set."""
+        r, block_size = oft_block_layout(self.in_features, config.r if r is None else r, config.oft_block_size)
+        module = OFTRotation(1 if config.block_share else r, block_size, config)
+        # peft's initialisation, on the float32 CPU tensor before moving it, so that
+        # the same seed gives the same parameters.
+        if config.init_weights:
+            nn.init.zeros_(module.weight)
+        else:
+            nn.init.normal_(module.weight, mean=0.0, std=0.1)
+        weight = self.base_layer.weight
+        self.oft_R[adapter_name] = module.to(weight.device, weight.dtype if weight.is_floating_point() else None)
+        self.r[adapter_name], self.oft_block_size[adapter_name] = r, block_size
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _rotation(self, name):
+        """(key, R) of adapter ``name``: R differentiable with autograd on (key None), else cached
+        under the parameters' version."""
+        module = self.oft_R[name]
+        if torch.is_grad_enabled() or module.coft:
+            return None, module.rotation()
+        params = module.weight
+        key = (name, params.data_ptr(), params._version, params.dtype, params.device)
+        cached = self._rotations.get(name)
+        if cached is None or cached[0] != key:
+            self._rotations[name] = cached = (key, module.rotation())
+        return cached
+
+    def _merge_rotation(self, name):
+        """R as peft's get_delta_weight builds it: in float32 for half-precision parameters on the CPU."""
+        module = self.oft_R[name]
+        params = module.weight.detach()
+        if params.device.type == "cpu" and params.dtype in (torch.float16, torch.bfloat16):
+            return module.rotation(params.float()).to(params.dtype)
+        return module.rotation(params)
+
+    def delta_weight(self, adapter):
+        """peft's get_delta_weight: the dense blockdiag(R) (in_features, in_features) that merging applies."""
+        return reference.block_diagonal(self._merge_rotation(adapter), self.r[adapter])
+
+    def _rotate_weight(self, rot):
+        """The base weight (out, in) times blockdiag(rot)^T, in the weight's dtype."""
+        weight = self._weight()
+        return oft_effective_weight(weight.contiguous(), rot.to(weight.dtype), self.backend)
+
+    def _write_weight(self, new):
+        self.base_layer.weight.data.copy_(new.t() if self._conv1d else new)
+
+    @torch.no_grad()
+    def merge(self, safe_merge=False, adapter_names=None):
+        """Fold the adapters' rotations into the base weight, W <- W·blockdiag(R)^T, in turn (peft's merge)."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self.oft_R and n not in self.merged_adapters]
+        if self.merged and names:
+            warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                          f"You are now additionally merging {','.join(names)}.")
+        for name in names:
+            merged = self._rotate_weight(self._merge_rotation(name))
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            self._write_weight(merged)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo the merges, last first: W <- W·blockdiag(R^-1)^T.
+
+        As peft, with the inverse of R (not R^T): the Neumann rotations are only
+        nearly orthogonal. It is taken per b x b block, in float32 (float64 for
+        float64 parameters), instead of peft's dense in_features^2 inverse.
+        """
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            rot = self._merge_rotation(self.merged_adapters.pop())
+            exact = torch.float64 if rot.dtype == torch.float64 else torch.float32
+            self._write_weight(self._rotate_weight(torch.linalg.inv(rot.to(exact))))
+
+    def _cached_weight(self, rotation_key, rot):
+        weight = self._weight()
+        key = (rotation_key, weight.data_ptr(), weight._version)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # drop the old one before building the new one
+            self._cache = (key, self._rotate_weight(rot))
+        return self._cache[1]
+
+    def forward(self, x, *args, **kwargs):
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        names = [] if self.merged else [n for n in self.active_adapters if n in self.oft_R]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        rotations = [self._rotation(n) for n in names]
+        # peft rotates by each active adapter in turn, then runs the base layer.
+        for _, rot in rotations[:-1]:
+            x = oft_rotate(x, rot, self.backend)
+        key, rot = rotations[-1]
+        weight, bias = self._weight(), self.base_layer.bias
+        if (key is not None and self.cache_effective_weight and not self.training and x.dim() > 0
+                and dispatch.oft_path(x.numel() // x.shape[-1], self.out_features) == "weight"):
+            return nn.functional.linear(x, self._cached_weight(key, rot), bias)
+        return oft_linear(x, weight, bias, rot, self.backend)
+
+    def __repr__(self):
+        return "spectral_kernels.oft." + super().__repr__()

@@ -1,0 +1,186 @@
+"""OFT: every backend and path against the reference (peft's einsum rotation and Cayley math)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spectral_kernels as sk
+from spectral_kernels.kernels.reference import oft as reference
+
+from conftest import assert_close, assert_low_precision_close, device_backends
+
+PATHS = ["token", "weight"]
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                                 ids=["fp32", "fp64", "bf16", "fp16"])
+# (in_features, out_features, block size): odd widths, block sizes 2..32 incl. non-powers of two.
+SMALL = [(24, 7, 2), (24, 10, 3), (40, 13, 5), (40, 17, 8), (96, 33, 12), (96, 20, 32)]
+# (name, use_cayley_neumann, num_cayley_neumann_terms, block_share)
+ROTATIONS = [("neumann5", True, 5, False), ("neumann3", True, 3, False), ("exact", False, 5, False),
+             ("neumann5-shared", True, 5, True), ("exact-shared", False, 5, True)]
+
+
+def make_case(n_in, n_out, b, lead, dtype, device, shared=False, seed=0):
+    """(x, weight, bias, params) in ``dtype`` and in float64, on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n_out, n_in, generator=g, dtype=torch.float64) / n_in ** 0.5
+    bias = torch.randn(n_out, generator=g, dtype=torch.float64)
+    params = 0.1 * torch.randn(1 if shared else n_in // b, b * (b - 1) // 2, generator=g, dtype=torch.float64)
+    x = torch.randn(*lead, n_in, generator=g, dtype=torch.float64)
+    exact = [t.to(device) for t in (x, weight, bias, params)]
+    return [t.to(dtype) for t in exact], exact
+
+
+def run(fn, x, weight, bias, params, grad_out=None):
+    """Output and gradients w.r.t. x, params and bias."""
+    x, params, bias = (t.detach().requires_grad_() for t in (x, params, bias))
+    y = fn(x, weight, bias, params)
+    if grad_out is None:
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(y, (x, params, bias), grad_out.to(y.device, y.dtype))
+    return [y.detach(), *grads], grad_out
+
+
+def check(device, backend, path, n_in, n_out, b, lead, dtype, neumann=True, terms=5, shared=False):
+    (x, w, bias, p), (x64, w64, bias64, p64) = make_case(n_in, n_out, b, lead, dtype, device, shared)
+
+    def ours(x, w, bias, p):
+        return sk.oft_linear(x, w, bias, sk.oft_rotation(p, b, neumann, terms), backend=backend, path=path)
+
+    def ref(x, w, bias, p):
+        return reference.oft_linear(x, w, bias, reference.cayley(p, b, neumann, terms))
+
+    exact, g = run(ref, x64, w64, bias64, p64)
+    got, _ = run(ours, x, w, bias, p, g)
+    names = ("y", "dx", "dparams", "dbias")
+    if dtype in (torch.float32, torch.float64):
+        for name, a, e in zip(names, got, exact):
+            assert a.dtype == dtype, name
+            assert_close(a, e.to(dtype), dtype)
+    else:
+        lowp, _ = run(ref, x, w, bias, p, g)
+        for name, a, r, e in zip(names, got, lowp, exact):
+            assert a.dtype == dtype, name
+            assert_low_precision_close(a, r, e)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_in,n_out,b", SMALL)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=["1d", "2d", "3d"])
+@DTYPES
+def test_matches_reference(device, backend, path, n_in, n_out, b, lead, dtype):
+    check(device, backend, path, n_in, n_out, b, lead, dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,neumann,terms,shared", ROTATIONS, ids=[r[0] for r in ROTATIONS])
+@pytest.mark.parametrize("n_in,n_out,b", [(40, 13, 5), (96, 20, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotation_modes(device, backend, path, name, neumann, terms, shared, n_in, n_out, b, dtype):
+    check(device, backend, path, n_in, n_out, b, (2, 3), dtype, neumann, terms, shared)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.id != "triton-cpu"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_in,n_out,b,shared", [(512, 300, 256, False), (1024, 96, 32, False),
+                                                 (768, 200, 48, True), (1000, 64, 40, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference_large(device, backend, path, n_in, n_out, b, shared, dtype):
+    check(device, backend, path, n_in, n_out, b, (3, 70), dtype, shared=shared)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("neumann,shared", [(True, False), (False, True)], ids=["neumann", "exact-shared"])
+def test_gradcheck(device, backend, path, neumann, shared):
+    (x, w, bias, p), _ = make_case(12, 5, 4, (2, 3), torch.float64, device, shared)
+    inputs = [t.detach().requires_grad_() for t in (x, w, bias, p)]
+
+    def fn(x, w, bias, p):
+        return sk.oft_linear(x, w, bias, sk.oft_rotation(p, 4, neumann), backend=backend, path=path)
+
+    # fast_mode (random directions) keeps the interpreted Triton kernels quick.
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("shared", [False, True])
+def test_rotate_gradcheck(device, backend, shared):
+    (x, _, _, p), _ = make_case(15, 1, 3, (4,), torch.float64, device, shared)
+    inputs = [t.detach().requires_grad_() for t in (x, p)]
+    assert torch.autograd.gradcheck(lambda x, p: sk.oft_rotate(x, sk.oft_rotation(p, 3), backend=backend), inputs,
+                                    fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("shared", [False, True])
+def test_rotate_and_effective_weight(device, backend, shared):
+    (x, w, _, p), _ = make_case(40, 9, 8, (3, 5), torch.float64, device, shared)
+    rot = sk.oft_rotation(p, 8)
+    assert_close(sk.oft_rotate(x, rot, backend=backend), reference.rotate(x, rot), torch.float64)
+    dense = reference.block_diagonal(rot, 5)
+    assert_close(sk.oft_effective_weight(w, rot, backend=backend), w @ dense.t(), torch.float64)
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+def test_rotation_matches_peft(neumann):
+    from peft.tuners.oft.layer import OFTRotationModule
+
+    torch.manual_seed(0)
+    module = OFTRotationModule(3, 28, 8, 24, use_cayley_neumann=neumann)
+    torch.nn.init.normal_(module.weight, std=0.1)
+    expected = module._cayley_batch(module.weight, 8, neumann, 5)
+    assert torch.equal(sk.oft_rotation(module.weight, 8, neumann), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_cayley_is_orthogonal(dtype):
+    params = torch.randn(6, 12 * 11 // 2, dtype=dtype)  # large entries: far from the identity
+    rot = sk.oft_rotation(params, 12, use_cayley_neumann=False)
+    eye = torch.eye(12, dtype=dtype).expand_as(rot)
+    assert_close(rot.transpose(1, 2) @ rot, eye, dtype)
+    assert_close(rot @ rot.transpose(1, 2), eye, dtype)
+
+
+def test_compile_fullgraph():
+    layer = sk.OFTLinear(torch.nn.Linear(48, 12), config=sk.OFTConfig(oft_block_size=8, init_weights=False))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 48, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert_close(y, layer(x), torch.float32)
+    assert layer.oft_R["default"].weight.grad is not None
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_opcheck(path, shared):
+    (x, w, bias, p), _ = make_case(24, 10, 6, (3,), torch.float32, "cpu", shared)
+    rot = sk.oft_rotation(p, 6).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.spectral_kernels.oft_linear_fwd.default,
+                          (x.requires_grad_(), w, bias, rot, "cpu", path))
+    torch.library.opcheck(torch.ops.spectral_kernels.oft_rotate_fwd.default, (x, rot, "cpu"))
+
+
+@pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 20), blocks=st.integers(1, 4), tokens=st.integers(0, 30), shared=st.booleans(),
+       transpose=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_cpu_kernels_any_shape(b, blocks, tokens, shared, transpose, dtype):
+    """Every block size up to 20 (whole and partial SIMD vectors), token count (empty, partial tiles), sharing."""
+    from spectral_kernels.kernels.native import oft as native
+
+    g = torch.Generator().manual_seed(b * 1000 + blocks * 100 + tokens)
+    x, grad = torch.randn(2, tokens, blocks * b, generator=g, dtype=torch.float64)
+    rot = torch.randn(1 if shared else blocks, b, b, generator=g, dtype=torch.float64)
+    full = rot.expand(blocks, b, b)
+    expected = reference.rotate(x, full.transpose(1, 2) if transpose else full)
+    rotated = native.rotate(x.to(dtype), rot.to(dtype), transpose)
+    assert rotated.shape == x.shape and rotated.dtype == dtype
+    if tokens:
+        assert_close(rotated, expected.to(dtype), dtype)
+    dense = torch.einsum("trk,trc->rkc", x.view(tokens, blocks, b), grad.view(tokens, blocks, b))
+    expected = dense.sum(0, keepdim=True) if shared else dense
+    assert_close(native.rotate_grad(x.to(dtype), grad.to(dtype), b, shared), expected.to(dtype), dtype)
