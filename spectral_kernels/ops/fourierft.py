@@ -34,15 +34,6 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rfft(signal, acc, bin_major):
-    """rfft of each row of ``signal`` (T, n), as a (T, n/2+1) tensor; with ``bin_major``
-    its storage is (n/2+1, T), which the CPU coefficient gradient reads as streams."""
-    if not bin_major:
-        return torch.fft.rfft(signal.to(acc), dim=-1)
-    out = signal.new_empty(signal.shape[1] // 2 + 1, signal.shape[0], dtype=acc.to_complex())
-    return torch.fft.rfft(signal.to(acc).t(), dim=0, out=out).t()
-
-
 def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     """(y, state kept for the backward: the effective weight or rfft(x)); the forward op's body."""
     k = dispatch.kernels("fourierft", backend)
@@ -90,10 +81,7 @@ def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec
     x2 = x.reshape(-1, n)
     coef = spectrum.to(acc)
     need_dx, need_dw, need_db, need_dc = needs
-    # Weight path on the CPU: the spectra only feed the coefficient gradient, which
-    # streams them when stored bin-major (measured: the gathered form costs 2-3x more).
-    bin_major = path == "weight" and backend == "cpu"
-    yf = _rfft(dy2, acc, bin_major) if need_dc or (need_dx and path == "token") else None
+    yf = torch.fft.rfft(dy2.to(acc), dim=-1) if need_dc or (need_dx and path == "token") else None
     dx = x.new_empty(0)
     if need_dx:
         if path == "weight":
@@ -103,7 +91,7 @@ def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec
         dx = dx.reshape(x.shape)
     dc = x.new_empty(0)
     if need_dc:
-        xf = state if path == "token" else _rfft(x2, acc, bin_major)
+        xf = state if path == "token" else torch.fft.rfft(x2.to(acc), dim=-1)
         dc = k.coef_grad(xf, yf, cols, rows, n, m, scaling / (m * n)).to(spectrum.dtype)
     dw = (dy2.t() @ x2).to(weight.dtype) if need_dw else x.new_empty(0)
     db = dy2.sum(0).to(weight.dtype) if need_db else x.new_empty(0)
