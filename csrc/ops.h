@@ -25,9 +25,12 @@ at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf, const at::Tensor& yf,
 // Block rotation: out[:, j] = x[:, j] · R_j (transpose: · R_j^T) for the b-column
 // blocks j of x (T, n·b); rot (n or 1, b, b), one block shared by all when 1.
 at::Tensor oft_rotate_cpu(const at::Tensor& x, const at::Tensor& rot, bool transpose);
-// dR_j = sum_t x[t, j]^T g[t, j], (n, b, b) in float (double for double x); summed
-// over the blocks into (1, b, b) when shared.
-at::Tensor oft_rotate_grad_cpu(const at::Tensor& x, const at::Tensor& g, int64_t block_size, bool shared);
+// Backward of x_rot = x · blockdiag(R) for its gradient g: g[:, j] <- g[:, j] · R_j^T
+// (dx, in place, if need_dx) and returns dR_j = sum_t x[t, j]^T g[t, j] (if
+// need_drot; (1, b, b) summed over the blocks when rot is shared) in float (double
+// for double x).
+at::Tensor oft_rotate_backward_cpu(at::Tensor& g, const at::Tensor& x, const at::Tensor& rot, bool need_dx,
+                                   bool need_drot);
 
 #ifdef SPECTRAL_KERNELS_WITH_CUDA
 at::Tensor fourierft_spectrum_to_half_cuda(const at::Tensor& coef, const at::Tensor& rows,
@@ -40,7 +43,8 @@ at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf, const at::Tensor& yf,
                                     const at::Tensor& x_idx, const at::Tensor& y_idx,
                                     int64_t n_x, int64_t n_y, double scale);
 at::Tensor oft_rotate_cuda(const at::Tensor& x, const at::Tensor& rot, bool transpose);
-at::Tensor oft_rotate_grad_cuda(const at::Tensor& x, const at::Tensor& g, int64_t block_size, bool shared);
+at::Tensor oft_rotate_backward_cuda(at::Tensor& g, const at::Tensor& x, const at::Tensor& rot, bool need_dx,
+                                    bool need_drot);
 #endif
 
 }  // namespace spectral_kernels

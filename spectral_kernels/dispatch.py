@@ -120,7 +120,10 @@ ENV_OFT_PATH = "SPECTRAL_KERNELS_OFT_PATH"
 OFT_PATHS = ("token", "weight")
 # Both OFT forward algorithms rotate rows of length d_in by b x b blocks: the token
 # path the T rows of x, the weight path the d_out rows of W (after which the GEMM
-# costs the same). MEASURED_BELOW
+# costs the same), so the weight path wins once T exceeds d_out. Measured on the
+# 2-core CPU (float32, b=32, forward with autograd): weight/token time 1.11, 1.08,
+# 1.00, 0.91 at T = 0.25, 0.5, 1, 2 x d_out for 1024 x 1024, and 1.00 at T = d_out
+# for 4096 x 1024 and 1024 x 4096 as well.
 OFT_WEIGHT_PATH_RATIO = 1.0
 
 

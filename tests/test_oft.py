@@ -169,7 +169,8 @@ def test_opcheck(path, shared):
 @given(b=st.integers(1, 20), blocks=st.integers(1, 4), tokens=st.integers(0, 30), shared=st.booleans(),
        transpose=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_cpu_kernels_any_shape(b, blocks, tokens, shared, transpose, dtype):
-    """Every block size up to 20 (whole and partial SIMD vectors), token count (empty, partial tiles), sharing."""
+    """Every block size up to 20 (whole and partial SIMD vectors), token count (empty, partial tiles), sharing,
+    and the backward's optional outputs."""
     from spectral_kernels.kernels.native import oft as native
 
     g = torch.Generator().manual_seed(b * 1000 + blocks * 100 + tokens)
@@ -182,5 +183,14 @@ def test_cpu_kernels_any_shape(b, blocks, tokens, shared, transpose, dtype):
     if tokens:
         assert_close(rotated, expected.to(dtype), dtype)
     dense = torch.einsum("trk,trc->rkc", x.view(tokens, blocks, b), grad.view(tokens, blocks, b))
-    expected = dense.sum(0, keepdim=True) if shared else dense
-    assert_close(native.rotate_grad(x.to(dtype), grad.to(dtype), b, shared), expected.to(dtype), dtype)
+    expected_drot = dense.sum(0, keepdim=True) if shared else dense
+    expected_dx = reference.rotate(grad, full.transpose(1, 2))
+    for need_dx, need_drot in [(True, True), (True, False), (False, True)]:
+        g = grad.to(dtype, copy=True)
+        dx, drot = native.rotate_backward(g, x.to(dtype), rot.to(dtype), need_dx, need_drot)
+        if need_dx and tokens:
+            assert_close(dx, expected_dx.to(dtype), dtype)
+        if need_drot:
+            assert_close(drot, expected_drot.to(dtype), dtype)
+        if not need_dx:
+            assert torch.equal(g, grad.to(dtype))  # untouched

@@ -1,8 +1,10 @@
 // OFT CUDA kernels: the two primitives of csrc/cpu/oft.cpp (math in
-// spectral_kernels/ops/oft.py). Both stage 32 x 32 tiles through shared memory, so
-// any block size works (blocks larger than a tile loop over it); accumulation is
-// in float (double for double inputs). The dR reduction writes one partial sum per
-// token split and the host sums them: deterministic, no atomics.
+// spectral_kernels/ops/oft.py). Both kernels stage 32 x 32 tiles through shared
+// memory, so any block size works (blocks larger than a tile loop over it);
+// accumulation is in float (double for double inputs). The dR reduction writes one
+// partial sum per token split and the host sums them: deterministic, no atomics.
+// Unlike the CPU backward, dx goes through a temporary: thread blocks own column
+// tiles, so rotating g in place would race with the reads of other tiles.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -98,21 +100,26 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 
 }  // namespace
 
-at::Tensor oft_rotate_cuda(const at::Tensor& x_in, const at::Tensor& rot_in, bool transpose) {
-  TORCH_CHECK(rot_in.dim() == 3 && rot_in.size(1) == rot_in.size(2), "oft_rotate: rotation blocks must be (n, b, b)");
-  const int64_t b = rot_in.size(1);
-  TORCH_CHECK(x_in.dim() == 2 && b >= 1 && x_in.size(1) % b == 0, "oft_rotate: block size ", b,
-              " does not divide the features of x ", x_in.sizes());
-  const int64_t blocks = x_in.size(1) / b;
-  TORCH_CHECK(rot_in.size(0) == 1 || rot_in.size(0) == blocks, "oft_rotate: ", rot_in.size(0),
-              " rotation blocks for ", blocks, " blocks");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto rot = rot_in.to(acc_type(x.scalar_type())).contiguous();
-  auto out = at::empty_like(x);
+namespace {
+
+// (blocks, b) of x for rotation blocks rot (n, b, b), n = blocks or 1.
+std::pair<int64_t, int64_t> check_blocks(const at::Tensor& x, const at::Tensor& rot, const char* op) {
+  TORCH_CHECK(rot.dim() == 3 && rot.size(1) == rot.size(2), op, ": rotation blocks must be (n, b, b), got ",
+              rot.sizes());
+  const int64_t b = rot.size(1);
+  TORCH_CHECK(x.dim() == 2 && b >= 1 && x.size(1) % b == 0, op, ": block size ", b,
+              " does not divide the features of x ", x.sizes());
+  const int64_t blocks = x.size(1) / b;
+  TORCH_CHECK(rot.size(0) == 1 || rot.size(0) == blocks, op, ": ", rot.size(0), " rotation blocks for ", blocks,
+              " blocks");
+  TORCH_CHECK(tiles_for(b) <= 65535 && blocks <= 65535, op, ": too many blocks for one launch");
+  return {blocks, b};
+}
+
+void launch_rotate(const at::Tensor& x, const at::Tensor& rot, bool transpose, at::Tensor& out, int64_t blocks,
+                   int64_t b) {
   const int64_t tokens = x.size(0);
-  if (x.numel() == 0) return out;
-  TORCH_CHECK(tiles_for(b) <= 65535 && blocks <= 65535, "oft_rotate: too many blocks for one launch");
+  if (x.numel() == 0) return;
   const dim3 grid(static_cast<unsigned>(tiles_for(tokens)), static_cast<unsigned>(blocks),
                   static_cast<unsigned>(tiles_for(b)));
   const dim3 threads(kTile, kThreadRows);
@@ -123,17 +130,10 @@ at::Tensor oft_rotate_cuda(const at::Tensor& x_in, const at::Tensor& rot_in, boo
         rot.size(0) == 1, transpose);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
-at::Tensor oft_rotate_grad_cuda(const at::Tensor& x_in, const at::Tensor& g_in, int64_t b, bool shared) {
-  TORCH_CHECK(x_in.dim() == 2 && b >= 1 && x_in.size(1) % b == 0, "oft_rotate_grad: block size ", b,
-              " does not divide the features of x ", x_in.sizes());
-  TORCH_CHECK(g_in.sizes() == x_in.sizes(), "oft_rotate_grad: x ", x_in.sizes(), " and g ", g_in.sizes(), " differ");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto g = g_in.to(x.scalar_type()).contiguous();
-  const int64_t tokens = x.size(0), blocks = x.size(1) / b, tiles = tiles_for(b);
+at::Tensor rotate_grad(const at::Tensor& x, const at::Tensor& g, int64_t blocks, int64_t b, bool shared) {
+  const int64_t tokens = x.size(0), tiles = tiles_for(b);
   const int64_t programs = blocks * tiles * tiles;
   // Enough token splits to give every SM a few thread blocks.
   int sms = 0;
@@ -142,7 +142,7 @@ at::Tensor oft_rotate_grad_cuda(const at::Tensor& x_in, const at::Tensor& g_in, 
   const int64_t split_len = (tiles_for(tokens) + splits - 1) / splits * kTile;
   auto partial = at::zeros({splits, blocks, b, b}, x.options().dtype(acc_type(x.scalar_type())));
   if (tokens > 0) {
-    TORCH_CHECK(programs <= 2147483647 && splits <= 65535, "oft_rotate_grad: too many blocks for one launch");
+    TORCH_CHECK(programs <= 2147483647 && splits <= 65535, "oft_rotate_backward_: too many blocks for one launch");
     const dim3 grid(static_cast<unsigned>(programs), static_cast<unsigned>(splits));
     const dim3 threads(kTile, kThreadRows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "oft_rotate_grad_cuda", [&] {
@@ -157,9 +157,38 @@ at::Tensor oft_rotate_grad_cuda(const at::Tensor& x_in, const at::Tensor& g_in, 
   return shared ? grad.sum(0, true) : grad;
 }
 
+}  // namespace
+
+at::Tensor oft_rotate_cuda(const at::Tensor& x_in, const at::Tensor& rot_in, bool transpose) {
+  const auto [blocks, b] = check_blocks(x_in, rot_in, "oft_rotate");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  auto out = at::empty_like(x);
+  launch_rotate(x, rot_in.to(acc_type(x.scalar_type())).contiguous(), transpose, out, blocks, b);
+  return out;
+}
+
+at::Tensor oft_rotate_backward_cuda(at::Tensor& g, const at::Tensor& x_in, const at::Tensor& rot_in, bool need_dx,
+                                   bool need_drot) {
+  const auto [blocks, b] = check_blocks(x_in, rot_in, "oft_rotate_backward_");
+  TORCH_CHECK(g.sizes() == x_in.sizes() && g.scalar_type() == x_in.scalar_type(), "oft_rotate_backward_: g ",
+              g.sizes(), " ", g.scalar_type(), " and x ", x_in.sizes(), " ", x_in.scalar_type(), " differ");
+  TORCH_CHECK(g.is_contiguous(), "oft_rotate_backward_: g must be contiguous (it is overwritten with dx)");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  auto drot = need_drot ? rotate_grad(x, g, blocks, b, rot_in.size(0) == 1)
+                        : at::empty({0}, x.options().dtype(acc_type(x.scalar_type())));
+  if (need_dx) {
+    auto dx = at::empty_like(g);
+    launch_rotate(g, rot_in.to(acc_type(x.scalar_type())).contiguous(), true, dx, blocks, b);
+    g.copy_(dx);
+  }
+  return drot;
+}
+
 TORCH_LIBRARY_IMPL(spectral_kernels, CUDA, m) {
   m.impl("oft_rotate", &oft_rotate_cuda);
-  m.impl("oft_rotate_grad", &oft_rotate_grad_cuda);
+  m.impl("oft_rotate_backward_", &oft_rotate_backward_cuda);
 }
 
 }  // namespace spectral_kernels

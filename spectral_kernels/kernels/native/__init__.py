@@ -15,7 +15,7 @@ _lib.define(
 _lib.define(
     "fourierft_coef_grad(Tensor xf, Tensor yf, Tensor x_idx, Tensor y_idx, int n_x, int n_y, float scale) -> Tensor")
 _lib.define("oft_rotate(Tensor x, Tensor rot, bool transpose) -> Tensor")
-_lib.define("oft_rotate_grad(Tensor x, Tensor g, int block_size, bool shared) -> Tensor")
+_lib.define("oft_rotate_backward_(Tensor(a!) g, Tensor x, Tensor rot, bool need_dx, bool need_drot) -> Tensor")
 
 try:
     from spectral_kernels import _C  # noqa: F401  (registers the kernels)

@@ -10,5 +10,7 @@ def rotate(x, rot, transpose):
     return _ops.oft_rotate(x, rot, transpose)
 
 
-def rotate_grad(x, g, block_size, shared):
-    return _ops.oft_rotate_grad(x, g, block_size, shared)
+def rotate_backward(g, x, rot, need_dx, need_drot):
+    """(dx, dR) of x_rot = x · blockdiag(rot) for its gradient g (contiguous); dx is written over g."""
+    drot = _ops.oft_rotate_backward_(g, x, rot, need_dx, need_drot)
+    return g, drot

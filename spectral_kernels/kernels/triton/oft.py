@@ -91,9 +91,16 @@ def rotate(x, rot, transpose):
     return out
 
 
-def rotate_grad(x, g, block_size, shared):
+def rotate_backward(g, x, rot, need_dx, need_drot):
+    """(dx, dR) of x_rot = x · blockdiag(rot) for its gradient g; dx is a new tensor here."""
+    dx = rotate(g, rot, True) if need_dx else g
+    drot = _rotate_grad(x, g, rot.shape[-1], rot.shape[0] == 1) if need_drot else g.new_empty(0)
+    return dx, drot
+
+
+def _rotate_grad(x, g, block_size, shared):
     x = x.contiguous()
-    g = g.to(x.dtype).contiguous()
+    g = g.contiguous()
     tokens, features = x.shape
     b, blocks = block_size, features // block_size
     block = _tile(b)
