@@ -1,5 +1,5 @@
 // Declarations of every native kernel. The op schemas live in Python
-// (spectral_kernels/ops/_schema.py); this library only adds implementations, so
+// (spectral_kernels/kernels/native/__init__.py); this library only adds implementations, so
 // the ops and their pure-PyTorch reference exist even when this build failed.
 #pragma once
 #include <torch/types.h>
@@ -32,6 +32,16 @@ at::Tensor oft_rotate_cpu(const at::Tensor& x, const at::Tensor& rot, bool trans
 at::Tensor oft_rotate_backward_cpu(at::Tensor& g, const at::Tensor& x, const at::Tensor& rot, bool need_dx,
                                    bool need_drot);
 
+// FRoD (math in spectral_kernels/ops/frod.py), on feature-major activations
+// (features, T) and a CSR plan (ptr over output rows, src input row, perm index
+// into coef/grad per entry):
+// out[i, :] = sum_{e in row i} coef[perm[e]] · in[src[e], :]
+at::Tensor frod_mix_cpu(const at::Tensor& in, const at::Tensor& coef, const at::Tensor& ptr, const at::Tensor& src,
+                        const at::Tensor& perm);
+// grad[perm[e]] = sum_t g[i, t] z[src[e], t] for e in row i, in float (double for double).
+at::Tensor frod_sddmm_cpu(const at::Tensor& g, const at::Tensor& z, const at::Tensor& ptr, const at::Tensor& src,
+                          const at::Tensor& perm);
+
 #ifdef SPECTRAL_KERNELS_WITH_CUDA
 at::Tensor fourierft_spectrum_to_half_cuda(const at::Tensor& coef, const at::Tensor& rows,
                                            const at::Tensor& cols, int64_t m, int64_t n,
@@ -45,6 +55,10 @@ at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf, const at::Tensor& yf,
 at::Tensor oft_rotate_cuda(const at::Tensor& x, const at::Tensor& rot, bool transpose);
 at::Tensor oft_rotate_backward_cuda(at::Tensor& g, const at::Tensor& x, const at::Tensor& rot, bool need_dx,
                                     bool need_drot);
+at::Tensor frod_mix_cuda(const at::Tensor& in, const at::Tensor& coef, const at::Tensor& ptr, const at::Tensor& src,
+                         const at::Tensor& perm);
+at::Tensor frod_sddmm_cuda(const at::Tensor& g, const at::Tensor& z, const at::Tensor& ptr, const at::Tensor& src,
+                           const at::Tensor& perm);
 #endif
 
 }  // namespace spectral_kernels

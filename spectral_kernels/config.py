@@ -77,3 +77,37 @@ class OFTConfig:
                              f"got {self.num_cayley_neumann_terms}")
         if self.bias not in ("none", "all", "oft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
+
+
+@dataclass
+class FrodConfig:
+    """peft.FrodConfig's fields (peft 0.21): same names, same defaults, same validation."""
+
+    target_modules: Optional[Union[list[str], str]] = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    frod_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: Optional[list[str]] = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    sparse_rate: float = 0.01
+    regularization_alpha: float = 1e-3
+    progressbar: bool = True
+    runtime_offload_base_weight: bool = False
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        if not 0 <= self.sparse_rate <= 1:
+            raise ValueError(f"`sparse_rate` should be between 0 and 1, got {self.sparse_rate}.")
+        if not 0 <= self.frod_dropout < 1:
+            raise ValueError(f"frod_dropout must be in [0, 1), got {self.frod_dropout}")
+        if self.regularization_alpha < 0:
+            raise ValueError(f"regularization_alpha must be non-negative, got {self.regularization_alpha}")
+        if self.bias not in ("none", "all", "frod_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'frod_only', got {self.bias!r}")

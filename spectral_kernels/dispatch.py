@@ -135,3 +135,27 @@ def oft_path(tokens, out_features, requested=None):
             raise ValueError(f"unknown OFT path {requested!r}; expected one of {OFT_PATHS}")
         return requested
     return "weight" if tokens >= OFT_WEIGHT_PATH_RATIO * out_features else "token"
+
+
+ENV_FROD_PATH = "SPECTRAL_KERNELS_FROD_PATH"
+FROD_PATHS = ("factored", "weight")
+
+
+def frod_path(tokens, out_features, in_features, needs_grad, requested=None):
+    """'factored' (x V, the sparse mix, then U) or 'weight' (W' = U (diag + S) V^T, then one GEMM).
+
+    Both are exact; this compares their multiply-adds (ops/frod.py): with gradients
+    the weight path pays 2·m·n² to save T·n·(2n - m), so it wins once T > 2n for
+    square layers; for a forward alone once T > n.
+    """
+    requested = requested or os.environ.get(ENV_FROD_PATH) or None
+    if requested is not None:
+        if requested not in FROD_PATHS:
+            raise ValueError(f"unknown FRoD path {requested!r}; expected one of {FROD_PATHS}")
+        return requested
+    t, m, n = tokens, out_features, in_features
+    if needs_grad:
+        factored, weight = 2 * t * n * (n + m), 2 * m * n * n + 3 * t * m * n
+    else:
+        factored, weight = t * n * (n + m), m * n * n + t * m * n
+    return "weight" if weight < factored else "factored"

@@ -1,5 +1,6 @@
 """Thin nn.Module adapter layers around the fused ops."""
 from .fourierft import FourierFTLinear
+from .frod import FrodLinear
 from .oft import OFTLinear
 
-__all__ = ["FourierFTLinear", "OFTLinear"]
+__all__ = ["FourierFTLinear", "FrodLinear", "OFTLinear"]

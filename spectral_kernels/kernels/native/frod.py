@@ -1,0 +1,14 @@
+"""FRoD primitives of the C++ backends (`cpu`, `cuda`); see ops/frod.py."""
+import torch
+
+from . import IMPORT_ERROR  # noqa: F401  (defines the schemas, loads _C)
+
+_ops = torch.ops.spectral_kernels
+
+
+def mix(x, coef, ptr, src, perm):
+    return _ops.frod_mix(x, coef, ptr, src, perm)
+
+
+def sddmm(g, z, ptr, src, perm):
+    return _ops.frod_sddmm(g, z, ptr, src, perm)

@@ -1,0 +1,311 @@
+"""FrodLinear: peft's FRoD layer, computed by the fused op, and FRoD's projection set-up.
+
+The fixed tensors follow peft: per module category (``frod_category``) one projection
+V (in, in) and one sparse pattern (2, nnz) per adapter, built from the stacked base
+weights of the category (``frod_projections``) and shared by its layers; per layer
+U and lambda from W = U diag(lambda) V^T.
+"""
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..config import FrodConfig
+from ..ops.frod import frod_apply, frod_effective_weight
+from .base import AdapterLayer
+
+
+def frod_category(key):
+    """peft's projection-sharing category of a dotted module name (``layers.3.self_attn.q_proj`` -> ``self_attn_q_proj``)."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if parts[-2].isdigit():
+        return parts[-1]
+    if parts[-2:] == ["output", "dense"] and len(parts) >= 3 and parts[-3] == "attention":
+        return "attention_output"  # BERT's attention output, apart from the MLP's output.dense
+    return f"{parts[-2]}_{parts[-1]}"
+
+
+def frod_layer_index(key, fallback):
+    """peft's block index of a module name: the number after ``layers``, else the first number, else ``fallback``."""
+    parts = key.split(".")
+    if "layers" in parts:
+        after = parts.index("layers") + 1
+        if after < len(parts) and parts[after].isdigit():
+            return int(parts[after])
+    return next((int(part) for part in parts if part.isdigit()), fallback)
+
+
+def frod_projection(matrices, regularization_alpha):
+    """V (in, in) of one category from its layers' weights (each (out_i, in), float32), as peft builds it.
+
+    With more stacked rows than columns: QR of the stack, the average over layers of
+    (Q_i^T Q_i + alpha I)^-1, and V = R^T times its eigenvectors; otherwise the right
+    singular vectors of the stack. Runs on the matrices' device.
+    """
+    stacked = torch.cat(matrices, dim=0)
+    if stacked.shape[0] < stacked.shape[1]:
+        return torch.linalg.svd(stacked, full_matrices=True)[2].T
+    q, r = torch.linalg.qr(stacked)
+    n = r.shape[1]
+    ridge = regularization_alpha * torch.eye(n, dtype=r.dtype, device=r.device)
+    t_pi = torch.zeros(n, n, dtype=r.dtype, device=r.device)
+    for q_i in q.split([m.shape[0] for m in matrices]):
+        t_pi += torch.linalg.inv(q_i.T @ q_i + ridge)
+    t_pi /= len(matrices)
+    return r.T @ torch.linalg.eigh(t_pi)[1]
+
+
+def frod_sparse_indices(n, sparse_rate, generator):
+    """peft's sparse pattern: nnz = n² · sparse_rate (at least 1 if the rate is positive) positions off the
+    diagonal, the first nnz of a seeded permutation of the off-diagonal positions in row-major order."""
+    off_diagonal = n * n - n
+    nnz = min(int(n * n * sparse_rate), off_diagonal)
+    if sparse_rate > 0 and off_diagonal > 0:
+        nnz = max(1, nnz)
+    if not nnz:
+        return torch.empty(2, 0, dtype=torch.long)
+    p = torch.randperm(off_diagonal, generator=generator)[:nnz]
+    rows, j = p // (n - 1), p % (n - 1)
+    return torch.stack([rows, j + (j >= rows)])
+
+
+def frod_projections(weights, config, progressbar=None):
+    """{category: (V, s_indices)} for ``weights`` = {category: [weight (out, in), ...]} in block order.
+
+    One generator seeded with ``config.projection_prng_key`` draws the patterns of the
+    categories in sorted order, as peft does; V is computed on the weights' device
+    (a GPU when the model is on one) and returned in the first weight's dtype.
+    """
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(config.projection_prng_key)
+    show = config.progressbar if progressbar is None else progressbar
+    result = {}
+    bar = tqdm(sorted(weights), disable=not show, desc="FRoD hierarchical joint decomposition", unit="category")
+    for category in bar:
+        matrices = [w.detach().to(torch.float32) for w in weights[category]]
+        bar.set_postfix(category=category, layers=len(matrices), dim=matrices[0].shape[1])
+        v = frod_projection(matrices, config.regularization_alpha).to(weights[category][0].dtype)
+        result[category] = (v, frod_sparse_indices(v.shape[0], config.sparse_rate, generator).to(v.device))
+    return result
+
+
+_lu_cache = WeakIdKeyDictionary()
+
+
+def frod_u_and_lambda(v, weight):
+    """U (out, in) and lambda (in,) with W = U diag(lambda) V^T: lambda the column norms of W V^-T (float64, as
+    peft), U those columns normalised. V's LU factorisation is kept for the other layers of its category."""
+    w = weight.detach().to(torch.float64)
+    cached = _lu_cache.get(v)
+    if cached is None or cached[0] != (v._version, w.device):
+        lu = torch.linalg.lu_factor_ex(v.detach().to(w.device, torch.float64))
+        cached = _lu_cache[v] = ((v._version, w.device), lu)
+    lu, pivots, info = cached[1]
+    if info.item() == 0:
+        bi = torch.linalg.lu_solve(lu, pivots, w.T).T
+    else:  # singular V
+        bi = w @ torch.linalg.pinv(v.detach().to(w.device, torch.float64), rtol=1e-6).T
+    lam = torch.linalg.norm(bi, dim=0)
+    u = torch.zeros_like(bi)
+    nonzero = lam > 1e-12
+    u[:, nonzero] = bi[:, nonzero] / lam[nonzero]
+    return u.float(), lam.float()
+
+
+class BufferDict(nn.Module):
+    """Tensors by adapter name, as buffers (moved by ``.to()``), persistent or not."""
+
+    def __init__(self, persistent=False):
+        super().__init__()
+        self.persistent = persistent
+
+    def __setitem__(self, key, tensor):
+        self.register_buffer(key, tensor, persistent=self.persistent)
+
+    def __getitem__(self, key):
+        return self._buffers[key]
+
+    def __contains__(self, key):
+        return key in self._buffers
+
+    def __iter__(self):
+        return iter(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
+
+
+class FrodLinear(AdapterLayer):
+    """Wraps an nn.Linear or transformers Conv1D; parameters ``frod_lambda_l.<adapter>`` and
+    ``frod_lambda_s_values.<adapter>`` as in peft.
+
+    ``frod_V`` and ``frod_s_indices`` (BufferDicts by adapter) are the category's shared
+    projection and sparse pattern, held by whoever shares them (the injector); without
+    them the layer builds its own from its weight alone (a category of one layer) and
+    keeps them as non-persistent buffers. In eval mode without autograd, the adapted
+    weight W' is kept until lambda, S or U change (tensor versions);
+    ``cache_effective_weight = False`` turns that off.
+    """
+
+    adapter_layer_names = ("frod_lambda_l", "frod_lambda_s_values")
+    other_param_names = ("r", "frod_V", "frod_U", "frod_s_indices", "frod_dropout", "runtime_offload_base_weight")
+
+    def __init__(self, base_layer, adapter_name="default", config=None, frod_V=None, frod_s_indices=None,
+                 backend=None):
+        super().__init__(base_layer)
+        self.frod_lambda_l = nn.ParameterDict({})
+        self.frod_lambda_s_values = nn.ParameterDict({})
+        self.frod_U = BufferDict()
+        self.frod_dropout = nn.ModuleDict({})
+        self.r, self.runtime_offload_base_weight = {}, {}
+        self.backend = backend
+        self.cache_effective_weight = True
+        self._cache = None
+        self._weight_before_merge = None
+        if (frod_V is None) != (frod_s_indices is None):
+            raise ValueError("FrodLinear: pass both frod_V and frod_s_indices (shared projections) or neither")
+        self.update_layer(adapter_name, config or FrodConfig(), frod_V, frod_s_indices)
+
+    def _share(self, frod_V, frod_s_indices):
+        if frod_V is None:
+            if not isinstance(getattr(self, "frod_V", None), BufferDict):
+                self.frod_V, self.frod_s_indices = BufferDict(), BufferDict()
+        else:  # references, not submodules: the owner registers (and moves, and saves) them once
+            object.__setattr__(self, "frod_V", frod_V)
+            object.__setattr__(self, "frod_s_indices", frod_s_indices)
+
+    def update_layer(self, adapter_name, config, frod_V=None, frod_s_indices=None):
+        """Add adapter ``adapter_name`` (peft's update_layer) and activate the current set."""
+        self._share(frod_V, frod_s_indices)
+        weight = self._weight()
+        if adapter_name not in self.frod_V:
+            if len(self.frod_V.keys()):  # the category's projection is shared by its adapters
+                first = next(iter(self.frod_V))
+                self.frod_V[adapter_name], self.frod_s_indices[adapter_name] = \
+                    self.frod_V[first], self.frod_s_indices[first]
+            else:
+                v, s_indices = frod_projections({"layer": [weight]}, config, progressbar=False)["layer"]
+                self.frod_V[adapter_name], self.frod_s_indices[adapter_name] = v, s_indices
+        v, s_indices = self.frod_V[adapter_name], self.frod_s_indices[adapter_name]
+        if v.shape != (self.in_features, self.in_features):
+            raise ValueError(f"FrodLinear: projection V {tuple(v.shape)} does not fit in_features={self.in_features}")
+        if s_indices.numel() and (s_indices.min() < 0 or s_indices.max() >= self.in_features):
+            raise ValueError(f"FrodLinear: sparse indices out of range for in_features={self.in_features}")
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        u, lam = frod_u_and_lambda(v, weight)
+        self.r[adapter_name] = self.out_features
+        self.runtime_offload_base_weight[adapter_name] = config.runtime_offload_base_weight
+        self.frod_dropout[adapter_name] = nn.Dropout(config.frod_dropout) if config.frod_dropout > 0 else nn.Identity()
+        s_values = torch.zeros(s_indices.shape[1], device=weight.device, dtype=dtype)
+        lam = lam.to(weight.device, dtype)
+        if not config.init_weights:  # peft's order of random draws
+            with torch.no_grad():
+                nn.init.normal_(s_values, std=0.1)
+                lam.add_(torch.randn_like(lam) * 0.1)
+        self.frod_lambda_s_values[adapter_name] = nn.Parameter(s_values)
+        self.frod_lambda_l[adapter_name] = nn.Parameter(lam)
+        self.frod_U[adapter_name] = u.to(weight.device, dtype)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _tensors(self, adapter):
+        """(U, V, lambda, s values, s indices) of ``adapter``, on lambda's device."""
+        lam = self.frod_lambda_l[adapter]
+        device = lam.device
+        return (self.frod_U[adapter].to(device), self.frod_V[adapter].to(device), lam,
+                self.frod_lambda_s_values[adapter], self.frod_s_indices[adapter].to(device))
+
+    def delta_weight(self, adapter):
+        """peft's get_delta_weight: W' - W, W the base weight as it was before any merge."""
+        weight = self._weight_before_merge if self._weight_before_merge is not None else self._weight()
+        u, v, lam, s_values, s_indices = self._tensors(adapter)
+        adapted = frod_effective_weight(u.to(weight.dtype), v.to(weight.dtype), lam, s_values, s_indices, self.backend)
+        return adapted - weight.to(adapted.device)
+
+    @torch.no_grad()
+    def merge(self, safe_merge=False, adapter_names=None):
+        """Add each adapter's W' - W into the base weight (peft's merge); unmerge restores W exactly."""
+        self._restore_base_weight()
+        if not self.merged:
+            self._weight_before_merge = self._weight().detach().clone()
+        super().merge(safe_merge, adapter_names)
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.base_layer.weight
+        original = self._weight_before_merge
+        weight.data.copy_(original.t() if self._conv1d else original)
+        self._weight_before_merge = None
+        self.merged_adapters.clear()
+
+    def _offload_base_weight(self):
+        """runtime_offload_base_weight: the base weight waits on the CPU while the fused path does not need it."""
+        weight = self.base_layer.weight
+        if weight.device.type != "cpu":
+            weight.data = weight.data.cpu()
+
+    def _restore_base_weight(self):
+        weight = self.base_layer.weight
+        device = next(iter(self.frod_lambda_l.values())).device
+        if weight.device != device:
+            weight.data = weight.data.to(device)
+
+    def _cached_weight(self, tensors):
+        u, v, lam, s_values, s_indices = tensors
+        key = tuple((t.data_ptr(), t._version) for t in tensors) + (u.dtype,)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # drop the old one before building the new one
+            self._cache = (key, frod_effective_weight(u, v, lam, s_values, s_indices, self.backend))
+        return self._cache[1]
+
+    def _frod(self, adapter, x, bias):
+        tensors = self._tensors(adapter)
+        u, v = (t.to(x.dtype) for t in tensors[:2])
+        if self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim():
+            weight = self._cached_weight((u, v, *tensors[2:]))
+            return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        return frod_apply(x, u, v, *tensors[2:], None if bias is None else bias.to(x.dtype), self.backend)
+
+    def forward(self, x, *args, **kwargs):
+        if self.disable_adapters or self.merged:
+            if self.disable_adapters and self.merged:
+                self.unmerge()
+            self._restore_base_weight()
+            return self.base_layer(x, *args, **kwargs)
+        names = [n for n in self.active_adapters if n in self.frod_lambda_s_values]
+        if not names:
+            self._restore_base_weight()
+            return self.base_layer(x, *args, **kwargs)
+        bias = self.base_layer.bias
+        dropout = self.frod_dropout[names[0]]
+        if len(names) == 1 and (isinstance(dropout, nn.Identity) or not dropout.training):
+            # FRoD replaces the weight: the base layer's own product is not needed.
+            if self.runtime_offload_base_weight[names[0]]:
+                self._offload_base_weight()
+            return self._frod(names[0], x, bias).to(x.dtype)
+        # Several adapters or active dropout: peft's sum of each adapter's change of the base output.
+        self._restore_base_weight()
+        result = self.base_layer(x, *args, **kwargs)
+        base_out = result if bias is None else result - bias
+        for name in names:
+            dropout = self.frod_dropout[name]
+            h = dropout(x)
+            stochastic = not isinstance(dropout, nn.Identity) and dropout.training
+            own_base = nn.functional.linear(h, self._weight().to(x.dtype)) if stochastic else base_out
+            result = result + self._frod(name, h, None) - own_base
+        return result.to(x.dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        if any(self.runtime_offload_base_weight.values()):
+            self._offload_base_weight()
+        return result
+
+    def __repr__(self):
+        return "spectral_kernels.frod." + super().__repr__()

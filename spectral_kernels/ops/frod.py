@@ -1,0 +1,230 @@
+r"""FRoD linear: y = x W'^T + bias with the adapted weight W' = U (diag(lam) + S) V^T.
+
+Per layer (peft 0.21): x (..., n), n = in_features; V (n, n) the fixed projection of
+the layer's category, U (m, n) fixed, lam (n,) trainable, S (n, n) sparse with
+trainable values s_k at (r_k, c_k) (peft's COO indices (2, nnz), off the diagonal).
+M = diag(lam) + S is one coefficient list coef = [lam, s] at positions
+[(i, i)] + [(r_k, c_k)], duplicates summed as peft's coalesce does. Activations are
+kept feature-major (features, T), so each entry of M is a row operation over tokens
+(mix: out[i] += M_ij in[j]; sddmm: dM_ij = sum_t g[i, t] z[j, t]), one kernel each.
+
+  factored path, peft's algorithm without rebuilding or densifying S:
+    z^T = V^T x^T      h^T = M z^T  (mix)      y = h U^T + bias
+  backward with g^T = U^T dy^T:
+    dM_ij = sum_t g^T[i, t] z^T[j, t]  (sddmm: sampled, never a dense n x n gradient)
+    dz^T  = M^T g^T  (mix, transposed plan)      dx = dz V^T
+  z^T is saved for the backward (it is what the gradients need; x is not).
+
+  weight path: A = M V^T (mix over the rows of V^T), W' = U A, y = x W'^T + bias;
+    backward: dx = dy W', dM_ij = P_ij for P = U^T (dy^T x) V = sddmm(U^T dW, V^T).
+    W' is saved.
+
+Multiply-adds of forward + backward: factored 2·T·n·(n + m), weight 2·m·n² + 3·T·m·n
+(forward alone: T·n·(n + m) against m·n² + T·m·n); dispatch.frod_path picks the
+smaller. GEMMs run in x's dtype (U and V cast to it, as peft does); mix and sddmm
+accumulate in float32 (float64 for float64).
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import dispatch
+from ..kernels.reference import frod as reference
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_plans = WeakIdKeyDictionary()
+
+
+def _plan(s_indices, n, transpose):
+    """CSR order of M's entries (the diagonal first, then S): (ptr, src, perm), grouped by row of M (of M^T
+    with ``transpose``). Cached per indices tensor (layers share theirs) until it is modified in place."""
+    cached = _plans.get(s_indices)
+    if cached is None or cached[0] != (s_indices._version, n):
+        diag = torch.arange(n, device=s_indices.device)
+        rows, cols = torch.cat([diag, s_indices[0]]), torch.cat([diag, s_indices[1]])
+        plans = []
+        for out_rows, in_rows in ((rows, cols), (cols, rows)):
+            perm = torch.argsort(out_rows, stable=True)
+            ptr = torch.zeros(n + 1, dtype=torch.long, device=s_indices.device)
+            torch.cumsum(torch.bincount(out_rows, minlength=n), 0, out=ptr[1:])
+            plans.append((ptr, in_rows[perm].contiguous(), perm))
+        cached = _plans[s_indices] = ((s_indices._version, n), plans)
+    return cached[1][1 if transpose else 0]
+
+
+def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
+    """(y, state): state is z^T (factored path) or W' (weight path), what the backward needs."""
+    k = dispatch.kernels("frod", backend)
+    m, n = u.shape
+    x2 = x.reshape(-1, n)
+    u, v = u.to(x.dtype), v.to(x.dtype)
+    coef = torch.cat([lam, s_values]).to(_acc_dtype(x.dtype))
+    plan = _plan(s_indices, n, False)
+    if path == "weight":
+        state = u @ k.mix(v.t().contiguous(), coef, *plan)
+        y = F.linear(x2, state, bias)
+    else:
+        state = torch.mm(v.t(), x2.t())
+        h_t = k.mix(state, coef, *plan)
+        y = torch.mm(h_t.t(), u.t()) if bias is None else torch.addmm(bias.to(x.dtype), h_t.t(), u.t())
+    return y.reshape(*x.shape[:-1], m), state
+
+
+@torch.library.custom_op("spectral_kernels::frod_linear_fwd", mutates_args=())
+def _frod_fwd(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, s_values: torch.Tensor,
+              s_indices: torch.Tensor, bias: torch.Tensor | None, backend: str,
+              path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, u, v, lam, s_values, s_indices, bias, backend, path)
+
+
+@_frod_fwd.register_fake
+def _(x, u, v, lam, s_values, s_indices, bias, backend, path):
+    m, n = u.shape
+    state = x.new_empty(m, n) if path == "weight" else x.new_empty(n, x.numel() // n)
+    return x.new_empty(*x.shape[:-1], m), state
+
+
+@torch.library.custom_op("spectral_kernels::frod_linear_bwd", mutates_args=())
+def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+              lam: torch.Tensor, s_values: torch.Tensor, s_indices: torch.Tensor, backend: str, path: str,
+              needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dlam, ds, dbias); empty tensors for those not needed. x only for the weight path."""
+    k = dispatch.kernels("frod", backend)
+    m, n = u.shape
+    dtype = state.dtype
+    need_dx, need_dlam, need_ds, need_db = needs
+    dy2 = dy.reshape(-1, m).to(dtype)
+    u, v = u.to(dtype), v.to(dtype)
+    dx = dcoef = None
+    if path == "weight":
+        if need_dx:
+            dx = dy2 @ state
+        if need_dlam or need_ds:
+            udw = u.t() @ (dy2.t() @ x.reshape(-1, n))
+            dcoef = k.sddmm(udw, v.t().contiguous(), *_plan(s_indices, n, False))
+    else:
+        g_t = torch.mm(u.t(), dy2.t())
+        if need_dlam or need_ds:
+            dcoef = k.sddmm(g_t, state, *_plan(s_indices, n, False))
+        if need_dx:
+            coef = torch.cat([lam, s_values]).to(_acc_dtype(dtype))
+            dx = torch.mm(k.mix(g_t, coef, *_plan(s_indices, n, True)).t(), v.t())
+    dx = dx.reshape(*dy.shape[:-1], n) if need_dx else state.new_empty(0)
+    dlam = dcoef[:n].to(lam.dtype, copy=True) if need_dlam else lam.new_empty(0)  # not a view of ds
+    ds = dcoef[n:].to(s_values.dtype) if need_ds else s_values.new_empty(0)
+    db = dy2.sum(0) if need_db else dy2.new_empty(0)
+    return dx, dlam, ds, db
+
+
+@_frod_bwd.register_fake
+def _(dy, x, state, u, v, lam, s_values, s_indices, backend, path, needs):
+    def like(t, need):
+        return torch.empty_like(t) if need else t.new_empty(0)
+
+    dx = state.new_empty(*dy.shape[:-1], u.shape[1]) if needs[0] else state.new_empty(0)
+    return dx, like(lam, needs[1]), like(s_values, needs[2]), state.new_empty(u.shape[0] if needs[3] else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, u, v, lam, s_values, s_indices, bias, backend, path = inputs
+    # The factored path's backward needs z^T = V^T x^T, not x; the weight path x and W'.
+    ctx.save_for_backward(x if path == "weight" else None, output[1], u, v, lam, s_values, s_indices)
+    ctx.backend, ctx.path = backend, path
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    # The state is an output only so the backward can reuse it; without this,
+    # autograd would allocate and zero a gradient of its size every step.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, _dstate):
+    if dy is None:  # only the (internal) saved state was used
+        return (None,) * 9
+    x, state, u, v, lam, s_values, s_indices = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4],
+             ctx.bias_dtype is not None and ctx.needs_input_grad[6]]
+    dx, dlam, ds, db = _frod_bwd(dy, x, state, u, v, lam, s_values, s_indices, ctx.backend, ctx.path, needs)
+    return (dx if needs[0] else None), None, None, (dlam if needs[1] else None), (ds if needs[2] else None), \
+        None, (db.to(ctx.bias_dtype) if needs[3] else None), None, None
+
+
+_frod_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x, u, v, lam, s_values, s_indices, bias):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"frod_linear: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if u.dim() != 2 or v.dim() != 2 or v.shape[0] != v.shape[1] or u.shape[1] != v.shape[0]:
+        raise ValueError(f"frod_linear: U must be (out_features, n) and V (n, n), got {tuple(u.shape)} and "
+                         f"{tuple(v.shape)}")
+    n = v.shape[0]
+    if x.dim() == 0 or x.shape[-1] != n:
+        raise ValueError(f"frod_linear: x has {x.shape[-1] if x.dim() else 0} features, the layer expects "
+                         f"in_features={n}")
+    if lam.shape != (n,):
+        raise ValueError(f"frod_linear: lambda must have shape ({n},), got {tuple(lam.shape)}")
+    if s_indices.dtype != torch.long or s_indices.dim() != 2 or s_indices.shape[0] != 2 \
+            or s_values.shape != (s_indices.shape[1],):
+        raise ValueError(f"frod_linear: S needs int64 indices (2, nnz) and values (nnz,), got "
+                         f"{s_indices.dtype} {tuple(s_indices.shape)} and {tuple(s_values.shape)}")
+    for name, t in (("U", u), ("V", v), ("lambda", lam), ("S values", s_values)):
+        if not t.is_floating_point():
+            raise TypeError(f"frod_linear: {name} must be floating point, got {t.dtype}")
+    if u.requires_grad or v.requires_grad:
+        raise ValueError("frod_linear: U and V are fixed projections; gradients with respect to them are not "
+                         "supported (detach them)")
+    if bias is not None and bias.shape != (u.shape[0],):
+        raise ValueError(f"frod_linear: bias must have shape ({u.shape[0]},), got {tuple(bias.shape)}")
+    devices = {name: t.device for name, t in (("x", x), ("U", u), ("V", v), ("lambda", lam), ("S values", s_values),
+                                              ("S indices", s_indices), ("bias", bias)) if t is not None}
+    if len(set(devices.values())) > 1:
+        raise RuntimeError(f"frod_linear: tensors on different devices: {devices}")
+
+
+def _check_index_values(s_indices, n):
+    # Reads the indices (a device sync on GPU): done by the public function, once by the layers.
+    if s_indices.numel() and (s_indices.min() < 0 or s_indices.max() >= n):
+        raise ValueError(f"frod_linear: S indices out of range for a ({n}, {n}) matrix")
+
+
+def frod_linear(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None):
+    """y = x (U (diag(lam) + S) V^T)^T + bias, S the sparse matrix of ``s_values`` at ``s_indices`` (2, nnz).
+
+    Differentiable in x, lam, s_values and bias; U and V are fixed. ``backend`` and
+    ``path`` override the automatic choice (see spectral_kernels.dispatch).
+    """
+    _check(x, u, v, lam, s_values, s_indices, bias)
+    _check_index_values(s_indices, v.shape[0])
+    return frod_apply(x, u, v, lam, s_values, s_indices, bias, backend, path, checked=True)
+
+
+def frod_apply(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None, checked=False):
+    """frod_linear for indices already known to be in range (the layers' own)."""
+    if not checked:
+        _check(x, u, v, lam, s_values, s_indices, bias)
+    backend = dispatch.select_backend(x.device, backend)
+    if backend == "reference":
+        return reference.frod_linear(x, u, v, lam, s_values, s_indices, bias)
+    m, n = u.shape
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lam, s_values, bias))
+    path = dispatch.frod_path(x.numel() // n, m, n, needs_grad, path)
+    args = (x, u, v, lam, s_values, s_indices, bias, backend, path)
+    if needs_grad or torch.compiler.is_compiling():
+        return _frod_fwd(*args)[0]
+    # Eager inference: the same computation without the custom op's Python layers.
+    return _forward(*args)[0]
+
+
+def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
+    """W' = U (diag(lam) + S) V^T (out_features, in_features) in U's dtype, without autograd."""
+    backend = dispatch.select_backend(u.device, backend)
+    u, v, lam, s_values = (t.detach() for t in (u, v, lam, s_values))
+    if backend == "reference":
+        return reference.effective_weight(u, v, lam, s_values, s_indices)
+    coef = torch.cat([lam, s_values]).to(_acc_dtype(u.dtype))
+    return u @ dispatch.kernels("frod", backend).mix(v.t().to(u.dtype).contiguous(), coef,
+                                                     *_plan(s_indices, v.shape[0], False))
