@@ -39,9 +39,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FULL_TOKENS = {"cpu": (1, 64, 512, 2048), "cuda": (1, 64, 512, 2048, 8192)}
 FULL_SHAPES = {"cpu": ((768, 768), (1024, 1024), (3072, 768), (2048, 2048), (4096, 4096)),
                "cuda": ((1024, 1024), (3072, 768), (4096, 4096))}
-# Quick runs: only the target cases, as ((out, in), tokens) pairs, and the eval_t1 shapes.
-QUICK_CASES = {"cpu": (((1024, 1024), 64), ((1024, 1024), 2048), ((4096, 4096), 64)),
-               "cuda": (((4096, 4096), 64), ((4096, 4096), 8192))}
+# Quick runs: only each method's target cases, as ((out, in), tokens) pairs, and the eval_t1 shapes.
+QUICK_CASES = {
+    "cpu": {"fourierft": (((1024, 1024), 2048), ((4096, 4096), 64)),
+            "oft": (((1024, 1024), 2048), ((2048, 2048), 512))},
+    "cuda": dict.fromkeys(METHODS, (((4096, 4096), 64), ((4096, 4096), 8192))),
+}
 QUICK_EVAL_SHAPES = {"cpu": ((4096, 4096),), "cuda": ((4096, 4096),)}
 # Average cores busy with other processes during a case above which its CPU timings are flagged.
 OTHER_LOAD_WARNING = 0.2
@@ -71,6 +74,7 @@ def parse_args(argv):
                         help="OUTxIN shapes, e.g. 1024x1024,1000x37 (default: the device's sweep)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--n-frequency", type=int, default=1000, help="FourierFT coefficients (default: 1000)")
+    parser.add_argument("--oft-block-size", type=int, default=32, help="OFT block size (default: 32)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results directory")
     args = parser.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)
@@ -81,11 +85,11 @@ def parse_args(argv):
     return args
 
 
-def sweep(args):
+def sweep(method, args):
     """{(out, in): [tokens, ...]} for fwd and fwd_bwd, and the shapes for eval_t1."""
     kind = args.device.type
     if args.quick and not (args.tokens or args.shapes):
-        cases, eval_shapes = QUICK_CASES[kind], QUICK_EVAL_SHAPES[kind]
+        cases, eval_shapes = QUICK_CASES[kind][method], QUICK_EVAL_SHAPES[kind]
     else:
         eval_shapes = args.shapes or FULL_SHAPES[kind]
         cases = itertools.product(eval_shapes, args.tokens or FULL_TOKENS[kind])
@@ -108,15 +112,14 @@ def summarize(times):
     return stats
 
 
-def bench_shape(method, shape, token_counts, with_eval, args):
-    """The cases of one method and shape, sharing one set of implementations."""
+def bench_shape(method, shape, token_counts, with_eval, args, cases, total):
+    """Append the cases of one method and shape to ``cases``; they share one set of implementations."""
     out_features, in_features = shape
     device, dtype, cuda = args.device, DTYPES[args.dtype], args.device.type == "cuda"
     budget, max_reps = BUDGET[args.quick]
     torch.manual_seed(0)
     base = nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
     impls = implementations(method, base, args)
-    cases = []
 
     def measure(metric, tokens, calls):
         started, others = time.perf_counter(), timing.other_cpu_seconds()
@@ -128,8 +131,8 @@ def bench_shape(method, shape, token_counts, with_eval, args):
                       "impls": stats})
         ratios = "  ".join(f"{n} {s['ratio']:.2f}x" for n, s in stats.items() if n != "base")
         base_ms = report.number(stats["base"]["median_ms"])
-        print(f"{method} {metric:7} {out_features}x{in_features} T={tokens}: base {base_ms} ms  {ratios}"
-              f"  ({elapsed:.1f} s, other processes {other_load:.2f} cores)", flush=True)
+        print(f"[{len(cases)}/{total}] {method} {metric:7} {out_features}x{in_features} T={tokens}: "
+              f"base {base_ms} ms  {ratios}  ({elapsed:.1f} s, other processes {other_load:.2f} cores)", flush=True)
         return stats
 
     for module in impls.values():
@@ -158,7 +161,6 @@ def bench_shape(method, shape, token_counts, with_eval, args):
             module.eval()
         with torch.no_grad():
             measure("eval_t1", 1, {name: (lambda m=m: m(x), lambda: None) for name, m in impls.items()})
-    return cases
 
 
 def cpu_name():
@@ -228,14 +230,14 @@ def main(argv=None):
     if args.device.type == "cpu":
         torch.set_num_threads(args.threads)
     run = environment(args)
-    by_shape, eval_shapes = sweep(args)
-    print(f"{run['device']['name']}, {run['threads']} threads, {args.dtype}; "
-          f"{sum(map(len, by_shape.values()))} cases x 2 + {len(eval_shapes)} eval_t1 per method", flush=True)
+    sweeps = {method: sweep(method, args) for method in args.methods}
+    total = sum(2 * sum(map(len, by_shape.values())) + len(eval_shapes) for by_shape, eval_shapes in sweeps.values())
+    print(f"{run['device']['name']}, {run['threads']} threads, {args.dtype}; {total} cases", flush=True)
 
     run["cases"] = []
-    for method in args.methods:
+    for method, (by_shape, eval_shapes) in sweeps.items():
         for shape, token_counts in by_shape.items():
-            run["cases"] += bench_shape(method, shape, token_counts, shape in eval_shapes, args)
+            bench_shape(method, shape, token_counts, shape in eval_shapes, args, run["cases"], total)
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()  # the next shape's copies should not inherit this one's cache
     args.out.mkdir(parents=True, exist_ok=True)
