@@ -225,6 +225,11 @@ class FrodLinear(AdapterLayer):
         adapted = frod_effective_weight(u.to(weight.dtype), v.to(weight.dtype), lam, s_values, s_indices, self.backend)
         return adapted - weight.to(adapted.device)
 
+    def get_delta_weight(self, adapter):
+        """As peft's: in the base weight's own layout ((in, out) for a Conv1D)."""
+        delta = self.delta_weight(adapter)
+        return delta.t() if self._conv1d else delta
+
     @torch.no_grad()
     def merge(self, safe_merge=False, adapter_names=None):
         """Add each adapter's W' - W into the base weight (peft's merge); unmerge restores W exactly."""

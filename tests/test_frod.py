@@ -1,0 +1,198 @@
+"""FRoD: every backend and path against the reference (peft's sparse COO algorithm)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spectral_kernels as sk
+from spectral_kernels import dispatch
+from spectral_kernels.kernels.reference import frod as reference
+
+from conftest import assert_close, assert_low_precision_close, device_backends
+
+PATHS = ["factored", "weight"]
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                                 ids=["fp32", "fp64", "bf16", "fp16"])
+# (in_features, out_features, nnz): odd, non-square, tiny, no sparse entries, every off-diagonal entry.
+SMALL = [(12, 7, 5), (16, 40, 30), (37, 20, 0), (5, 3, 20), (33, 33, 100), (1, 4, 0)]
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+
+
+def make_case(n_in, n_out, nnz, lead, dtype, device, seed=0):
+    """(x, u, v, lam, s_values, bias) in ``dtype`` and in float64 on ``device``, and the indices."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n_out, n_in, generator=g, dtype=torch.float64) / n_in ** 0.5
+    v = torch.randn(n_in, n_in, generator=g, dtype=torch.float64) / n_in ** 0.5
+    lam = 1 + torch.rand(n_in, generator=g, dtype=torch.float64)
+    off = torch.tensor([(r, c) for r in range(n_in) for c in range(n_in) if r != c], dtype=torch.long).reshape(-1, 2)
+    indices = off[torch.randperm(off.shape[0], generator=g)[:nnz]].t().contiguous()
+    s_values = 0.3 * torch.randn(indices.shape[1], generator=g, dtype=torch.float64)
+    bias = torch.randn(n_out, generator=g, dtype=torch.float64)
+    x = torch.randn(*lead, n_in, generator=g, dtype=torch.float64)
+    exact = [t.to(device) for t in (x, u, v, lam, s_values, bias)]
+    return [t.to(dtype) for t in exact], exact, indices.to(device)
+
+
+def run(fn, x, u, v, lam, s, bias, grad_out=None):
+    """Output and gradients w.r.t. x, lam, s and bias."""
+    x, lam, s, bias = (t.detach().requires_grad_() for t in (x, lam, s, bias))
+    y = fn(x, u, v, lam, s, bias)
+    if grad_out is None:
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(y, (x, lam, s, bias), grad_out.to(y.device, y.dtype), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, lam, s, bias))]
+    return [y.detach(), *grads], grad_out
+
+
+def check(device, backend, path, n_in, n_out, nnz, lead, dtype):
+    (x, u, v, lam, s, bias), exact_inputs, indices = make_case(n_in, n_out, nnz, lead, dtype, device)
+
+    def ours(x, u, v, lam, s, bias):
+        return sk.frod_linear(x, u, v, lam, s, indices, bias, backend=backend, path=path)
+
+    def ref(x, u, v, lam, s, bias):
+        return reference.frod_linear(x, u, v, lam, s, indices, bias)
+
+    exact, g = run(ref, *exact_inputs)
+    got, _ = run(ours, x, u, v, lam, s, bias, g)
+    names = ("y", "dx", "dlam", "ds", "dbias")
+    lowp = run(ref, x, u, v, lam, s, bias, g)[0] if dtype in (torch.bfloat16, torch.float16) else exact
+    for name, a, r, e in zip(names, got, lowp, exact):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        if not e.numel():  # ds without sparse entries
+            continue
+        if dtype in (torch.float32, torch.float64):
+            assert_close(a, e.to(dtype), dtype)
+        else:
+            assert_low_precision_close(a, r, e)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_in,n_out,nnz", SMALL)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=["1d", "2d", "3d"])
+@DTYPES
+def test_matches_reference(device, backend, path, n_in, n_out, nnz, lead, dtype):
+    check(device, backend, path, n_in, n_out, nnz, lead, dtype)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.id != "triton-cpu"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_in,n_out,nnz,tokens", [(256, 96, 655, 300), (130, 500, 169, 1100), (768, 64, 5898, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference_large(device, backend, path, n_in, n_out, nnz, tokens, dtype):
+    """Several token chunks of the CPU kernels, many entries per row."""
+    check(device, backend, path, n_in, n_out, nnz, (tokens,), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck(device, backend, path):
+    (x, u, v, lam, s, bias), _, indices = make_case(9, 5, 12, (2, 3), torch.float64, device)
+    inputs = [t.detach().requires_grad_() for t in (x, lam, s, bias)]
+
+    def fn(x, lam, s, bias):
+        return sk.frod_linear(x, u, v, lam, s, indices, bias, backend=backend, path=path)
+
+    # fast_mode (random directions) keeps the interpreted Triton kernels quick.
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_effective_weight(device, backend):
+    (_, u, v, lam, s, _), _, indices = make_case(11, 6, 20, (1,), torch.float64, device)
+    expected = reference.effective_weight(u, v, lam, s, indices)
+    assert_close(sk.frod_effective_weight(u, v, lam, s, indices, backend=backend), expected, torch.float64)
+
+
+def test_duplicate_entries_are_summed():
+    """peft coalesces S, summing repeated positions; so does the fused op."""
+    (x, u, v, lam, s, bias), _, _ = make_case(6, 4, 0, (3,), torch.float64, "cpu")
+    indices = torch.tensor([[1, 1, 4], [2, 2, 0]])
+    s = torch.tensor([0.5, -0.25, 2.0], dtype=torch.float64)
+    for path in PATHS:
+        assert_close(sk.frod_linear(x, u, v, lam, s, indices, bias, backend="cpu", path=path),
+                     reference.frod_linear(x, u, v, lam, s, indices, bias), torch.float64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_opcheck(path):
+    (x, u, v, lam, s, bias), _, indices = make_case(10, 7, 15, (4,), torch.float32, "cpu")
+    args = (x.requires_grad_(), u, v, lam.requires_grad_(), s.requires_grad_(), indices, bias, "cpu", path)
+    torch.library.opcheck(torch.ops.spectral_kernels.frod_linear_fwd.default, args)
+
+
+def test_compile_fullgraph():
+    layer = sk.FrodLinear(torch.nn.Linear(24, 12), config=sk.FrodConfig(sparse_rate=0.1, init_weights=False))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 24, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert_close(y, layer(x), torch.float32)
+    assert layer.frod_lambda_s_values["default"].grad is not None
+    assert x.grad is not None
+
+
+def test_path_choice():
+    assert dispatch.frod_path(2048, 1024, 1024, True) == "factored"
+    assert dispatch.frod_path(8192, 1024, 1024, True) == "weight"
+    assert dispatch.frod_path(512, 1024, 1024, False) == "factored"
+    assert dispatch.frod_path(2048, 1024, 1024, False) == "weight"
+    assert dispatch.frod_path(1, 8, 8, True, "weight") == "weight"
+    with pytest.raises(ValueError, match="unknown FRoD path"):
+        dispatch.frod_path(1, 8, 8, True, "dense")
+
+
+def test_bad_input():
+    (x, u, v, lam, s, bias), _, indices = make_case(8, 5, 6, (3,), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="in_features=8"):
+        sk.frod_linear(torch.randn(3, 7), u, v, lam, s, indices, bias)
+    with pytest.raises(TypeError, match="floating-point"):
+        sk.frod_linear(x.long(), u, v, lam, s, indices, bias)
+    with pytest.raises(TypeError, match="floating-point"):
+        sk.frod_linear(x.to(torch.complex64), u, v, lam, s, indices, bias)
+    with pytest.raises(ValueError, match="lambda must have shape"):
+        sk.frod_linear(x, u, v, lam[:-1], s, indices, bias)
+    with pytest.raises(ValueError, match="values"):
+        sk.frod_linear(x, u, v, lam, s[:-1], indices, bias)
+    with pytest.raises(ValueError, match="out of range"):
+        sk.frod_linear(x, u, v, lam, s, indices + 8, bias)
+    with pytest.raises(ValueError, match="int64"):
+        sk.frod_linear(x, u, v, lam, s, indices.int(), bias)
+    with pytest.raises(ValueError, match="U must be"):
+        sk.frod_linear(x, u, v[:, :5], lam, s, indices, bias)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        sk.frod_linear(x, u, v, lam, s, indices, bias[:-1])
+    with pytest.raises(ValueError, match="fixed projections"):
+        sk.frod_linear(x, u.requires_grad_(), v, lam, s, indices, bias)
+    with pytest.raises(RuntimeError, match="different devices"):
+        sk.frod_linear(x.to("meta"), u.detach(), v, lam, s, indices, bias)
+    with pytest.raises(ValueError, match="unknown backend"):
+        sk.frod_linear(x, u.detach(), v, lam, s, indices, bias, backend="fast")
+
+
+@pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 12), tokens=st.integers(0, 70), entries=st.integers(0, 40),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_cpu_kernels_any_plan(rows, tokens, entries, dtype):
+    """mix and sddmm on any CSR plan: empty rows, repeated sources, no tokens, no entries."""
+    from spectral_kernels.kernels.native import frod as native
+
+    g = torch.Generator().manual_seed(rows * 10000 + tokens * 100 + entries)
+    out_rows = torch.randint(0, rows, (entries,), generator=g)
+    src = torch.randint(0, rows, (entries,), generator=g)
+    coef = torch.randn(entries, generator=g, dtype=torch.float64)
+    x, grad = torch.randn(2, rows, tokens, generator=g, dtype=torch.float64)
+    perm = torch.argsort(out_rows, stable=True)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(out_rows, minlength=rows), 0)])
+    dense = torch.zeros(rows, rows, dtype=torch.float64).index_put_((out_rows, src), coef, accumulate=True)
+    mixed = native.mix(x.to(dtype), coef.to(dtype), ptr, src[perm], perm)
+    assert mixed.shape == (rows, tokens) and mixed.dtype == dtype
+    sampled = native.sddmm(grad.to(dtype), x.to(dtype), ptr, src[perm], perm)
+    assert sampled.shape == (entries,) and sampled.dtype == dtype
+    if tokens:
+        assert_close(mixed, (dense @ x).to(dtype), dtype)
+    if entries:
+        assert_close(sampled, (grad @ x.t())[out_rows, src].to(dtype), dtype)

@@ -1,0 +1,208 @@
+"""FrodLinear and FRoD's projection set-up against peft's own FRoD, plus the layer's adapter handling."""
+import copy
+
+import pytest
+import torch
+from peft import FrodConfig as PeftFrodConfig
+from peft import get_peft_model
+from peft.tuners.frod.model import _category_from_key, _layer_index_from_key
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import spectral_kernels as sk
+from spectral_kernels.layers.frod import frod_category, frod_layer_index, frod_projections
+
+from conftest import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+
+
+class Block(nn.Module):
+    def __init__(self, d, wide, conv1d):
+        super().__init__()
+        self.q_proj = Conv1D(d, d) if conv1d else nn.Linear(d, d)
+        self.up_proj = Conv1D(wide, d) if conv1d else nn.Linear(d, wide, bias=False)
+        self.down_proj = Conv1D(d, wide) if conv1d else nn.Linear(wide, d)
+
+    def forward(self, x):
+        return self.down_proj(torch.tanh(self.up_proj(self.q_proj(x))))
+
+
+class Toy(nn.Module):
+    """A stack of blocks: categories q_proj, up_proj (wide, SVD path for one layer) and down_proj."""
+
+    def __init__(self, d=12, wide=20, blocks=3, conv1d=False):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d, wide, conv1d) for _ in range(blocks))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = x + block(x)
+        return x
+
+
+def ours_like_peft(peft_model, base, config, backend=None):
+    """``base`` with our FrodLinear in every module peft adapted, projections built by frod_projections."""
+    keys = [k for k, m in peft_model.base_model.model.named_modules() if hasattr(m, "frod_lambda_l")]
+    weights = {}
+    for i, key in enumerate(keys):
+        module = base.get_submodule(key)
+        weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
+        weights.setdefault(frod_category(key), {})[frod_layer_index(key, i)] = weight
+    projections = frod_projections({c: [w for _, w in sorted(d.items())] for c, d in weights.items()}, config)
+    shared = {c: (sk.layers.frod.BufferDict(), sk.layers.frod.BufferDict()) for c in projections}
+    for category, (v, s_indices) in projections.items():
+        shared[category][0]["default"], shared[category][1]["default"] = v, s_indices
+    for key in keys:
+        parent, _, name = key.rpartition(".")
+        layer = sk.FrodLinear(base.get_submodule(key), config=config, frod_V=shared[frod_category(key)][0],
+                              frod_s_indices=shared[frod_category(key)][1], backend=backend)
+        setattr(base.get_submodule(parent), name, layer)
+    return base, projections, keys
+
+
+def build_pair(conv1d=False, backend=None, **kwargs):
+    kwargs = {"target_modules": ["q_proj", "up_proj", "down_proj"], "sparse_rate": 0.05, "init_weights": False,
+              "progressbar": False, **kwargs}
+    torch.manual_seed(0)
+    base = Toy(conv1d=conv1d)
+    ours_base = copy.deepcopy(base)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, PeftFrodConfig(fan_in_fan_out=conv1d, **kwargs))
+    torch.manual_seed(1)
+    ours, projections, keys = ours_like_peft(peft_model, ours_base, sk.FrodConfig(fan_in_fan_out=conv1d, **kwargs),
+                                             backend)
+    return ours, peft_model, projections, keys
+
+
+@pytest.mark.parametrize("key", ["encoder.layer.0.attention.self.query", "encoder.layer.11.attention.output.dense",
+                                 "encoder.layer.3.output.dense", "model.layers.7.self_attn.q_proj",
+                                 "transformer.h.2.attn.c_attn", "lm_head", "layers.4.mlp", "classifier.dense"])
+def test_category_and_index_rules(key):
+    assert frod_category(key) == _category_from_key(key)
+    assert frod_layer_index(key, 5) == _layer_index_from_key(key, 5)
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_peft_parity(conv1d, backend):
+    ours, peft_model, projections, keys = build_pair(conv1d, backend)
+    for category, (v, s_indices) in projections.items():
+        assert torch.equal(v, peft_model.base_model.frod_V[category]["default"]), category
+        assert torch.equal(s_indices, peft_model.base_model.frod_s_indices[category]["default"]), category
+    for key in keys:
+        a, e = ours.get_submodule(key), peft_model.base_model.model.get_submodule(key)
+        assert a.state_dict().keys() == e.state_dict().keys()
+        for name in ("frod_lambda_l", "frod_lambda_s_values"):
+            assert torch.equal(getattr(a, name)["default"], getattr(e, name)["default"]), (key, name)
+        assert_close(a.frod_U["default"], e.frod_U["default"], torch.float32)
+    x = torch.randn(2, 5, 12)
+    y_ours, y_peft = ours(x), peft_model(x)
+    assert_close(y_ours, y_peft, torch.float32)
+    y_ours.square().sum().backward()
+    y_peft.square().sum().backward()
+    for key in keys:
+        a, e = ours.get_submodule(key), peft_model.base_model.model.get_submodule(key)
+        for name in ("frod_lambda_l", "frod_lambda_s_values"):
+            assert_close(getattr(a, name)["default"].grad, getattr(e, name)["default"].grad, torch.float32)
+        assert_close(a.get_delta_weight("default"), e.get_delta_weight("default"), torch.float32)
+
+
+def test_merge_unmerge_and_eval_cache():
+    ours, peft_model, _, keys = build_pair()
+    x = torch.randn(4, 12)
+    ours.eval()
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = ours(x)
+        assert_close(adapted, peft_model(x), torch.float32)
+        layer = ours.get_submodule(keys[0])
+        base_weight = layer.base_layer.weight.clone()
+        layer.frod_lambda_s_values["default"].mul_(2)  # an in-place update invalidates the cached W'
+        changed = layer(torch.randn(3, 12))
+        layer.frod_lambda_s_values["default"].div_(2)
+        for key in keys:
+            ours.get_submodule(key).merge()
+        assert_close(ours(x), adapted, torch.float32)
+        for key in keys:
+            ours.get_submodule(key).unmerge()
+        assert torch.equal(layer.base_layer.weight, base_weight)  # restored exactly, as peft
+        assert_close(ours(x), adapted, torch.float32)
+    assert changed.shape == (3, 12)
+
+
+def test_dropout_and_two_adapters():
+    """The base-output path (dropout in training, several adapters) follows peft's arithmetic."""
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    config = sk.FrodConfig(sparse_rate=0.2, init_weights=False, frod_dropout=0.3)
+    layer = sk.FrodLinear(copy.deepcopy(base), config=config)
+    layer.update_layer("other", sk.FrodConfig(sparse_rate=0.2, init_weights=False))
+    assert torch.equal(layer.frod_s_indices["other"], layer.frod_s_indices["default"])  # shared per category
+    x = torch.randn(5, 10)
+    layer.train()
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    h = nn.functional.dropout(x, 0.3)
+    delta = layer.get_delta_weight("default")
+    assert_close(y, base(x) + h @ delta.t(), torch.float32)
+    layer.set_adapter(["default", "other"])
+    layer.eval()
+    expected = base(x) + x @ (delta + layer.get_delta_weight("other")).t()
+    assert_close(layer(x), expected, torch.float32)
+    layer.enable_adapters(False)
+    assert_close(layer(x), base(x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layer(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(dtype)
+    layer = sk.FrodLinear(copy.deepcopy(base), config=sk.FrodConfig(sparse_rate=0.1, init_weights=False))
+    assert layer.frod_lambda_l["default"].dtype == dtype
+    x = torch.randn(3, 16, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    exact = layer.get_delta_weight("default").double() + base.weight.double()
+    err = (y.double() - (x.double() @ exact.t() + base.bias.double())).abs().max().item()
+    assert err < 0.05 * max(1.0, y.abs().max().item())
+    assert layer.frod_lambda_s_values["default"].grad.dtype == dtype
+
+
+def test_runtime_offload_base_weight():
+    layer = sk.FrodLinear(nn.Linear(8, 4), config=sk.FrodConfig(runtime_offload_base_weight=True))
+    x = torch.randn(2, 8)
+    y = layer(x)
+    assert layer.base_layer.weight.device.type == "cpu"
+    layer.merge()
+    assert_close(layer(x), y, torch.float32)
+
+
+def test_init_weights_is_identity():
+    """Default init: W' = W, so the layer computes the base layer (as in peft)."""
+    base = nn.Linear(9, 5)
+    layer = sk.FrodLinear(copy.deepcopy(base))
+    x = torch.randn(3, 9)
+    assert_close(layer(x), base(x), torch.float32)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="sparse_rate"):
+        sk.FrodConfig(sparse_rate=1.5)
+    with pytest.raises(ValueError, match="frod_dropout"):
+        sk.FrodConfig(frod_dropout=1.0)
+    with pytest.raises(ValueError, match="bias"):
+        sk.FrodConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        sk.FrodConfig(layers_pattern="layers")
+    with pytest.raises(TypeError, match="Unsupported layer type"):
+        sk.FrodLinear(nn.Conv2d(3, 3, 1))
+    other = sk.FrodLinear(nn.Linear(6, 6))
+    with pytest.raises(ValueError, match="does not fit"):
+        sk.FrodLinear(nn.Linear(8, 4), frod_V=other.frod_V, frod_s_indices=other.frod_s_indices)
+    with pytest.raises(ValueError, match="both"):
+        sk.FrodLinear(nn.Linear(6, 4), frod_V=other.frod_V)
+    with pytest.raises(ValueError, match="in_features=6"):
+        other(torch.randn(2, 5))
