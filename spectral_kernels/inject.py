@@ -1,0 +1,592 @@
+"""Standalone injector: put the fused layers into any model, with peft's targeting rules, without peft.
+
+``inject(model, config)`` replaces the nn.Linear / transformers Conv1D modules that
+``config`` targets with the fused layers, in place. Targeting follows peft 0.21
+(tuners_utils.check_target_module_exists and friends), re-stated here:
+
+- ``target_modules`` a str: ``re.fullmatch`` against the module's full name;
+  "all-linear": every Linear/Conv1D except the model's output embedding;
+  a list: the full name, or a suffix after a dot ("q_proj" matches "...attn.q_proj");
+  None: peft's default for the transformers ``model.config.model_type``.
+- ``layers_to_transform`` (+ ``layers_pattern``) filter list matches by layer index, the
+  first number following ``<pattern>.`` (any component when no pattern is given).
+- ``exclude_modules`` (a str: fullmatch; a list: full name or dot suffix) and the
+  modules of ``modules_to_save`` are never adapted.
+- ``modules_to_save``: modules whose name ends with an entry are wrapped in
+  ``ModulesToSave`` (peft's ModulesToSaveWrapper layout: ``original_module`` plus one
+  trainable copy per adapter under ``modules_to_save.<adapter>``).
+
+Methods plug in through ``register_method(config_class, Method(...))``; a method whose
+layers share state across modules (FRoD's per-category projections) computes it once
+in ``Method.prepare`` from all targeted modules before any layer is built.
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import re
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import FourierFTConfig, OFTConfig
+from .layers import FourierFTLinear, OFTLinear
+from .layers.base import AdapterLayer
+
+STATE_ATTRIBUTE = "spectral_kernels_adapters"
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+# The prefix peft's PeftModel puts before the base model's own module names in a saved adapter.
+PEFT_KEY_PREFIX = "base_model.model."
+# The peft release whose layers and adapter format these adapters reproduce (peft checks it, e.g. for OFT's
+# Cayley-Neumann parametrisation, changed in 0.18).
+PEFT_FORMAT_VERSION = "0.21.0"
+
+# peft 0.21's default target_modules per transformers model_type (peft/utils/constants.py,
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, which FourierFT and OFT start from);
+# tests/test_inject.py checks every entry against peft.
+LINEAR_DEFAULT_TARGETS = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"], "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"], "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+}
+# FourierFT adapts GPT-2's MLP output projection instead of the fused qkv projection.
+FOURIERFT_DEFAULT_TARGETS = {**LINEAR_DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+
+
+class NoTargetModulesError(ValueError):
+    """The config selects no module of the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How ``inject`` adapts the modules one config class targets.
+
+    ``adapt(module, key, adapter_name, config, shared)`` returns the fused layer for the
+    base ``module`` named ``key``, or adds the adapter to ``module`` when it already is
+    one of ``layer_class`` (and returns it). ``prepare(model, targets, adapter_name,
+    config)`` (optional) runs once before, with ``targets`` {name: module}, and its
+    result is passed to every ``adapt`` call as ``shared``. A ``prepare`` that keeps
+    tensors on the model (as peft's tuner does) puts them in the root submodules named
+    in ``model_attributes``, each holding per-adapter tensors under ``<...>.<adapter>``:
+    they are saved as peft's ``base_model.<attribute>.<...>`` and removed by unload.
+    """
+
+    peft_type: str                 # peft's PeftType name, written to and read from adapter_config.json
+    layer_class: type
+    adapt: Callable
+    default_target_modules: dict
+    prepare: Optional[Callable] = None
+    model_attributes: tuple = ()
+
+
+METHODS: dict = {}
+
+
+def register_method(config_class, method):
+    """Make ``inject`` accept ``config_class`` instances."""
+    METHODS[config_class] = method
+
+
+def _pattern_value(patterns, key, default):
+    """peft's FourierFT n_frequency_pattern rule: the first pattern p with ``re.match(rf".*\\.{p}$", key)``."""
+    for pattern, value in patterns.items():
+        if re.match(rf".*\.{pattern}$", key):
+            return value
+    return default
+
+
+def _adapt_fourierft(module, key, adapter_name, config, shared):
+    n_frequency = _pattern_value(config.n_frequency_pattern, key, config.n_frequency)
+    if isinstance(module, FourierFTLinear):
+        module.update_layer(adapter_name, config, n_frequency)
+        return module
+    return FourierFTLinear(module, adapter_name, config, n_frequency)
+
+
+def _adapt_oft(module, key, adapter_name, config, shared):
+    if isinstance(module, OFTLinear):
+        module.update_layer(adapter_name, config)
+        return module
+    return OFTLinear(module, adapter_name, config)
+
+
+register_method(FourierFTConfig, Method("FOURIERFT", FourierFTLinear, _adapt_fourierft, FOURIERFT_DEFAULT_TARGETS))
+register_method(OFTConfig, Method("OFT", OFTLinear, _adapt_oft, LINEAR_DEFAULT_TARGETS))
+
+
+def _method(config):
+    method = METHODS.get(type(config))
+    if method is None:
+        names = ", ".join(c.__name__ for c in METHODS)
+        raise TypeError(f"unsupported config {type(config).__name__}; expected one of: {names}")
+    return method
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modules_to_save
+
+class ModulesToSave(nn.Module):
+    """A module trained and saved in full, one copy per adapter (peft's ModulesToSaveWrapper names).
+
+    The forward runs the active adapter's copy, or ``original_module`` when adapters are
+    disabled or none of this wrapper's adapters is active.
+    """
+
+    adapter_layer_names = ("modules_to_save",)
+
+    def __init__(self, original_module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict({})
+        self.active_adapter = None
+        self.disabled = False
+        original_module.requires_grad_(False)
+
+    def add_adapter(self, adapter_name):
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def set_adapter(self, adapter_names):
+        present = [n for n in adapter_names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(f"only one adapter with modules_to_save can be active at a time, got {present}")
+        self.active_adapter = present[0] if present else None
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == self.active_adapter)
+
+    def module(self):
+        """The module the forward runs."""
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.module()(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# targeting
+
+def _is_linear(module):
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _wrapped_prefixes(model):
+    """Names of the adapter layers and wrappers already in the model: their insides are never targeted."""
+    return tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, (AdapterLayer, ModulesToSave)))
+
+
+def _matches_list_entry(key, entry):
+    return key == entry or key.endswith(f".{entry}")
+
+
+def _layer_index(key, layers_pattern):
+    """The layer index in ``key``: the first number after ``<layers_pattern>.``, or after any component."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
+    return None if match is None else int(match.group("idx"))
+
+
+def _is_excluded(config, key):
+    exclude = config.exclude_modules
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return True
+        elif any(_matches_list_entry(key, entry) for entry in exclude):
+            return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save or [])
+
+
+def _is_targeted(config, target_modules, key):
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    if key in target_modules:
+        return True
+    if not any(key.endswith(f".{entry}") for entry in target_modules):
+        return False
+    layers = config.layers_to_transform
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(key, config.layers_pattern)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _all_linear(model, skip):
+    """peft's "all-linear": every Linear/Conv1D (or adapter layer) but the output embedding."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules()
+            if name and (_is_linear(module) or isinstance(module, AdapterLayer)) and module is not output
+            and not name.startswith(skip)}
+
+
+def _resolve_target_modules(model, config, method, skip):
+    target_modules = config.target_modules
+    if target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        target_modules = method.default_target_modules.get(model_type)
+        if target_modules is None:
+            raise ValueError(f"target_modules is None and there is no default for model type {model_type!r}: "
+                             "set target_modules in the config")
+        return list(target_modules)
+    if isinstance(target_modules, str):
+        return _all_linear(model, skip) if target_modules.lower() == "all-linear" else target_modules
+    return list(target_modules)
+
+
+def _no_match_error(model, config, target_modules, excluded, skip):
+    if excluded:
+        return NoTargetModulesError(f"every module that target_modules={target_modules!r} selects is excluded "
+                                    f"(exclude_modules={config.exclude_modules!r}, "
+                                    f"modules_to_save={config.modules_to_save!r}): {sorted(excluded)}")
+    names = [name for name, _ in model.named_modules() if name and not name.startswith(skip)]
+    if isinstance(target_modules, str):
+        unmatched = [target_modules]
+    else:
+        unmatched = [e for e in target_modules if not any(_matches_list_entry(name, e) for name in names)]
+    message = f"no module of the model matches target_modules={target_modules!r}"
+    if unmatched:
+        message += f": these patterns match no module name: {unmatched}"
+    elif config.layers_to_transform is not None:
+        message += (f": the modules they name are outside layers_to_transform={config.layers_to_transform!r} "
+                    f"(layers_pattern={config.layers_pattern!r})")
+    else:
+        message += ": the modules they name are inside adapter layers already"
+    return NoTargetModulesError(message)
+
+
+def find_targets(model, config):
+    """{name: module} that ``config`` adapts in ``model``, in module order; the resolved target_modules.
+
+    Raises NoTargetModulesError naming the patterns that matched nothing.
+    """
+    method = _method(config)
+    skip = _wrapped_prefixes(model)
+    target_modules = _resolve_target_modules(model, config, method, skip)
+    targets, excluded = {}, []
+    for key, module in model.named_modules():
+        if not key or key.startswith(skip) or not _is_targeted(config, target_modules, key):
+            continue
+        if _is_excluded(config, key):
+            excluded.append(key)
+            continue
+        if isinstance(module, AdapterLayer) and not isinstance(module, method.layer_class):
+            raise TypeError(f"{key} is already a {type(module).__name__}; a module takes adapters of one method")
+        if not (_is_linear(module) or isinstance(module, method.layer_class)):
+            raise TypeError(f"target module {key} ({type(module).__name__}) is not supported: "
+                            "only torch.nn.Linear and transformers' Conv1D can be adapted")
+        targets[key] = module
+    if not targets:
+        raise _no_match_error(model, config, target_modules, excluded, skip)
+    return targets, target_modules
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model-level API
+
+@dataclasses.dataclass
+class InjectedAdapters:
+    """What ``inject`` keeps on the model: the applied configs by adapter name, and the active ones."""
+
+    configs: dict = dataclasses.field(default_factory=dict)
+    active: list = dataclasses.field(default_factory=list)
+
+
+def adapters(model):
+    """The InjectedAdapters of a model ``inject`` has adapted; raises if it has none."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is None:
+        raise ValueError("the model has no spectral_kernels adapters: call spectral_kernels.inject first")
+    return state
+
+
+def _set_submodule(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def _adapter_layers(model):
+    layer_classes = tuple(m.layer_class for m in METHODS.values())
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, layer_classes)]
+
+
+def _wrappers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ModulesToSave)]
+
+
+def _add_modules_to_save(model, config, adapter_name):
+    skip = tuple(f"{name}." for name, _ in _adapter_layers(model))
+    found = False
+    for key, module in list(model.named_modules()):
+        if not key or key.startswith(skip) or not any(key.endswith(m) for m in config.modules_to_save or []):
+            continue
+        if isinstance(module, ModulesToSave):
+            module.add_adapter(adapter_name)
+        elif not any(key.startswith(f"{name}.") for name, _ in _wrappers(model)):
+            wrapper = ModulesToSave(module)
+            wrapper.add_adapter(adapter_name)
+            _set_submodule(model, key, wrapper)
+        found = True
+    if config.modules_to_save and not found:
+        raise NoTargetModulesError(f"no module of the model matches modules_to_save={config.modules_to_save!r}")
+
+
+def inject(model, config, adapter_name="default"):
+    """Adapt the modules ``config`` targets with the fused layers, in place; returns ``model``.
+
+    The first adapter becomes the active one; a further adapter (another ``inject`` with
+    a new name) is added inactive and frozen, as in peft. Only the active adapters'
+    parameters (and biases as ``config.bias`` says) stay trainable.
+    """
+    method = _method(config)
+    state = getattr(model, STATE_ATTRIBUTE, None) or InjectedAdapters()
+    if adapter_name in state.configs:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    config = copy.deepcopy(config)
+    targets, config.target_modules = find_targets(model, config)
+    shared = method.prepare(model, targets, adapter_name, config) if method.prepare else None
+    for key, module in targets.items():
+        layer = method.adapt(module, key, adapter_name, config, shared)
+        if layer is not module:
+            _set_submodule(model, key, layer)
+    _add_modules_to_save(model, config, adapter_name)
+    state.configs[adapter_name] = config
+    state.active = state.active or [adapter_name]
+    setattr(model, STATE_ATTRIBUTE, state)
+    set_adapter(model, state.active)
+    return model
+
+
+def set_adapter(model, adapter_names):
+    """Activate ``adapter_names`` (a name or a list) on every layer; only their parameters train."""
+    state = adapters(model)
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(state.configs)}")
+    for _, layer in _adapter_layers(model):
+        layer.set_adapter([n for n in names if n in layer._adapters()])
+    state.active = names
+    mark_only_adapters_as_trainable(model)
+
+
+def mark_only_adapters_as_trainable(model):
+    """Freeze everything but the active adapters' parameters, their modules_to_save copies and, per their
+    configs' ``bias``, biases; an adapter whose config has ``inference_mode`` stays frozen entirely."""
+    state = adapters(model)
+    layers, wrappers = [m for _, m in _adapter_layers(model)], [m for _, m in _wrappers(model)]
+    trainable = set()
+    for layer in layers:
+        for attribute in layer.adapter_layer_names:
+            trainable.update(id(p) for p in getattr(layer, attribute).parameters())
+    for wrapper in wrappers:
+        wrapper.set_adapter(state.active)
+        trainable.update(id(p) for p in wrapper.modules_to_save.parameters())
+    for p in model.parameters():
+        if id(p) not in trainable:
+            p.requires_grad_(False)
+    for name in state.active:
+        config = state.configs[name]
+        if config.inference_mode:
+            for module in [*layers, *wrappers]:
+                for attribute in module.adapter_layer_names:
+                    if name in getattr(module, attribute):
+                        getattr(module, attribute)[name].requires_grad_(False)
+        elif config.bias == "all":
+            for key, p in model.named_parameters():
+                if (key == "bias" or key.endswith(".bias")) and ".original_module." not in key:
+                    p.requires_grad_(True)
+        elif config.bias != "none":  # "fourier_only", "oft_only": the adapted layers' biases
+            for layer in layers:
+                if layer.base_layer.bias is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Within the block the model runs without its adapters (merged ones are unmerged first)."""
+    adapters(model)
+    layers, wrappers = [m for _, m in _adapter_layers(model)], [m for _, m in _wrappers(model)]
+    layer_states = [layer.disable_adapters for layer in layers]
+    wrapper_states = [wrapper.disabled for wrapper in wrappers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, layer_states):
+            layer.enable_adapters(not disabled)
+        for wrapper, disabled in zip(wrappers, wrapper_states):
+            wrapper.disabled = disabled
+
+
+def _model_attributes(model):
+    """The root submodules the methods' ``prepare`` put on ``model``."""
+    return [a for m in METHODS.values() for a in m.model_attributes if a in model._modules]
+
+
+def _unload(model, merge, safe_merge=False, adapter_names=None):
+    adapters(model)
+    for name, layer in _adapter_layers(model):
+        if merge:
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in _wrappers(model):
+        _set_submodule(model, name, wrapper.module() if merge else wrapper.original_module)
+    for attribute in _model_attributes(model):
+        delattr(model, attribute)
+    delattr(model, STATE_ATTRIBUTE)
+    return model
+
+
+def merge_and_unload(model, safe_merge=False, adapter_names=None):
+    """Merge the adapters (the active ones, or ``adapter_names``) into the base weights and remove the
+    fused layers; returns the plain model. modules_to_save keep the active adapter's copy."""
+    return _unload(model, True, safe_merge, adapter_names)
+
+
+def unload(model):
+    """Remove the fused layers without merging (weights merged before stay merged, as in peft)."""
+    return _unload(model, False)
+
+
+def trainable_parameters(model):
+    """(trainable, total) parameter counts, each parameter counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model):
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# peft's adapter format
+
+def _adapter_state_dict(model, adapter_name):
+    """The adapter's tensors under peft's saved names: the adapter name dropped, PeftModel's prefix added
+    (``base_model.model.`` for the model's modules, ``base_model.`` for tensors peft keeps on its tuner)."""
+    config = adapters(model).configs[adapter_name]
+    state = model.state_dict()
+    out = {}
+    for name, layer in _adapter_layers(model):
+        for attribute in layer.adapter_layer_names:
+            if adapter_name in getattr(layer, attribute):
+                prefix = f"{name}.{attribute}.{adapter_name}"
+                out.update({f"{name}.{attribute}{k[len(prefix):]}": v for k, v in state.items()
+                            if k == prefix or k.startswith(prefix + ".")})
+        if config.bias not in ("none", "all") and layer.base_layer.bias is not None:
+            out[f"{name}.base_layer.bias"] = state[f"{name}.base_layer.bias"]
+    if config.bias == "all":
+        out.update({k: v for k, v in state.items() if k.endswith("bias")
+                    and ".modules_to_save." not in k and ".original_module." not in k})
+    for name, wrapper in _wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            prefix = f"{name}.modules_to_save.{adapter_name}."
+            out.update({f"{name}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)})
+    out = {PEFT_KEY_PREFIX + k: v for k, v in out.items()}
+    suffix = f".{adapter_name}"
+    for attribute in _model_attributes(model):
+        out.update({"base_model." + k.removesuffix(suffix): v for k, v in state.items()
+                    if k.startswith(attribute + ".") and k.endswith(suffix)})
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _model_key(key, adapter_name, layers, wrappers, attributes):
+    """The model's state_dict key of a key in peft's saved adapter (the inverse of _adapter_state_dict)."""
+    if not key.startswith(PEFT_KEY_PREFIX):
+        key = key.removeprefix("base_model.")
+        return f"{key}.{adapter_name}" if key.split(".")[0] in attributes else key
+    key = key.removeprefix(PEFT_KEY_PREFIX)
+    owner = next((n for n in (*layers, *wrappers) if key.startswith(n + ".")), None)
+    rest = key[len(owner) + 1:] if owner else ""
+    attribute, _, tail = rest.partition(".")
+    if owner in layers and attribute in layers[owner].adapter_layer_names:
+        return f"{owner}.{attribute}.{adapter_name}" + (f".{tail}" if tail else "")
+    if owner in wrappers:
+        return f"{owner}.modules_to_save.{adapter_name}.{rest}"
+    return key
+
+
+def _config_json(model, config, method):
+    fields = dataclasses.asdict(config)
+    if isinstance(fields["target_modules"], (set, list)):
+        fields["target_modules"] = sorted(fields["target_modules"])
+    model_config = getattr(model, "config", None)
+    return {**fields, "peft_type": method.peft_type, "peft_version": PEFT_FORMAT_VERSION, "task_type": None,
+            "inference_mode": True,
+            "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None}
+
+
+def save_adapter(model, save_directory, adapter_name="default"):
+    """Write adapter ``adapter_name`` in peft's format (adapter_config.json and adapter_model.safetensors):
+    ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it."""
+    from safetensors.torch import save_file
+
+    config = adapters(model).configs.get(adapter_name)
+    if config is None:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(adapters(model).configs)}")
+    os.makedirs(save_directory, exist_ok=True)
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        json.dump(_config_json(model, config, _method(config)), f, indent=2, sort_keys=True)
+    save_file(_adapter_state_dict(model, adapter_name), os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME),
+              metadata={"format": "pt"})
+
+
+def _read_adapter(directory):
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        fields = json.load(f)
+    by_type = {m.peft_type: c for c, m in METHODS.items()}
+    config_class = by_type.get(fields.get("peft_type"))
+    if config_class is None:
+        raise ValueError(f"{directory}: peft_type {fields.get('peft_type')!r} is not one of {sorted(by_type)}")
+    names = {f.name for f in dataclasses.fields(config_class)}
+    config = config_class(**{k: v for k, v in fields.items() if k in names})
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.exists(path):
+        from safetensors.torch import load_file
+
+        weights = load_file(path)
+    else:
+        weights = torch.load(os.path.join(directory, WEIGHTS_NAME), map_location="cpu", weights_only=True)
+    return config, weights
+
+
+def load_adapter(model, directory, adapter_name="default", is_trainable=False):
+    """Inject the adapter saved in peft's format in ``directory`` (by peft or ``save_adapter``) and load its
+    weights; frozen unless ``is_trainable``, as peft's from_pretrained. Returns ``model``."""
+    config, weights = _read_adapter(directory)
+    config.inference_mode = not is_trainable
+    inject(model, config, adapter_name)
+    layers, wrappers = dict(_adapter_layers(model)), dict(_wrappers(model))
+    attributes = _model_attributes(model)
+    state = {_model_key(k, adapter_name, layers, wrappers, attributes): v for k, v in weights.items()}
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    if unexpected:
+        raise ValueError(f"{directory}: the saved adapter has tensors the model does not: {unexpected[:5]}")
+    missing = sorted(set(_adapter_state_dict(model, adapter_name)) - set(weights))
+    if missing:
+        raise ValueError(f"{directory}: the saved adapter lacks tensors the model needs: {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model

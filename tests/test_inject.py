@@ -1,0 +1,277 @@
+"""spectral_kernels.inject against peft: which modules are adapted, adapter handling, peft's saved format."""
+import copy
+import dataclasses
+import warnings
+
+import peft
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.constants import (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
+                                  TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING)
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+import spectral_kernels as sk
+from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, LINEAR_DEFAULT_TARGETS, ModulesToSave,
+                                     NoTargetModulesError)
+from spectral_kernels.layers.base import AdapterLayer
+
+from conftest import assert_close
+
+PEFT_CONFIG = {sk.FourierFTConfig: peft.FourierFTConfig, sk.OFTConfig: peft.OFTConfig}
+
+
+# Models built from configs, without dropout (they are in training mode).
+def llama(layers=3):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
+                                        max_position_embeddings=32))
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def bert():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=64, max_position_embeddings=32,
+                                                    num_labels=3, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0))
+
+
+def peft_config(config):
+    return PEFT_CONFIG[type(config)](**dataclasses.asdict(config))
+
+
+def peft_injected(model, config, adapter_name="default"):
+    """``model`` with peft's own layers for ``config`` (peft.inject_adapter_in_model on a bare model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.inject_adapter_in_model(peft_config(config), model, adapter_name)
+
+
+def adapted(model, cls):
+    return sorted(name for name, module in model.named_modules() if isinstance(module, cls))
+
+
+def tokens(model, n=7):
+    return torch.randint(0, model.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+def test_default_targets_are_peft_s():
+    for model_type, targets in LINEAR_DEFAULT_TARGETS.items():
+        assert targets == TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING[model_type], model_type
+    for model_type, targets in FOURIERFT_DEFAULT_TARGETS.items():
+        assert targets == TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING[model_type], model_type
+
+
+TARGETING = {
+    "suffixes": dict(target_modules=["q_proj", "v_proj"]),
+    "dotted-suffix": dict(target_modules=["self_attn.o_proj", "mlp.up_proj"]),
+    "regex": dict(target_modules=r"model\.layers\.[02]\.self_attn\.(q|k)_proj"),
+    "all-linear": dict(target_modules="all-linear"),
+    "ALL-LINEAR": dict(target_modules="ALL-LINEAR"),
+    "default": dict(),
+    "layers-list": dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2]),
+    "layers-int-pattern": dict(target_modules=["q_proj"], layers_to_transform=1, layers_pattern="layers"),
+    "layers-list-pattern": dict(target_modules=["v_proj"], layers_to_transform=[1, 2], layers_pattern=["layers"]),
+    "full-name-ignores-layers": dict(target_modules=["model.layers.1.mlp.up_proj"], layers_to_transform=[0]),
+    "exclude-list": dict(target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
+    "exclude-suffix": dict(target_modules="all-linear", exclude_modules=["gate_proj", "self_attn.k_proj"]),
+    "exclude-regex": dict(target_modules="all-linear", exclude_modules=r".*layers\.1\..*"),
+    "modules-to-save-excluded": dict(target_modules="all-linear", modules_to_save=["o_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TARGETING))
+def test_targets_like_peft(case):
+    config = sk.FourierFTConfig(n_frequency=16, **TARGETING[case])
+    ours = sk.inject(llama(), config)
+    expected = adapted(peft_injected(llama(), config), BaseTunerLayer)
+    assert adapted(ours, AdapterLayer) == expected and expected
+
+
+@pytest.mark.parametrize("make, config", [
+    (gpt2, sk.FourierFTConfig(n_frequency=16)),  # peft's default for GPT-2 FourierFT: mlp.c_proj (Conv1D)
+    (gpt2, sk.FourierFTConfig(n_frequency=16, target_modules="all-linear")),  # Conv1D, not the lm_head
+    (bert, sk.OFTConfig(oft_block_size=8)),
+    (bert, sk.OFTConfig(oft_block_size=8, target_modules=["dense"], modules_to_save=["classifier"])),
+], ids=["gpt2-default", "gpt2-all-linear", "bert-default", "bert-modules-to-save"])
+def test_targets_like_peft_other_models(make, config):
+    ours = sk.inject(make(), config)
+    expected = peft_injected(make(), config)
+    assert adapted(ours, AdapterLayer) == adapted(expected, BaseTunerLayer)
+    assert adapted(ours, ModulesToSave) == adapted(expected, peft.utils.other.ModulesToSaveWrapper)
+
+
+def test_n_frequency_pattern_like_peft():
+    config = sk.FourierFTConfig(n_frequency=16, target_modules=["q_proj", "v_proj"],
+                                n_frequency_pattern={"q_proj": 30, "layers.1.self_attn.v_proj": 40, "v": 50})
+    ours, theirs = sk.inject(llama(), config), peft_injected(llama(), config)
+    counts = {n: m.fourierft_n_frequency["default"] for n, m in ours.named_modules() if isinstance(m, AdapterLayer)}
+    assert counts == {n: m.fourierft_n_frequency["default"] for n, m in theirs.named_modules()
+                      if isinstance(m, BaseTunerLayer)}
+    assert sorted(set(counts.values())) == [16, 30, 40]
+
+
+def test_no_match_names_the_patterns():
+    with pytest.raises(NoTargetModulesError, match=r"match no module name: \['qproj', 'mlp.fc9'\]"):
+        sk.inject(llama(), sk.FourierFTConfig(target_modules=["q_proj", "qproj", "mlp.fc9"],
+                                              layers_to_transform=[7]))
+    with pytest.raises(NoTargetModulesError, match="outside layers_to_transform=\\[7\\]"):
+        sk.inject(llama(), sk.FourierFTConfig(target_modules=["q_proj"], layers_to_transform=[7]))
+    with pytest.raises(NoTargetModulesError, match="match no module name"):
+        sk.inject(llama(), sk.OFTConfig(target_modules=r".*\.nothing"))
+    with pytest.raises(NoTargetModulesError, match="is excluded"):
+        sk.inject(llama(), sk.FourierFTConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no default for model type None"):
+        sk.inject(model, sk.FourierFTConfig())
+    with pytest.raises(NoTargetModulesError, match="modules_to_save"):
+        sk.inject(model, sk.FourierFTConfig(n_frequency=4, target_modules=["0"], modules_to_save=["head"]))
+
+
+def test_bad_targets_and_configs():
+    with pytest.raises(TypeError, match="embed_tokens .*Embedding.* is not supported"):
+        sk.inject(llama(), sk.FourierFTConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(TypeError, match="unsupported config LoraConfig"):
+        sk.inject(llama(), peft.LoraConfig(target_modules=["q_proj"]))
+    model = sk.inject(llama(), sk.FourierFTConfig(n_frequency=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        sk.inject(model, sk.FourierFTConfig(n_frequency=8, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="already a FourierFTLinear"):
+        sk.inject(model, sk.OFTConfig(oft_block_size=8, target_modules=["q_proj"]), "other")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        sk.set_adapter(model, "other")
+    with pytest.raises(ValueError, match="call spectral_kernels.inject first"):
+        sk.set_adapter(llama(), "default")
+
+
+def load_peft_weights(ours, theirs):
+    """Copy peft's adapter tensors into ours: the state_dict keys are the same."""
+    state = theirs.state_dict()
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if "fourierft" in k or "oft_R" in k]
+
+
+def test_adapters_like_peft():
+    """Second adapter (inactive, frozen), switching, disabling, merging and unloading, as peft does them."""
+    first = sk.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"], init_weights=False)
+    second = sk.FourierFTConfig(n_frequency=12, scaling=50.0, target_modules=["v_proj", "up_proj"],
+                                init_weights=False, random_loc_seed=3)
+    base = llama()
+    ids = tokens(base)
+    base_logits = base(ids).logits
+    theirs = peft_injected(copy.deepcopy(base), first)
+    peft_injected(theirs, second, "other")
+    peft.tuners.tuners_utils.set_adapter(theirs, "default")  # a bare model's injection activates the new adapter
+    ours = sk.inject(sk.inject(copy.deepcopy(base), first), second, "other")
+    load_peft_weights(ours, theirs)
+    assert sk.trainable_parameters(ours)[0] == 3 * 2 * 20  # only the active adapter trains
+    for name, param in ours.named_parameters():
+        assert param.requires_grad == (name.endswith("fourierft_spectrum.default")), name
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+
+    sk.set_adapter(ours, "other")
+    peft.tuners.tuners_utils.set_adapter(theirs, "other")
+    assert sk.trainable_parameters(ours)[0] == 3 * 2 * 12
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+    sk.set_adapter(ours, ["default", "other"])
+    for module in theirs.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(["default", "other"])
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+    adapted_logits = ours(ids).logits.detach()
+
+    with sk.disable_adapters(ours):
+        assert_close(ours(ids).logits, base_logits, torch.float32)
+    assert_close(ours(ids).logits, adapted_logits, torch.float32)
+
+    merged = sk.merge_and_unload(copy.deepcopy(ours), safe_merge=True)
+    assert not adapted(merged, AdapterLayer) and not hasattr(merged, "spectral_kernels_adapters")
+    assert_close(merged(ids).logits, adapted_logits, torch.float32)
+    unloaded = sk.unload(ours)
+    assert type(unloaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.equal(unloaded(ids).logits, base_logits)
+
+
+def test_trainable_counts_and_bias_like_peft(capsys):
+    for bias in ("none", "all", "oft_only"):
+        config = sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"], bias=bias,
+                              modules_to_save=["classifier"])
+        ours = sk.inject(bert(), config)
+        theirs = peft.get_peft_model(bert(), peft_config(config))
+        assert sk.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+        trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+        assert trainable == sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters()
+                                   if p.requires_grad)
+    sk.print_trainable_parameters(ours)
+    trainable, total = sk.trainable_parameters(ours)
+    assert capsys.readouterr().out == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * trainable / total:.4f}\n")
+    frozen = sk.inject(bert(), sk.OFTConfig(oft_block_size=8, inference_mode=True))
+    assert sk.trainable_parameters(frozen)[0] == 0
+
+
+def test_modules_to_save_follow_the_adapter():
+    config = sk.FourierFTConfig(n_frequency=20, target_modules=["query"], modules_to_save=["classifier"],
+                                init_weights=False)
+    model = sk.inject(bert(), config)
+    head = model.classifier
+    assert isinstance(head, ModulesToSave) and not head.original_module.weight.requires_grad
+    with torch.no_grad():
+        head.modules_to_save["default"].weight.add_(1.0)
+    sk.inject(model, dataclasses.replace(config, modules_to_save=["classifier"]), "other")
+    assert head.module() is head.modules_to_save["default"]
+    sk.set_adapter(model, "other")
+    assert head.module() is head.modules_to_save["other"] and head.modules_to_save["other"].weight.requires_grad
+    with sk.disable_adapters(model):
+        assert head.module() is head.original_module
+    sk.set_adapter(model, "default")
+    assert torch.equal(sk.merge_and_unload(model).classifier.weight, head.modules_to_save["default"].weight)
+
+
+@pytest.mark.parametrize("config", [
+    sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"], init_weights=False,
+                       modules_to_save=["classifier"], bias="fourier_only"),
+    sk.OFTConfig(oft_block_size=8, target_modules="all-linear", init_weights=False, bias="all"),
+], ids=["fourierft", "oft"])
+def test_peft_format_round_trip(tmp_path, config):
+    """save_adapter writes what peft loads, load_adapter reads what peft saves; same logits either way."""
+    model = sk.inject(bert(), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    ids = tokens(model)
+    expected = model(ids).logits
+    sk.save_adapter(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(bert(), tmp_path / "ours")
+    assert isinstance(theirs.peft_config["default"], PEFT_CONFIG[type(config)])
+    assert_close(theirs(ids).logits, expected, torch.float32)
+
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = sk.load_adapter(bert(), tmp_path / "peft")
+    assert sk.trainable_parameters(loaded)[0] == 0
+    assert_close(loaded(ids).logits, expected, torch.float32)
+    saved = sk.inject(bert(), config)
+    sk.load_adapter(saved, tmp_path / "ours", "again", is_trainable=True)
+    sk.set_adapter(saved, "again")
+    assert sk.trainable_parameters(saved)[0] == sk.trainable_parameters(model)[0]
+    assert_close(saved(ids).logits, expected, torch.float32)
+
+
+def test_load_adapter_rejects_mismatch(tmp_path):
+    model = sk.inject(bert(), sk.FourierFTConfig(n_frequency=20, target_modules=["query"]))
+    sk.save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        sk.save_adapter(model, tmp_path, "nope")
+    smaller = bert()
+    smaller.bert.encoder.layer = smaller.bert.encoder.layer[:1]
+    with pytest.raises(ValueError, match="tensors the model does not"):
+        sk.load_adapter(smaller, tmp_path)
