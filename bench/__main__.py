@@ -1,4 +1,4 @@
-"""Benchmark adapter layers against the frozen base linear they wrap, peft, and LoRA.
+"""Benchmark adapter layers against the frozen base linear they wrap, peft, and LoRA; then a training step.
 
 Per method, shape (out x in) and token count T, every implementation (the frozen
 base nn.Linear, ours, our reference backend, peft's layer, peft LoRA r=32) wraps its
@@ -18,10 +18,8 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -31,8 +29,8 @@ from torch import nn
 
 import spectral_kernels
 
-from . import plots, report, timing
-from .methods import METHODS, implementations
+from . import plots, report, timing, train
+from .methods import METHODS, implementations, peft
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -48,6 +46,7 @@ QUICK_CASES = {
 QUICK_EVAL_SHAPES = {"cpu": ((4096, 4096),), "cuda": ((4096, 4096),)}
 # Average cores busy with other processes during a case above which its CPU timings are flagged.
 OTHER_LOAD_WARNING = 0.2
+PARTS = ("layers", "train")
 # (seconds of timed calls per implementation and case, most repetitions) by --quick
 BUDGET = {True: (0.2, 100), False: (1.0, 500)}
 
@@ -60,7 +59,7 @@ def parse_args(argv):
         out_features, in_features = text.lower().split("x")
         return int(out_features), int(in_features)
 
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench", description=f"{__doc__}\n{train.__doc__}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="short run: the target cases only (unless --tokens/--shapes) and ~0.2 s per timing")
@@ -75,11 +74,17 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--n-frequency", type=int, default=1000, help="FourierFT coefficients (default: 1000)")
     parser.add_argument("--oft-block-size", type=int, default=32, help="OFT block size (default: 32)")
+    parser.add_argument("--parts", type=csv(str), default=list(PARTS),
+                        help="what to run: layers (the layer cases), train (the training step; needs peft) "
+                             "(default: both)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results directory")
     args = parser.parse_args(argv)
-    unknown = set(args.methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+    for option, known in (("method", METHODS), ("part", PARTS)):
+        unknown = set(getattr(args, f"{option}s")) - set(known)
+        if unknown:
+            parser.error(f"unknown {option}(s) {sorted(unknown)}; known: {', '.join(known)}")
+    if "train" in args.parts and peft is None:
+        parser.error("the training step compares with peft, which is not installed; use --parts layers")
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
@@ -101,17 +106,6 @@ def sweep(method, args):
     return by_shape, eval_shapes
 
 
-def summarize(times):
-    """Per implementation: raw times, median/min/max and the ratio of medians to base."""
-    base = statistics.median(times["base"])
-    stats = {}
-    for name, ms in times.items():
-        median = statistics.median(ms)
-        stats[name] = {"median_ms": median, "min_ms": min(ms), "max_ms": max(ms), "ratio": median / base,
-                       "reps": len(ms), "times_ms": [round(t, 5) for t in ms]}
-    return stats
-
-
 def bench_shape(method, shape, token_counts, with_eval, args, cases, total):
     """Append the cases of one method and shape to ``cases``; they share one set of implementations."""
     out_features, in_features = shape
@@ -122,10 +116,7 @@ def bench_shape(method, shape, token_counts, with_eval, args, cases, total):
     impls = implementations(method, base, args)
 
     def measure(metric, tokens, calls):
-        started, others = time.perf_counter(), timing.other_cpu_seconds()
-        stats = summarize(timing.interleaved(calls, budget, max_reps, cuda))
-        elapsed = time.perf_counter() - started
-        other_load = max(0.0, (timing.other_cpu_seconds() - others) / elapsed)
+        stats, elapsed, other_load = timing.measure(calls, budget, max_reps, cuda, "base")
         cases.append({"method": method, "metric": metric, "out_features": out_features,
                       "in_features": in_features, "tokens": tokens, "other_load": round(other_load, 2),
                       "impls": stats})
@@ -208,21 +199,12 @@ def environment(args):
 
 
 def print_table(run):
-    names = ["base"] + report.impl_names(run)
-    table = [["method", "metric", "out x in", "T", *names]]
-    for method, metric, shape, tokens, unit, values in report.rows(run):
-        def cell(name):
-            if name not in values:
-                return "-"
-            value, ratio = values[name]
-            return f"{report.number(value)} {unit}" + ("" if name == "base" else f" {ratio:.2f}x")
-
-        table.append([method, metric, shape, str(tokens), *map(cell, names)])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if run["device"]["kind"] != "cuda":
-        print("peak_mem: n/a on CPU")
+    if run["cases"]:
+        print(report.aligned(*report.layer_table(run, with_values=True)))
+        if run["device"]["kind"] != "cuda":
+            print("peak_mem: n/a on CPU")
+    if "train" in run:
+        print(f"\n{report.train_title(run)}:\n{report.aligned(*report.train_table(run))}")
 
 
 def main(argv=None):
@@ -232,23 +214,28 @@ def main(argv=None):
     run = environment(args)
     sweeps = {method: sweep(method, args) for method in args.methods}
     total = sum(2 * sum(map(len, by_shape.values())) + len(eval_shapes) for by_shape, eval_shapes in sweeps.values())
-    print(f"{run['device']['name']}, {run['threads']} threads, {args.dtype}; {total} cases", flush=True)
+    print(f"{run['device']['name']}, {run['threads']} threads, {args.dtype}; "
+          f"{total if 'layers' in args.parts else 0} layer cases{', training step' * ('train' in args.parts)}",
+          flush=True)
 
     run["cases"] = []
     for method, (by_shape, eval_shapes) in sweeps.items():
-        for shape, token_counts in by_shape.items():
+        for shape, token_counts in by_shape.items() if "layers" in args.parts else ():
             bench_shape(method, shape, token_counts, shape in eval_shapes, args, run["cases"], total)
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()  # the next shape's copies should not inherit this one's cache
+    if "train" in args.parts:
+        run["train"] = train.bench_training(args, *BUDGET[args.quick])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.device.type}-{datetime.fromisoformat(run['date']):%Y%m%d-%H%M%S}"
     stem.with_suffix(".json").write_text(json.dumps(run, indent=1, default=str))
     print()
     print_table(run)
-    disturbed = [c for c in run["cases"] if c["other_load"] > OTHER_LOAD_WARNING]
+    timed = run["cases"] + ([run["train"]] if "train" in run else [])
+    disturbed = [c for c in timed if c["other_load"] > OTHER_LOAD_WARNING]
     if args.device.type == "cpu" and disturbed:
         print(f"warning: other processes used over {OTHER_LOAD_WARNING} cores during {len(disturbed)} of "
-              f"{len(run['cases'])} cases (other_load in the JSON); their CPU timings are unreliable")
+              f"{len(timed)} timings (other_load in the JSON); their CPU timings are unreliable")
     print(f"\nwrote {stem.with_suffix('.json')}")
     for path in plots.plot(run, stem):
         print(f"wrote {path}")

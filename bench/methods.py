@@ -20,30 +20,45 @@ except ImportError:  # the peft and lora columns are then left out
     peft = None
 
 LORA_RANK = 32
+# Our config class and the name of peft's, per method: same field names, same defaults.
+CONFIG_CLASSES = {"fourierft": (spectral_kernels.FourierFTConfig, "FourierFTConfig"),
+                  "oft": (spectral_kernels.OFTConfig, "OFTConfig")}
+
+
+def configs(method, args, **fields):
+    """(our config, peft's config or None) of ``method`` with the bench's options and ``fields``."""
+    options = {"fourierft": {"n_frequency": args.n_frequency},
+               # peft's defaults otherwise: blocks of oft_block_size, Cayley-Neumann rotations.
+               "oft": {"oft_block_size": args.oft_block_size, "init_weights": False}}[method]
+    ours, theirs = CONFIG_CLASSES[method]
+    options.update(fields)
+    return ours(**options), getattr(peft, theirs)(**options) if peft is not None else None
+
+
+def lora_config(**fields):
+    return peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, **fields)
 
 
 def fourierft(base, args):
-    n = args.n_frequency
+    config, peft_config = configs("fourierft", args)
     impls = {
-        "ours": spectral_kernels.FourierFTLinear(copy.deepcopy(base), n_frequency=n),
-        "reference": spectral_kernels.FourierFTLinear(copy.deepcopy(base), n_frequency=n, backend="reference"),
+        "ours": spectral_kernels.FourierFTLinear(copy.deepcopy(base), config=config),
+        "reference": spectral_kernels.FourierFTLinear(copy.deepcopy(base), config=config, backend="reference"),
     }
     if peft is not None:
-        config = peft.FourierFTConfig(n_frequency=n)
-        impls["peft"] = PeftFourierFTLinear(copy.deepcopy(base), "default", config, n_frequency=n)
+        impls["peft"] = PeftFourierFTLinear(copy.deepcopy(base), "default", peft_config,
+                                            n_frequency=peft_config.n_frequency)
     return impls
 
 
 def oft(base, args):
-    # peft's defaults: blocks of oft_block_size with the Cayley-Neumann rotation.
-    options = {"oft_block_size": args.oft_block_size, "init_weights": False}
-    config = spectral_kernels.OFTConfig(**options)
+    config, peft_config = configs("oft", args)
     impls = {
         "ours": spectral_kernels.OFTLinear(copy.deepcopy(base), config=config),
         "reference": spectral_kernels.OFTLinear(copy.deepcopy(base), config=config, backend="reference"),
     }
     if peft is not None:
-        impls["peft"] = PeftOFTLinear(copy.deepcopy(base), "default", peft.OFTConfig(**options), r=0)
+        impls["peft"] = PeftOFTLinear(copy.deepcopy(base), "default", peft_config, r=0)
     return impls
 
 
@@ -54,6 +69,6 @@ def implementations(method, base, args):
     """The frozen ``base`` itself (the floor), the method's implementations, then LoRA as the yardstick."""
     impls = {"base": copy.deepcopy(base), **METHODS[method](base, args)}
     if peft is not None:
-        config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK)
-        impls["lora"] = PeftLoraLinear(copy.deepcopy(base), "default", config, r=LORA_RANK, lora_alpha=LORA_RANK)
+        impls["lora"] = PeftLoraLinear(copy.deepcopy(base), "default", lora_config(), r=LORA_RANK,
+                                       lora_alpha=LORA_RANK)
     return impls

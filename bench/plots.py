@@ -1,4 +1,4 @@
-"""PNG plots of a run: ratio to base per implementation, one file per method and metric."""
+"""PNG plots of a run: ratio to base per implementation, one file per method and metric; training steps."""
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on benchmark machines
@@ -8,13 +8,13 @@ from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator  # noq
 from .report import impl_names, rows  # noqa: E402
 
 
-def _ratio_axis(ax):
+def _ratio_axis(ax, baseline):
     # Ratios span 1x to ~100x: log scale, with labelled 1-2-5 ticks instead of bare powers of ten.
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
-    ax.axhline(1, color="black", linestyle="--", linewidth=0.8, label="base")
+    ax.axhline(1, color="black", linestyle="--", linewidth=0.8, label=baseline)
     ax.grid(True, which="both", alpha=0.3)
 
 
@@ -39,28 +39,31 @@ def _over_tokens(path, title, ylabel, names, cases):
         tokens = sorted({t for s, t, _ in cases if s == shape})
         ax.set_xticks(tokens, [str(t) for t in tokens])
         ax.xaxis.set_minor_locator(NullLocator())
-        _ratio_axis(ax)
+        _ratio_axis(ax, "base")
         ax.set(title=shape, xlabel="tokens", ylabel=ylabel)
     _save(fig, axes[0][-1], title, path)
 
 
-def _per_shape(path, title, ylabel, names, cases):
-    """Grouped bars: one group per shape, one bar per implementation."""
+def _bars(path, title, ylabel, names, cases, xlabel="out x in", baseline="base"):
+    """Grouped bars: one group per case (labelled by its first item), one bar per implementation."""
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(2.5 + 1.8 * len(cases), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 2.5 + 1.8 * len(cases)), 4))
     for i, name in enumerate(names):
         bars = [(j, v[name][1]) for j, (_, _, v) in enumerate(cases) if name in v]
         if bars:
             positions, ratios = zip(*bars)
-            ax.bar([p + (i - (len(names) - 1) / 2) * width for p in positions], ratios, width, label=name)
-    ax.set_xticks(range(len(cases)), [shape for shape, _, _ in cases])
-    _ratio_axis(ax)
-    ax.set(xlabel="out x in", ylabel=ylabel)
+            drawn = ax.bar([p + (i - (len(names) - 1) / 2) * width for p in positions], ratios, width, label=name)
+            # Bars on a log axis are hard to read off: write the ratio on each.
+            ax.bar_label(drawn, [f"{r:.3g}x" for r in ratios], fontsize=7)
+    ax.set_xticks(range(len(cases)), [label for label, _, _ in cases])
+    _ratio_axis(ax, baseline)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     _save(fig, ax, title, path)
 
 
 def plot(run, stem):
-    """Write ``<stem>-<method>-<metric>.png`` for every method and metric in ``run``; returns the paths."""
+    """Write ``<stem>-<method>-<metric>.png`` for every method and metric in ``run`` and ``<stem>-train.png``
+    for its training steps; returns the paths."""
     names = impl_names(run)
     groups = {}
     for method, metric, shape, tokens, _, values in rows(run):
@@ -70,7 +73,14 @@ def plot(run, stem):
         path = stem.with_name(f"{stem.name}-{method}-{metric}.png")
         title = f"{method} {metric}: {run['device']['name']}, {run['dtype']}, {run['date'][:10]}"
         ylabel = f"{'peak memory' if metric == 'peak_mem' else 'median time'} / base"
-        draw = _per_shape if metric == "eval_t1" else _over_tokens
+        draw = _bars if metric == "eval_t1" else _over_tokens
         draw(path, title, ylabel, names, cases)
+        paths.append(path)
+    if "train" in run:
+        path = stem.with_name(f"{stem.name}-train.png")
+        cases = [(c["method"], None, {n: (s["median_ms"], s["ratio"]) for n, s in c["impls"].items() if n != "lora"})
+                 for c in run["train"]["cases"]]
+        _bars(path, f"training step: {run['device']['name']}, {run['dtype']}, {run['date'][:10]}",
+              "median time per step / LoRA r=32", ["ours", "peft"], cases, xlabel="method", baseline="lora")
         paths.append(path)
     return paths

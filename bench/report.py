@@ -1,17 +1,21 @@
 """Render ``python -m bench`` results as markdown, optionally into README.md.
 
-    python -m bench.report [results.json ...] [--readme README.md]
+    python -m bench.report [results.json ...] [--readme [README.md]]
 
-Without files: the newest cpu and the newest cuda results in bench/results. With
+Without files: the newest cpu and the newest cuda results committed (tracked by git)
+in bench/results, so that the README states only numbers anyone can look up. With
 ``--readme``, the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is
 replaced; a README without both markers is left alone.
 """
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 METRICS = ("fwd_bwd", "fwd", "eval_t1")
 
@@ -38,37 +42,97 @@ def rows(run):
 
 
 def impl_names(run):
-    """The compared implementations (all but base), in first-seen order."""
+    """The compared implementations of the layer cases (all but base), in first-seen order."""
     names = dict.fromkeys(name for case in run["cases"] for name in case["impls"])
-    names.pop("base")
+    names.pop("base", None)
     return list(names)
 
 
-def header(run):
+def header(run, source):
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items() if v)
     git = run["git"]
     commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
     available = ", ".join(name for name, reason in run["backends"].items() if reason is None)
     return (f"**{run['device']['kind']}**: {run['device']['name']}, {run['threads']} threads, {run['dtype']}  \n"
-            f"{run['date']}, commit {commit}, backends available: {available}  \n{versions}")
+            f"{run['date']}, commit {commit}, backends available: {available}  \n{versions}  \n"
+            f"results: `{source}`")
 
 
-def markdown(run):
+def layer_table(run, with_values):
+    """(header, rows) of the layer cases: base's median, then each implementation's ratio to it,
+    after its own median ``with_values``."""
     names = impl_names(run)
-    lines = [header(run), "",
-             "| method | metric | out x in | T | base | " + " | ".join(names) + " |",
-             "|" + "---|" * (5 + len(names))]
+    table = []
     for method, metric, shape, tokens, unit, values in rows(run):
-        cells = [f"{values[n][1]:.2f}x" if n in values else "-" for n in names]
-        lines.append(f"| {method} | {metric} | {shape} | {tokens} | {number(values['base'][0])} {unit} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        def cell(name):
+            if name not in values:
+                return "-"
+            value, ratio = values[name]
+            return f"{number(value)} {unit} {ratio:.2f}x" if with_values else f"{ratio:.2f}x"
+
+        table.append([method, metric, shape, str(tokens), f"{number(values['base'][0])} {unit}", *map(cell, names)])
+    return ["method", "metric", "out x in", "T", "base", *names], table
+
+
+def train_title(run):
+    model = run["train"]["model"]
+    return (f"Training step of a LLaMA-style model ({model['num_hidden_layers']} layers, hidden "
+            f"{model['hidden_size']}, {model['num_attention_heads']} heads, {model['num_key_value_heads']} KV heads, "
+            f"vocab {model['vocab_size']}; batch {model['sequences']}x{model['tokens_per_sequence']} tokens) "
+            f"with {'/'.join(t.split('_')[0] for t in model['targets'])} adapted: median ms per step, "
+            f"ratio to LoRA r=32" + (", peak memory" if run["device"]["kind"] == "cuda" else ""))
+
+
+def train_table(run):
+    """(header, rows) of the training steps, one row per method."""
+    def cell(stats):
+        text = f"{number(stats['median_ms'])} ms {stats['ratio']:.2f}x"
+        return text if stats["peak_mem_mib"] is None else f"{text}, {number(stats['peak_mem_mib'])} MiB"
+
+    names = ["ours", "peft", "lora"]
+    return ["method", *names], [[case["method"], *(cell(case["impls"][n]) for n in names)]
+                                for case in run["train"]["cases"]]
+
+
+def aligned(head, table):
+    """A table for the terminal."""
+    table = [head, *table]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table)
+
+
+def pipes(head, table):
+    """A markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table])
+
+
+def markdown(run, source):
+    parts = [header(run, source)]
+    if run["cases"]:
+        parts.append(pipes(*layer_table(run, with_values=False)))
+    if "train" in run:
+        parts += [train_title(run) + ":", pipes(*train_table(run))]
+    return "\n\n".join(parts)
+
+
+def committed(pattern):
+    """The files in bench/results matching ``pattern`` that git tracks, sorted by name (for results: by date)."""
+    listed = subprocess.run(["git", "--no-optional-locks", "ls-files", "--", f"bench/results/{pattern}"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return sorted(ROOT / name for name in listed)
 
 
 def newest():
-    """The newest cpu and cuda results files (their names sort by date)."""
-    files = [max(RESULTS.glob(f"{kind}-*.json"), default=None) for kind in ("cpu", "cuda")]
-    return [f for f in files if f is not None]
+    """The newest committed cpu and cuda results files."""
+    return [files[-1] for files in (committed(f"{kind}-*.json") for kind in ("cpu", "cuda")) if files]
+
+
+def plot_links(path, relative_to):
+    """Markdown links to the committed plots written with the results file ``path``."""
+    plots = committed(f"{Path(path).stem}-*.png")
+    return " · ".join(f"[{plot.stem[len(Path(path).stem) + 1:]}]({os.path.relpath(plot, relative_to)})"
+                      for plot in plots)
 
 
 def replace_between_markers(path, text):
@@ -85,15 +149,23 @@ def replace_between_markers(path, text):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="*", type=Path, help="results JSON files (default: newest cpu and cuda)")
-    parser.add_argument("--readme", type=Path, help="README to update between the bench markers")
+    parser.add_argument("files", nargs="*", type=Path,
+                        help="results JSON files (default: the newest committed cpu and cuda ones)")
+    parser.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
+                        help="README to update between the bench markers (default: the repository's README.md)")
     args = parser.parse_args(argv)
     files = args.files or newest()
     if not files:
-        parser.error(f"no results files given and none in {RESULTS}")
-    text = ("Ratios are median times (peak memory on CUDA) over the frozen base `nn.Linear` "
-            "measured in the same run; lower is better.\n\n"
-            + "\n\n".join(markdown(json.loads(f.read_text())) for f in files))
+        parser.error(f"no results files given and none committed in {RESULTS}")
+    readme_dir = (args.readme or ROOT / "README.md").resolve().parent
+    sections = []
+    for path in files:
+        links = plot_links(path, readme_dir)
+        section = markdown(json.loads(path.read_text()), os.path.relpath(path.resolve(), ROOT))
+        sections.append(section + (f"\n\nPlots: {links}" if links else ""))
+    text = ("Layer cases: median times (peak memory on CUDA) over the frozen base `nn.Linear` measured in the same "
+            "run; training steps: over peft's LoRA r=32 in the same run. Lower is better; generated by "
+            "`python -m bench.report --readme` from the results files named below.\n\n" + "\n\n".join(sections))
     print(text)
     if args.readme and not replace_between_markers(args.readme, text):
         print(f"{args.readme}: no '{BEGIN}' ... '{END}' markers, left unchanged", file=sys.stderr)

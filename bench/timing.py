@@ -1,6 +1,7 @@
-"""Timing primitives: one timed call, interleaved repetitions, CUDA peak memory."""
+"""Timing primitives: one timed call, interleaved repetitions and their statistics, CUDA peak memory."""
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def interleaved(calls, budget_s, max_reps, cuda):
                 reset()
                 times[name].append(time_call(fn, cuda))
     return times
+
+
+def measure(calls, budget_s, max_reps, cuda, baseline):
+    """Time ``calls`` with ``interleaved``; returns (stats, seconds taken, other_load).
+
+    stats: per name, the raw times, median/min/max and the ratio of its median to
+    ``baseline``'s; other_load: the cores other processes kept busy meanwhile.
+    """
+    started, others = time.perf_counter(), other_cpu_seconds()
+    times = interleaved(calls, budget_s, max_reps, cuda)
+    elapsed = time.perf_counter() - started
+    other_load = max(0.0, (other_cpu_seconds() - others) / elapsed)
+    base = statistics.median(times[baseline])
+    stats = {}
+    for name, ms in times.items():
+        median = statistics.median(ms)
+        stats[name] = {"median_ms": median, "min_ms": min(ms), "max_ms": max(ms), "ratio": median / base,
+                       "reps": len(ms), "times_ms": [round(t, 5) for t in ms]}
+    return stats, elapsed, other_load
 
 
 def other_cpu_seconds():
