@@ -1,0 +1,114 @@
+"""Drop-in swap: run the FourierFT and OFT layers of an existing peft model on the fused ops.
+
+``swap(model)`` switches every peft FourierFT / OFT linear layer in ``model`` (a
+PeftModel, a tuner model, or any module holding peft layers) to a subclass of its own
+peft class whose ``forward`` calls the fused op on the layer's own parameters; nothing
+else changes: the same instances, parameters, state_dict, adapters and peft methods
+(update_layer, merge, delete_adapter, set_adapter, ...). ``unswap(model)`` restores
+peft's class. peft's classes themselves are never modified.
+
+A swapped layer falls back to peft's own forward where the fused op does not apply:
+adapters disabled or merged, no active adapter, extra forward arguments, a base layer
+that is not a plain nn.Linear / Conv1D (quantized), or an input dtype other than the
+base weight's (peft then casts; the fused ops expect the base layer's dtype).
+
+Importing this module imports peft; ``import spectral_kernels`` does not.
+"""
+from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
+from peft.tuners.oft.layer import Linear as PeftOFTLinear
+import torch
+from torch import nn
+
+from .ops.fourierft import fourierft_apply
+from .ops.oft import oft_linear, oft_rotate, oft_rotation
+
+
+def _base_weight(layer, x):
+    """The base layer's (weight as (out, in), bias) when the fused op can replace the forward on ``x``, else None."""
+    base = layer.get_base_layer()
+    conv1d = type(base).__name__ == "Conv1D" and hasattr(base, "nf")
+    if not (isinstance(base, nn.Linear) or conv1d) or type(base.weight) is not nn.Parameter:
+        return None
+    if layer.disable_adapters or layer.merged or x.dtype != base.weight.dtype or x.dim() == 0:
+        return None
+    return (base.weight.t() if conv1d else base.weight), base.bias
+
+
+class SwappedFourierFTLinear(PeftFourierFTLinear):
+    """peft's FourierFTLinear with the fused forward; no dense complex ΔW is formed."""
+
+    def _indices(self, adapter, device):
+        # peft keeps the indices on the CPU and copies them on every call; keep the moved copy.
+        indices = self.indices[adapter]
+        if indices.device != device:
+            indices = self.indices[adapter] = indices.to(device)
+        return indices
+
+    def forward(self, x, *args, **kwargs):
+        names = [n for n in self.active_adapters if n in self.fourierft_spectrum]
+        base = None if args or kwargs or not names else _base_weight(self, x)
+        if base is None:
+            return super().forward(x, *args, **kwargs)
+        weight, bias = base
+        spectra = [self.fourierft_spectrum[n] for n in names]
+        if len(names) == 1:
+            spectrum, indices, scaling = spectra[0], self._indices(names[0], x.device), self.fourierft_scaling[names[0]]
+        else:  # ΔW is linear in the coefficients: fold the adapters into one spectrum
+            spectrum = torch.cat([s * self.fourierft_scaling[n] for s, n in zip(spectra, names)])
+            indices = torch.cat([self._indices(n, x.device) for n in names], dim=1)
+            scaling = 1.0
+        return fourierft_apply(x, weight, bias, spectrum, indices, scaling)
+
+
+class SwappedOFTLinear(PeftOFTLinear):
+    """peft's OFT Linear with the fused forward: the input is rotated block-wise inside the linear op."""
+
+    def _rotation(self, adapter):
+        module = self.oft_R[adapter]
+        if module.coft:  # peft projects the parameters in place on every forward
+            with torch.no_grad():
+                module.weight.copy_(module._project_batch(module.weight, eps=module.eps))
+        return oft_rotation(module.weight, module.block_size, module.use_cayley_neumann,
+                            module.num_cayley_neumann_terms)
+
+    def forward(self, x, *args, **kwargs):
+        names = [n for n in self.active_adapters if n in self.oft_R]
+        base = None if args or kwargs or not names else _base_weight(self, x)
+        if base is None:
+            return super().forward(x, *args, **kwargs)
+        weight, bias = base
+        rotations = [self._rotation(n) for n in names]
+        for rot in rotations[:-1]:  # peft rotates by each active adapter in turn
+            x = oft_rotate(x, rot)
+        return oft_linear(x, weight, bias, rotations[-1])
+
+
+# peft layer class -> its swapped subclass. A method joins with one entry (and its class above).
+SWAPPED = {PeftFourierFTLinear: SwappedFourierFTLinear, PeftOFTLinear: SwappedOFTLinear}
+ORIGINAL = {swapped: original for original, swapped in SWAPPED.items()}
+
+
+def swap(model):
+    """Switch every peft FourierFT / OFT linear layer in ``model`` to the fused kernels, in place; idempotent.
+
+    Returns ``model``. Raises ValueError when ``model`` holds no such layer.
+    """
+    found = False
+    for module in model.modules():
+        swapped = SWAPPED.get(type(module))
+        if swapped is not None:
+            module.__class__ = swapped
+        found = found or type(module) in ORIGINAL
+    if not found:
+        names = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in SWAPPED)
+        raise ValueError(f"{type(model).__name__} holds no peft layer the fused kernels replace ({names})")
+    return model
+
+
+def unswap(model):
+    """Give every swapped layer in ``model`` its peft class back; returns ``model``."""
+    for module in model.modules():
+        original = ORIGINAL.get(type(module))
+        if original is not None:
+            module.__class__ = original
+    return model

@@ -1,0 +1,212 @@
+"""spectral_kernels.peft.swap: peft's FourierFT and OFT layers on the fused ops, with peft's machinery intact."""
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
+from peft.tuners.oft.layer import Linear as PeftOFTLinear
+
+from spectral_kernels.peft import SwappedFourierFTLinear, SwappedOFTLinear, swap, unswap
+
+from conftest import assert_close, assert_low_precision_close
+from test_inject import llama, tokens
+
+CONFIGS = {
+    "fourierft": lambda **kw: peft.FourierFTConfig(n_frequency=24, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                   init_weights=False, **kw),
+    "oft": lambda **kw: peft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       init_weights=False, **kw),
+    "oft-coft": lambda **kw: peft.OFTConfig(oft_block_size=8, target_modules=["k_proj", "up_proj"], coft=True,
+                                            eps=1e-2, init_weights=False, **kw),
+    "oft-shared-exact": lambda **kw: peft.OFTConfig(oft_block_size=16, target_modules=["o_proj"], block_share=True,
+                                                    use_cayley_neumann=False, init_weights=False, **kw),
+}
+SWAPPED = (SwappedFourierFTLinear, SwappedOFTLinear)
+
+
+def peft_model(method, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(llama(), CONFIGS[method](**kwargs))
+
+
+def swapped_pair(method, **kwargs):
+    """A peft model and a swapped deep copy of it."""
+    theirs = peft_model(method, **kwargs)
+    return swap(copy.deepcopy(theirs)), theirs
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    logits = model(ids).logits
+    loss = logits.float().pow(2).mean()
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_outputs(ours, theirs, ids):
+    (logits, grads), (expected_logits, expected_grads) = loss_and_grads(ours, ids), loss_and_grads(theirs, ids)
+    assert_close(logits, expected_logits, torch.float32)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], torch.float32)
+
+
+def count_fused_calls(monkeypatch):
+    """Count the calls of the fused ops from the swapped layers (to see they do not fall back to peft's)."""
+    import spectral_kernels.peft as swapped
+
+    calls = []
+    for name in ("fourierft_apply", "oft_linear"):
+        op = getattr(swapped, name)
+        monkeypatch.setattr(swapped, name, lambda *args, op=op, **kwargs: calls.append(op) or op(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_swap_matches_peft(method, monkeypatch):
+    calls = count_fused_calls(monkeypatch)
+    theirs = peft_model(method)
+    ours = copy.deepcopy(theirs)
+    params = dict(ours.named_parameters())
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    assert swap(ours) is ours and swap(ours) is ours  # idempotent
+    layers = [m for m in ours.modules() if isinstance(m, (PeftFourierFTLinear, PeftOFTLinear))]
+    assert layers and all(isinstance(m, SWAPPED) for m in layers)
+    assert all(p is params[n] for n, p in ours.named_parameters()) and len(params) == len(list(ours.parameters()))
+    assert ours.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in ours.state_dict().items())
+    ids = tokens(ours)
+    assert_same_outputs(ours, theirs, ids)
+    assert len(calls) == len(layers)
+    unswap(ours)
+    assert all(type(m) in (PeftFourierFTLinear, PeftOFTLinear) for m in layers)
+
+
+@pytest.mark.parametrize("method", ["fourierft", "oft"])
+def test_optimizer_made_before_the_swap_keeps_training(method):
+    ours, theirs = peft_model(method), peft_model(method)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
+    swap(ours)
+    ids = tokens(ours)
+    for _ in range(3):
+        losses = []
+        for model, optimizer in zip((ours, theirs), optimizers):
+            optimizer.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[1])
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.detach(), q.detach(), torch.float32)
+
+
+@pytest.mark.parametrize("method", ["fourierft", "oft"])
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_save_and_load_round_trip(tmp_path, method, low_cpu_mem_usage):
+    ours, theirs = swapped_pair(method)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    from safetensors.torch import load_file
+
+    saved, expected = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = swap(peft.PeftModel.from_pretrained(llama(), tmp_path / "ours", low_cpu_mem_usage=low_cpu_mem_usage))
+        # a second adapter loaded into the swapped layers (peft's update_layer on them)
+        loaded.load_adapter(tmp_path / "theirs", "second", low_cpu_mem_usage=low_cpu_mem_usage)
+    assert all(type(m) in SWAPPED for m in loaded.modules() if isinstance(m, (PeftFourierFTLinear, PeftOFTLinear)))
+    ids = tokens(loaded)
+    with torch.no_grad():
+        expected_logits = theirs(ids).logits
+        assert_close(loaded(ids).logits, expected_logits, torch.float32)
+        loaded.set_adapter("second")
+        assert_close(loaded(ids).logits, expected_logits, torch.float32)
+
+
+@pytest.mark.parametrize("method", ["fourierft", "oft"])
+def test_adapters_switch_disable_merge_delete_like_peft(method):
+    ours, theirs = swapped_pair(method)
+    targets = ["q_proj", "up_proj"]  # q_proj: update_layer on a swapped layer; up_proj: a new peft layer
+    other = (peft.FourierFTConfig(n_frequency=16, random_loc_seed=5, target_modules=targets, init_weights=False)
+             if method == "fourierft" else peft.OFTConfig(oft_block_size=4, target_modules=targets, init_weights=False))
+    for model in (ours, theirs):
+        torch.manual_seed(1)
+        model.add_adapter("other", copy.deepcopy(other))
+    layers = ours.base_model.model.model.layers[0]
+    assert type(layers.self_attn.q_proj) in SWAPPED and type(layers.mlp.up_proj) not in SWAPPED
+    swap(ours)
+    assert type(layers.mlp.up_proj) in SWAPPED
+    ids = tokens(ours)
+    assert_same_outputs(ours, theirs, ids)
+    for model in (ours, theirs):
+        model.set_adapter("other")
+    assert_same_outputs(ours, theirs, ids)
+    for model in (ours, theirs):
+        model.base_model.set_adapter(["default", "other"])
+    assert_same_outputs(ours, theirs, ids)
+    with ours.disable_adapter(), theirs.disable_adapter():
+        assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+        assert not any(p.requires_grad for n, p in ours.named_parameters() if "other" in n)
+    assert_same_outputs(ours, theirs, ids)
+    for model in (ours, theirs):
+        model.delete_adapter("other")
+    assert_same_outputs(ours, theirs, ids)
+    ours.merge_adapter()
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+    ours.unmerge_adapter()
+    merged = ours.merge_and_unload()
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert_close(merged(ids).logits, theirs.merge_and_unload()(ids).logits, torch.float32)
+
+
+def test_bare_models_tuners_and_other_methods():
+    """inject_adapter_in_model on a bare model, a tuner model, and LoRA layers beside FourierFT's."""
+    config = CONFIGS["fourierft"]()
+    torch.manual_seed(0)
+    bare = peft.inject_adapter_in_model(config, llama())
+    torch.manual_seed(0)
+    tuner = peft.FourierFTModel(llama(), CONFIGS["fourierft"](), "default")
+    ids = tokens(bare)
+    expected = bare(ids).logits
+    assert_close(swap(bare)(ids).logits, expected, torch.float32)
+    assert_close(swap(tuner)(ids).logits, expected, torch.float32)
+
+    mixed = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["k_proj"], init_lora_weights=False),
+                                         llama(), "lora")
+    peft.inject_adapter_in_model(config, mixed, "fourierft")
+    lora_class = type(mixed.model.layers[0].self_attn.k_proj)
+    expected = mixed(ids).logits
+    swap(mixed)
+    assert type(mixed.model.layers[0].self_attn.k_proj) is lora_class
+    assert type(mixed.model.layers[0].self_attn.q_proj) is SwappedFourierFTLinear
+    assert_close(mixed(ids).logits, expected, torch.float32)
+    with pytest.raises(ValueError, match="holds no peft layer the fused kernels replace"):
+        swap(peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["k_proj"]), llama()))
+
+
+@pytest.mark.parametrize("method", ["fourierft", "oft"])
+def test_other_dtypes(method):
+    """float64 runs fused; so does a bfloat16 model with peft's float32 adapter weights (autocast_adapter_dtype)."""
+    ours, theirs = swapped_pair(method)
+    ours.double()
+    theirs.double()
+    ids = tokens(ours)
+    # float32 bound: peft's FourierFT builds its dense spectrum in float32 whatever the dtype
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float64 if method == "oft" else torch.float32)
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(llama().to(torch.bfloat16), CONFIGS[method]())
+    peft_layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer = swap(copy.deepcopy(peft_layer))
+    adapter = layer.fourierft_spectrum["default"] if method == "fourierft" else layer.oft_R["default"].weight
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16 and adapter.dtype == torch.float32
+    x = torch.randn(2, 5, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        exact = copy.deepcopy(peft_layer).double()(x.double())
+        assert_low_precision_close(layer(x), peft_layer(x), exact)
