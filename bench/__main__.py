@@ -40,10 +40,13 @@ FULL_SHAPES = {"cpu": ((768, 768), (1024, 1024), (3072, 768), (2048, 2048), (409
 # Quick runs: only each method's target cases, as ((out, in), tokens) pairs, and the eval_t1 shapes.
 QUICK_CASES = {
     "cpu": {"fourierft": (((1024, 1024), 2048), ((4096, 4096), 64)),
-            "oft": (((1024, 1024), 2048), ((2048, 2048), 512))},
+            "oft": (((1024, 1024), 2048), ((2048, 2048), 512)),
+            "frod": (((1024, 1024), 2048), ((2048, 2048), 512))},
     "cuda": dict.fromkeys(METHODS, (((4096, 4096), 64), ((4096, 4096), 8192))),
 }
-QUICK_EVAL_SHAPES = {"cpu": ((4096, 4096),), "cuda": ((4096, 4096),)}
+# FRoD's set-up (peft's QR and eigh of the weight) takes about a minute at 4096x4096 on two cores.
+QUICK_EVAL_SHAPES = {"cpu": {"fourierft": ((4096, 4096),), "oft": ((4096, 4096),), "frod": ((2048, 2048),)},
+                     "cuda": dict.fromkeys(METHODS, ((4096, 4096),))}
 # Average cores busy with other processes during a case above which its CPU timings are flagged.
 OTHER_LOAD_WARNING = 0.2
 PARTS = ("layers", "train")
@@ -74,6 +77,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--n-frequency", type=int, default=1000, help="FourierFT coefficients (default: 1000)")
     parser.add_argument("--oft-block-size", type=int, default=32, help="OFT block size (default: 32)")
+    parser.add_argument("--frod-sparse-rate", type=float, default=0.01,
+                        help="FRoD's fraction of trainable off-diagonal entries (default: 0.01)")
     parser.add_argument("--parts", type=csv(str), default=list(PARTS),
                         help="what to run: layers (the layer cases), train (the training step; needs peft) "
                              "(default: both)")
@@ -94,7 +99,7 @@ def sweep(method, args):
     """{(out, in): [tokens, ...]} for fwd and fwd_bwd, and the shapes for eval_t1."""
     kind = args.device.type
     if args.quick and not (args.tokens or args.shapes):
-        cases, eval_shapes = QUICK_CASES[kind][method], QUICK_EVAL_SHAPES[kind]
+        cases, eval_shapes = QUICK_CASES[kind][method], QUICK_EVAL_SHAPES[kind][method]
     else:
         eval_shapes = args.shapes or FULL_SHAPES[kind]
         cases = itertools.product(eval_shapes, args.tokens or FULL_TOKENS[kind])

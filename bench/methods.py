@@ -9,11 +9,16 @@ their parameters train, as in fine-tuning.
 """
 import copy
 
+import torch
+
 import spectral_kernels
+from spectral_kernels.layers.frod import BufferDict, frod_projections
 
 try:
     import peft
+    from peft.tuners._buffer_dict import BufferDict as PeftBufferDict
     from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
+    from peft.tuners.frod.layer import Linear as PeftFrodLinear
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.oft.layer import Linear as PeftOFTLinear
 except ImportError:  # the peft and lora columns are then left out
@@ -22,14 +27,16 @@ except ImportError:  # the peft and lora columns are then left out
 LORA_RANK = 32
 # Our config class and the name of peft's, per method: same field names, same defaults.
 CONFIG_CLASSES = {"fourierft": (spectral_kernels.FourierFTConfig, "FourierFTConfig"),
-                  "oft": (spectral_kernels.OFTConfig, "OFTConfig")}
+                  "oft": (spectral_kernels.OFTConfig, "OFTConfig"),
+                  "frod": (spectral_kernels.FrodConfig, "FrodConfig")}
 
 
 def configs(method, args, **fields):
     """(our config, peft's config or None) of ``method`` with the bench's options and ``fields``."""
     options = {"fourierft": {"n_frequency": args.n_frequency},
                # peft's defaults otherwise: blocks of oft_block_size, Cayley-Neumann rotations.
-               "oft": {"oft_block_size": args.oft_block_size, "init_weights": False}}[method]
+               "oft": {"oft_block_size": args.oft_block_size, "init_weights": False},
+               "frod": {"sparse_rate": args.frod_sparse_rate, "init_weights": False, "progressbar": False}}[method]
     ours, theirs = CONFIG_CLASSES[method]
     options.update(fields)
     return ours(**options), getattr(peft, theirs)(**options) if peft is not None else None
@@ -62,7 +69,26 @@ def oft(base, args):
     return impls
 
 
-METHODS = {"fourierft": fourierft, "oft": oft}
+def frod(base, args):
+    config, peft_config = configs("frod", args)
+    # The projection V and the sparse pattern exactly as peft's FrodModel builds them for a category of one layer,
+    # computed once (a QR and an eigh of the weight: seconds at 4096) and shared by all three.
+    v, s_indices = frod_projections({"layer": [base.weight]}, config)["layer"]
+    frod_V, frod_s_indices = BufferDict(), BufferDict()
+    frod_V["default"], frod_s_indices["default"] = v, s_indices
+    impls = {
+        "ours": spectral_kernels.FrodLinear(copy.deepcopy(base), "default", config, frod_V, frod_s_indices),
+        "reference": spectral_kernels.FrodLinear(copy.deepcopy(base), "default", config, frod_V, frod_s_indices,
+                                                 backend="reference"),
+    }
+    if peft is not None:
+        shared = [PeftBufferDict({"default": t}) for t in (v, s_indices, torch.tensor(v.shape))]
+        # .to(): peft keeps its per-layer U on the CPU until the model is moved.
+        impls["peft"] = PeftFrodLinear(copy.deepcopy(base), *shared, "default", peft_config).to(v.device)
+    return impls
+
+
+METHODS = {"fourierft": fourierft, "oft": oft, "frod": frod}
 
 
 def implementations(method, base, args):

@@ -2,14 +2,15 @@
 
 Every implementation gets its own LlamaForCausalLM built from the same LlamaConfig and
 seed (random weights; sizes by device in MODEL_SIZES) with q_proj, k_proj, v_proj and
-o_proj adapted: ours (spectral_kernels' layers), peft's get_peft_model with the same
+o_proj adapted: ours (spectral_kernels.inject), peft's get_peft_model with the same
 adapter config, and peft's LoRA r=32, the yardstick. A step is a forward with labels
 (causal-LM loss) on one fixed batch, backward, AdamW step and zero_grad. After one
 untimed step per model (it allocates the optimizer state) and the warm-up, the steps of
 all models are interleaved like the layer cases. Reported per method: ms per step
 (median, min, max) and its ratio to LoRA's; on CUDA also the memory a model holds
 between steps (weights, adapter buffers, optimizer state) and its peak during a step.
-peft runs with its defaults, which keep adapter weights in float32 in a bfloat16 model.
+peft runs with its defaults, which keep adapter weights in float32 in a bfloat16 model;
+ours keeps them in the model's dtype.
 """
 import warnings
 
@@ -29,26 +30,13 @@ MODEL_SIZES = {
     "cuda": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8, "num_attention_heads": 16,
              "num_key_value_heads": 4, "vocab_size": 32000},
 }
-BATCH = {"cpu": (1, 256), "cuda": (4, 1024)}  # (sequences, tokens per sequence)
-OUR_LAYERS = {spectral_kernels.FourierFTConfig: spectral_kernels.FourierFTLinear,
-              spectral_kernels.OFTConfig: spectral_kernels.OFTLinear}
+BATCH = {"cpu": (1, 128), "cuda": (4, 1024)}  # (sequences, tokens per sequence)
 
 
 def llama(args):
     torch.manual_seed(0)
     config = LlamaConfig(**MODEL_SIZES[args.device.type], max_position_embeddings=BATCH[args.device.type][1])
     return LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype))
-
-
-def adapt(model, config):
-    """Our layers in place of the TARGETS modules; only their parameters train."""
-    model.requires_grad_(False)
-    layer_class = OUR_LAYERS[type(config)]
-    for name, module in list(model.named_modules()):
-        if name.rpartition(".")[2] in TARGETS:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer_class(module, "default", config))
-    return model
 
 
 def peft_model(model, config):
@@ -64,7 +52,7 @@ def models(args):
     builders = {}
     for method in args.methods:
         config, peft_config = configs(method, args, target_modules=TARGETS)
-        builders[f"{method}/ours"] = lambda config=config: adapt(llama(args), config)
+        builders[f"{method}/ours"] = lambda config=config: spectral_kernels.inject(llama(args), config)
         builders[f"{method}/peft"] = lambda config=peft_config: peft_model(llama(args), config)
     builders["lora"] = lambda: peft_model(llama(args), lora_config(target_modules=TARGETS))
     return builders
