@@ -31,9 +31,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import FourierFTConfig, OFTConfig
-from .layers import FourierFTLinear, OFTLinear
+from .config import FourierFTConfig, FrodConfig, OFTConfig
+from .layers import FourierFTLinear, FrodLinear, OFTLinear
 from .layers.base import AdapterLayer
+from .layers.frod import BufferDict, frod_category, frod_layer_index, frod_projections
 
 STATE_ATTRIBUTE = "spectral_kernels_adapters"
 CONFIG_NAME = "adapter_config.json"
@@ -64,6 +65,7 @@ LINEAR_DEFAULT_TARGETS = {
 }
 # FourierFT adapts GPT-2's MLP output projection instead of the fused qkv projection.
 FOURIERFT_DEFAULT_TARGETS = {**LINEAR_DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+FROD_DEFAULT_TARGETS = {**LINEAR_DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"], "vit": ["query", "value"]}
 
 
 class NoTargetModulesError(ValueError):
@@ -123,8 +125,58 @@ def _adapt_oft(module, key, adapter_name, config, shared):
     return OFTLinear(module, adapter_name, config)
 
 
+# Where peft's FrodModel keeps each category's projection V, sparse pattern and its size, by adapter.
+FROD_MODEL_ATTRIBUTES = ("frod_V", "frod_s_indices", "frod_s_size")
+
+
+def _prepare_frod(model, targets, adapter_name, config):
+    """peft's FRoD set-up: per module category one projection and sparse pattern, from the category's weights
+    in block order, kept on the model under peft's names; {category: (V, s_indices) BufferDicts}."""
+    blocks = {}
+    for fallback, (key, module) in enumerate(targets.items()):
+        if isinstance(module, AdapterLayer):  # a further adapter: the projections come from the base weight
+            weight = module._weight()
+        else:
+            weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # Conv1D: (in, out)
+        blocks.setdefault(frod_layer_index(key, fallback), {})[frod_category(key)] = weight
+    weights = {}
+    for _, categories in sorted(blocks.items()):
+        for category, weight in categories.items():
+            weights.setdefault(category, []).append(weight)
+    for attribute in FROD_MODEL_ATTRIBUTES:
+        if attribute not in model._modules:
+            setattr(model, attribute, nn.ModuleDict())
+    known = model.frod_V
+    # A category some adapter already has keeps its projection and pattern (peft's layers share them across
+    # adapters); new categories get this config's, drawn as peft draws them for all the config's categories.
+    computed = frod_projections(weights, config) if any(c not in known for c in weights) else {}
+    shared = {}
+    for category in weights:
+        holders = []
+        for attribute in FROD_MODEL_ATTRIBUTES:
+            if category not in getattr(model, attribute):
+                getattr(model, attribute)[category] = BufferDict(persistent=config.save_projection)
+            holders.append(getattr(model, attribute)[category])
+        first = next(iter(holders[0]), None)
+        v, s_indices = computed[category] if first is None else (holders[0][first], holders[1][first])
+        holders[0][adapter_name], holders[1][adapter_name] = v, s_indices
+        holders[2][adapter_name] = torch.tensor(v.shape, dtype=torch.long)
+        shared[category] = holders[:2]
+    return shared
+
+
+def _adapt_frod(module, key, adapter_name, config, shared):
+    v, s_indices = shared[frod_category(key)]
+    if isinstance(module, FrodLinear):
+        module.update_layer(adapter_name, config, v, s_indices)
+        return module
+    return FrodLinear(module, adapter_name, config, v, s_indices)
+
+
 register_method(FourierFTConfig, Method("FOURIERFT", FourierFTLinear, _adapt_fourierft, FOURIERFT_DEFAULT_TARGETS))
 register_method(OFTConfig, Method("OFT", OFTLinear, _adapt_oft, LINEAR_DEFAULT_TARGETS))
+register_method(FrodConfig, Method("FROD", FrodLinear, _adapt_frod, FROD_DEFAULT_TARGETS, _prepare_frod,
+                                   FROD_MODEL_ATTRIBUTES))
 
 
 def _method(config):

@@ -1,6 +1,6 @@
-"""Drop-in swap: run the FourierFT and OFT layers of an existing peft model on the fused ops.
+"""Drop-in swap: run the FourierFT, OFT and FRoD layers of an existing peft model on the fused ops.
 
-``swap(model)`` switches every peft FourierFT / OFT linear layer in ``model`` (a
+``swap(model)`` switches every peft FourierFT / OFT / FRoD linear layer in ``model`` (a
 PeftModel, a tuner model, or any module holding peft layers) to a subclass of its own
 peft class whose ``forward`` calls the fused op on the layer's own parameters; nothing
 else changes: the same instances, parameters, state_dict, adapters and peft methods
@@ -9,17 +9,21 @@ peft's class. peft's classes themselves are never modified.
 
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
-that is not a plain nn.Linear / Conv1D (quantized), or an input dtype other than the
-base weight's (peft then casts; the fused ops expect the base layer's dtype).
+that is not a plain nn.Linear / Conv1D (quantized), an input dtype other than the
+base weight's (peft then casts; the fused ops expect the base layer's dtype), and for
+FRoD several active adapters or active dropout. Layers that ``add_adapter`` creates
+later are peft's own until the next ``swap``.
 
 Importing this module imports peft; ``import spectral_kernels`` does not.
 """
-from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
-from peft.tuners.oft.layer import Linear as PeftOFTLinear
 import torch
+from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
+from peft.tuners.frod.layer import Linear as PeftFrodLinear
+from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
 
 from .ops.fourierft import fourierft_apply
+from .ops.frod import frod_apply
 from .ops.oft import oft_linear, oft_rotate, oft_rotation
 
 
@@ -83,13 +87,35 @@ class SwappedOFTLinear(PeftOFTLinear):
         return oft_linear(x, weight, bias, rotations[-1])
 
 
+class SwappedFrodLinear(PeftFrodLinear):
+    """peft's FRoD Linear with the fused forward: S stays sparse and W' = U (diag(lambda) + S) V^T is not formed
+    (or formed once, by the op's weight path, when that is cheaper)."""
+
+    def forward(self, x, *args, **kwargs):
+        names = [n for n in self.active_adapters if n in self.frod_lambda_s_values]
+        dropout = self.frod_dropout[names[0]] if len(names) == 1 else None
+        stochastic = dropout is not None and not isinstance(dropout, nn.Identity) and dropout.training
+        base = None if args or kwargs or len(names) != 1 or stochastic else _base_weight(self, x)
+        if base is None:
+            return super().forward(x, *args, **kwargs)
+        name = names[0]
+        if self.runtime_offload_base_weight.get(name, False):  # as peft: the base weight is not needed
+            self._offload_base_weight_to_cpu()
+        # peft keeps the category's V and pattern on the CPU and casts U and V to the input's dtype
+        u, v = (t[name].to(x.device, x.dtype) for t in (self.frod_U, self.frod_V))
+        bias = base[1]
+        return frod_apply(x, u, v, self.frod_lambda_l[name], self.frod_lambda_s_values[name],
+                          self.frod_s_indices[name].to(x.device), None if bias is None else bias.to(x.dtype))
+
+
 # peft layer class -> its swapped subclass. A method joins with one entry (and its class above).
-SWAPPED = {PeftFourierFTLinear: SwappedFourierFTLinear, PeftOFTLinear: SwappedOFTLinear}
+SWAPPED = {PeftFourierFTLinear: SwappedFourierFTLinear, PeftOFTLinear: SwappedOFTLinear,
+           PeftFrodLinear: SwappedFrodLinear}
 ORIGINAL = {swapped: original for original, swapped in SWAPPED.items()}
 
 
 def swap(model):
-    """Switch every peft FourierFT / OFT linear layer in ``model`` to the fused kernels, in place; idempotent.
+    """Switch every peft FourierFT / OFT / FRoD linear layer in ``model`` to the fused kernels, in place; idempotent.
 
     Returns ``model``. Raises ValueError when ``model`` holds no such layer.
     """

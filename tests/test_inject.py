@@ -8,18 +8,19 @@ import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
+                                  TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING,
                                   TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING)
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
 import spectral_kernels as sk
-from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, LINEAR_DEFAULT_TARGETS, ModulesToSave,
-                                     NoTargetModulesError)
+from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, FROD_DEFAULT_TARGETS, LINEAR_DEFAULT_TARGETS,
+                                     ModulesToSave, NoTargetModulesError)
 from spectral_kernels.layers.base import AdapterLayer
 
 from conftest import assert_close
 
-PEFT_CONFIG = {sk.FourierFTConfig: peft.FourierFTConfig, sk.OFTConfig: peft.OFTConfig}
+PEFT_CONFIG = {sk.FourierFTConfig: peft.FourierFTConfig, sk.OFTConfig: peft.OFTConfig, sk.FrodConfig: peft.FrodConfig}
 
 
 # Models built from configs, without dropout (they are in training mode).
@@ -45,7 +46,10 @@ def bert():
 
 
 def peft_config(config):
-    return PEFT_CONFIG[type(config)](**dataclasses.asdict(config))
+    """peft's config with the same field values (peft's FrodConfig has no exclude_modules)."""
+    cls = PEFT_CONFIG[type(config)]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in names})
 
 
 def peft_injected(model, config, adapter_name="default"):
@@ -68,6 +72,8 @@ def test_default_targets_are_peft_s():
         assert targets == TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING[model_type], model_type
     for model_type, targets in FOURIERFT_DEFAULT_TARGETS.items():
         assert targets == TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING[model_type], model_type
+    for model_type, targets in FROD_DEFAULT_TARGETS.items():
+        assert targets == TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING[model_type], model_type
 
 
 TARGETING = {
@@ -240,7 +246,9 @@ def test_modules_to_save_follow_the_adapter():
     sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"], init_weights=False,
                        modules_to_save=["classifier"], bias="fourier_only"),
     sk.OFTConfig(oft_block_size=8, target_modules="all-linear", init_weights=False, bias="all"),
-], ids=["fourierft", "oft"])
+    sk.FrodConfig(target_modules=["query", "key", "dense"], init_weights=False, progressbar=False,
+                  modules_to_save=["classifier"]),
+], ids=["fourierft", "oft", "frod"])
 def test_peft_format_round_trip(tmp_path, config):
     """save_adapter writes what peft loads, load_adapter reads what peft saves; same logits either way."""
     model = sk.inject(bert(), config)
@@ -264,6 +272,34 @@ def test_peft_format_round_trip(tmp_path, config):
     sk.set_adapter(saved, "again")
     assert sk.trainable_parameters(saved)[0] == sk.trainable_parameters(model)[0]
     assert_close(saved(ids).logits, expected, torch.float32)
+
+
+def test_frod_projections_like_peft():
+    """Per-category projections, patterns, U and lambda as peft's FrodModel builds them, for two adapters."""
+    first = sk.FrodConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, sparse_rate=0.05,
+                          progressbar=False)
+    second = sk.FrodConfig(target_modules=["v_proj"], init_weights=False, sparse_rate=0.05, progressbar=False)
+    torch.manual_seed(0)
+    ours = sk.inject(sk.inject(llama(), first), second, "other")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(llama(), peft_config(first))
+        theirs.add_adapter("other", peft_config(second))
+    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
+                for k, v in theirs.state_dict().items()}
+    state = ours.state_dict()
+    assert state.keys() == expected.keys() and any(k.startswith("frod_V.") for k in state)
+    for key, value in state.items():
+        assert_close(value, expected[key], torch.float32)
+    layer = ours.model.layers[1].self_attn.v_proj
+    assert_close(layer.frod_U["other"], theirs.base_model.model.model.layers[1].self_attn.v_proj.frod_U["other"],
+                 torch.float32)
+    assert sorted(ours.frod_V) == ["mlp_down_proj", "self_attn_q_proj", "self_attn_v_proj"]
+    assert layer.frod_V is ours.frod_V["self_attn_v_proj"]  # shared by the category's layers, owned by the model
+    ids = tokens(ours)
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+    assert not any(name.startswith("frod_") for name, _ in sk.unload(ours).named_children())
 
 
 def test_load_adapter_rejects_mismatch(tmp_path):

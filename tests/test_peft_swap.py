@@ -6,9 +6,10 @@ import peft
 import pytest
 import torch
 from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
+from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 
-from spectral_kernels.peft import SwappedFourierFTLinear, SwappedOFTLinear, swap, unswap
+from spectral_kernels.peft import SwappedFourierFTLinear, SwappedFrodLinear, SwappedOFTLinear, swap, unswap
 
 from conftest import assert_close, assert_low_precision_close
 from test_inject import llama, tokens
@@ -22,8 +23,14 @@ CONFIGS = {
                                             eps=1e-2, init_weights=False, **kw),
     "oft-shared-exact": lambda **kw: peft.OFTConfig(oft_block_size=16, target_modules=["o_proj"], block_share=True,
                                                     use_cayley_neumann=False, init_weights=False, **kw),
+    "frod": lambda **kw: peft.FrodConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False,
+                                         sparse_rate=0.05, progressbar=False, **kw),
+    "frod-offload": lambda **kw: peft.FrodConfig(target_modules=["gate_proj"], init_weights=False, bias="frod_only",
+                                                 runtime_offload_base_weight=True, progressbar=False, **kw),
 }
-SWAPPED = (SwappedFourierFTLinear, SwappedOFTLinear)
+SWAPPED = (SwappedFourierFTLinear, SwappedOFTLinear, SwappedFrodLinear)
+PEFT_LAYERS = (PeftFourierFTLinear, PeftOFTLinear, PeftFrodLinear)
+METHODS = ["fourierft", "oft", "frod"]
 
 
 def peft_model(method, seed=0, **kwargs):
@@ -60,7 +67,7 @@ def count_fused_calls(monkeypatch):
     import spectral_kernels.peft as swapped
 
     calls = []
-    for name in ("fourierft_apply", "oft_linear"):
+    for name in ("fourierft_apply", "oft_linear", "frod_apply"):
         op = getattr(swapped, name)
         monkeypatch.setattr(swapped, name, lambda *args, op=op, **kwargs: calls.append(op) or op(*args, **kwargs))
     return calls
@@ -74,7 +81,7 @@ def test_swap_matches_peft(method, monkeypatch):
     params = dict(ours.named_parameters())
     state = {k: v.clone() for k, v in ours.state_dict().items()}
     assert swap(ours) is ours and swap(ours) is ours  # idempotent
-    layers = [m for m in ours.modules() if isinstance(m, (PeftFourierFTLinear, PeftOFTLinear))]
+    layers = [m for m in ours.modules() if isinstance(m, PEFT_LAYERS)]
     assert layers and all(isinstance(m, SWAPPED) for m in layers)
     assert all(p is params[n] for n, p in ours.named_parameters()) and len(params) == len(list(ours.parameters()))
     assert ours.state_dict().keys() == state.keys()
@@ -83,10 +90,10 @@ def test_swap_matches_peft(method, monkeypatch):
     assert_same_outputs(ours, theirs, ids)
     assert len(calls) == len(layers)
     unswap(ours)
-    assert all(type(m) in (PeftFourierFTLinear, PeftOFTLinear) for m in layers)
+    assert all(type(m) in PEFT_LAYERS for m in layers)
 
 
-@pytest.mark.parametrize("method", ["fourierft", "oft"])
+@pytest.mark.parametrize("method", METHODS)
 def test_optimizer_made_before_the_swap_keeps_training(method):
     ours, theirs = peft_model(method), peft_model(method)
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
@@ -105,7 +112,7 @@ def test_optimizer_made_before_the_swap_keeps_training(method):
         assert_close(p.detach(), q.detach(), torch.float32)
 
 
-@pytest.mark.parametrize("method", ["fourierft", "oft"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 def test_save_and_load_round_trip(tmp_path, method, low_cpu_mem_usage):
     ours, theirs = swapped_pair(method)
@@ -120,7 +127,7 @@ def test_save_and_load_round_trip(tmp_path, method, low_cpu_mem_usage):
         loaded = swap(peft.PeftModel.from_pretrained(llama(), tmp_path / "ours", low_cpu_mem_usage=low_cpu_mem_usage))
         # a second adapter loaded into the swapped layers (peft's update_layer on them)
         loaded.load_adapter(tmp_path / "theirs", "second", low_cpu_mem_usage=low_cpu_mem_usage)
-    assert all(type(m) in SWAPPED for m in loaded.modules() if isinstance(m, (PeftFourierFTLinear, PeftOFTLinear)))
+    assert all(type(m) in SWAPPED for m in loaded.modules() if isinstance(m, PEFT_LAYERS))
     ids = tokens(loaded)
     with torch.no_grad():
         expected_logits = theirs(ids).logits
@@ -129,12 +136,16 @@ def test_save_and_load_round_trip(tmp_path, method, low_cpu_mem_usage):
         assert_close(loaded(ids).logits, expected_logits, torch.float32)
 
 
-@pytest.mark.parametrize("method", ["fourierft", "oft"])
+@pytest.mark.parametrize("method", METHODS)
 def test_adapters_switch_disable_merge_delete_like_peft(method):
     ours, theirs = swapped_pair(method)
     targets = ["q_proj", "up_proj"]  # q_proj: update_layer on a swapped layer; up_proj: a new peft layer
-    other = (peft.FourierFTConfig(n_frequency=16, random_loc_seed=5, target_modules=targets, init_weights=False)
-             if method == "fourierft" else peft.OFTConfig(oft_block_size=4, target_modules=targets, init_weights=False))
+    other = {"fourierft": peft.FourierFTConfig(n_frequency=16, random_loc_seed=5, target_modules=targets,
+                                               init_weights=False),
+             "oft": peft.OFTConfig(oft_block_size=4, target_modules=targets, init_weights=False),
+             # the same sparse_rate: peft 0.21 sizes a further adapter's S values by the first adapter's pattern
+             "frod": peft.FrodConfig(target_modules=targets, init_weights=False, sparse_rate=0.05,
+                                     progressbar=False)}[method]
     for model in (ours, theirs):
         torch.manual_seed(1)
         model.add_adapter("other", copy.deepcopy(other))
@@ -190,7 +201,7 @@ def test_bare_models_tuners_and_other_methods():
         swap(peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["k_proj"]), llama()))
 
 
-@pytest.mark.parametrize("method", ["fourierft", "oft"])
+@pytest.mark.parametrize("method", METHODS)
 def test_other_dtypes(method):
     """float64 runs fused; so does a bfloat16 model with peft's float32 adapter weights (autocast_adapter_dtype)."""
     ours, theirs = swapped_pair(method)
@@ -204,7 +215,8 @@ def test_other_dtypes(method):
     model = peft.get_peft_model(llama().to(torch.bfloat16), CONFIGS[method]())
     peft_layer = model.base_model.model.model.layers[0].self_attn.q_proj
     layer = swap(copy.deepcopy(peft_layer))
-    adapter = layer.fourierft_spectrum["default"] if method == "fourierft" else layer.oft_R["default"].weight
+    adapter = {"fourierft": lambda: layer.fourierft_spectrum["default"], "oft": lambda: layer.oft_R["default"].weight,
+               "frod": lambda: layer.frod_lambda_l["default"]}[method]()
     assert layer.get_base_layer().weight.dtype == torch.bfloat16 and adapter.dtype == torch.float32
     x = torch.randn(2, 5, 32).to(torch.bfloat16)
     with torch.no_grad():
