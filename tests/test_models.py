@@ -1,0 +1,93 @@
+"""Real transformers models (GPT-2 with Conv1D, LLaMA, BERT; built from configs): every method through
+spectral_kernels.inject and through peft + spectral_kernels.peft.swap, against peft itself: logits, gradients
+and the losses of a few optimizer steps."""
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+import spectral_kernels as sk
+from spectral_kernels.peft import swap
+
+from conftest import assert_close
+from test_inject import bert, gpt2, llama, peft_config, tokens
+
+CONFIGS = {
+    "fourierft": lambda targets: sk.FourierFTConfig(n_frequency=64, target_modules=targets, init_weights=False),
+    "oft": lambda targets: sk.OFTConfig(oft_block_size=8, target_modules=targets, init_weights=False),
+    "frod": lambda targets: sk.FrodConfig(target_modules=targets, init_weights=False, sparse_rate=0.05,
+                                          progressbar=False),
+}
+MODELS = {"gpt2": (gpt2, "all-linear"), "llama": (llama, "all-linear"), "bert": (bert, None)}
+ADAPTER_KEYS = ("fourierft_", "oft_R", "frod_")
+STEPS = 3
+
+
+def conv1d_as_linear(model):
+    """``model`` with every Conv1D replaced by the equivalent nn.Linear (peft's OFT does not take Conv1D)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = torch.nn.Linear(*module.weight.shape)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def batch(model):
+    ids = tokens(model, 9)
+    if model.config.model_type == "bert":
+        return {"input_ids": ids, "labels": torch.tensor([0, 2])}
+    return {"input_ids": ids, "labels": ids}
+
+
+def train(model, inputs):
+    """(logits and gradients of the first step, the loss of every step) of AdamW on the trainable parameters."""
+    params = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
+    losses, first = [], None
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        if first is None:
+            first = out.logits.detach(), {n: p.grad.clone() for n, p in params.items()}
+        optimizer.step()
+        losses.append(out.loss.item())
+    return first, losses
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_model_against_peft(model_name, method):
+    make, targets = MODELS[model_name]
+    config = CONFIGS[method](targets)
+    base = make()
+    # peft's OFT takes no Conv1D: GPT-2's reference is peft on the same model with its Conv1Ds as Linears.
+    peft_base = conv1d_as_linear(copy.deepcopy(base)) if method == "oft" else copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(peft_base, peft_config(config))
+    swapped = swap(copy.deepcopy(theirs))
+    ours = sk.inject(copy.deepcopy(base), config)
+    state = {k.removeprefix("base_model.model.").removeprefix("base_model."): v for k, v in theirs.state_dict().items()}
+    adapter_state = {k: v for k, v in state.items() if any(p in k for p in ADAPTER_KEYS)}
+    assert adapter_state and adapter_state.keys() <= ours.state_dict().keys()
+    ours.load_state_dict(adapter_state, strict=False)
+
+    inputs = batch(base)
+    (expected_logits, expected_grads), expected_losses = train(theirs, inputs)
+    for model in (ours, swapped):
+        (logits, grads), losses = train(model, inputs)
+        assert_close(logits, expected_logits, torch.float32)
+        assert grads.keys() == expected_grads.keys() and grads
+        for name, grad in grads.items():
+            assert_close(grad, expected_grads[name], torch.float32)
+        for loss, expected in zip(losses, expected_losses):
+            assert abs(loss - expected) <= 2e-5 * max(1.0, abs(expected)), (losses, expected_losses)
+    assert expected_losses[-1] < expected_losses[0]
