@@ -38,9 +38,12 @@ at::Tensor oft_rotate_backward_cpu(at::Tensor& g, const at::Tensor& x, const at:
 // out[i, :] = sum_{e in row i} coef[perm[e]] · in[src[e], :]
 at::Tensor frod_mix_cpu(const at::Tensor& in, const at::Tensor& coef, const at::Tensor& ptr, const at::Tensor& src,
                         const at::Tensor& perm);
-// grad[perm[e]] = sum_t g[i, t] z[src[e], t] for e in row i, in float (double for double).
-at::Tensor frod_sddmm_cpu(const at::Tensor& g, const at::Tensor& z, const at::Tensor& ptr, const at::Tensor& src,
-                          const at::Tensor& perm);
+// Its backward for a plan grouped by the rows j of M^T: dz[j, :] = sum_{e in row j}
+// coef[perm[e]] · g[src[e], :] (if need_dz) and dcoef[perm[e]] = sum_t g[src[e], t] z[j, t]
+// (float; double for double).
+std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cpu(const at::Tensor& g, const at::Tensor& z,
+                                                        const at::Tensor& coef, const at::Tensor& ptr,
+                                                        const at::Tensor& src, const at::Tensor& perm, bool need_dz);
 
 #ifdef SPECTRAL_KERNELS_WITH_CUDA
 at::Tensor fourierft_spectrum_to_half_cuda(const at::Tensor& coef, const at::Tensor& rows,
@@ -57,8 +60,9 @@ at::Tensor oft_rotate_backward_cuda(at::Tensor& g, const at::Tensor& x, const at
                                     bool need_drot);
 at::Tensor frod_mix_cuda(const at::Tensor& in, const at::Tensor& coef, const at::Tensor& ptr, const at::Tensor& src,
                          const at::Tensor& perm);
-at::Tensor frod_sddmm_cuda(const at::Tensor& g, const at::Tensor& z, const at::Tensor& ptr, const at::Tensor& src,
-                           const at::Tensor& perm);
+std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cuda(const at::Tensor& g, const at::Tensor& z,
+                                                         const at::Tensor& coef, const at::Tensor& ptr,
+                                                         const at::Tensor& src, const at::Tensor& perm, bool need_dz);
 #endif
 
 }  // namespace spectral_kernels

@@ -174,25 +174,31 @@ def test_bad_input():
 
 @pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 12), tokens=st.integers(0, 70), entries=st.integers(0, 40),
+@given(rows=st.integers(1, 12), tokens=st.integers(0, 70), entries=st.integers(0, 40), need_dz=st.booleans(),
        dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_cpu_kernels_any_plan(rows, tokens, entries, dtype):
-    """mix and sddmm on any CSR plan: empty rows, repeated sources, no tokens, no entries."""
+def test_cpu_kernels_any_plan(rows, tokens, entries, need_dz, dtype):
+    """mix and its backward on any CSR plan: empty rows, repeated positions, no tokens, no entries."""
     from spectral_kernels.kernels.native import frod as native
 
     g = torch.Generator().manual_seed(rows * 10000 + tokens * 100 + entries)
-    out_rows = torch.randint(0, rows, (entries,), generator=g)
-    src = torch.randint(0, rows, (entries,), generator=g)
+    written = torch.randint(0, rows, (entries,), generator=g)
+    read = torch.randint(0, rows, (entries,), generator=g)
     coef = torch.randn(entries, generator=g, dtype=torch.float64)
     x, grad = torch.randn(2, rows, tokens, generator=g, dtype=torch.float64)
-    perm = torch.argsort(out_rows, stable=True)
-    ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(out_rows, minlength=rows), 0)])
-    dense = torch.zeros(rows, rows, dtype=torch.float64).index_put_((out_rows, src), coef, accumulate=True)
-    mixed = native.mix(x.to(dtype), coef.to(dtype), ptr, src[perm], perm)
+    perm = torch.argsort(written, stable=True)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(written, minlength=rows), 0)])
+    dense = torch.zeros(rows, rows, dtype=torch.float64).index_put_((written, read), coef, accumulate=True)
+    mixed = native.mix(x.to(dtype), coef.to(dtype), ptr, read[perm], perm)
     assert mixed.shape == (rows, tokens) and mixed.dtype == dtype
-    sampled = native.sddmm(grad.to(dtype), x.to(dtype), ptr, src[perm], perm)
-    assert sampled.shape == (entries,) and sampled.dtype == dtype
+    # The backward of out = dense · x for its gradient ``grad``, with the plan of dense^T (written <-> read).
+    perm_t = torch.argsort(read, stable=True)
+    ptr_t = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(read, minlength=rows), 0)])
+    dx, dcoef = native.mix_backward(grad.to(dtype), x.to(dtype), coef, ptr_t, written[perm_t], perm_t, need_dz)
+    assert dcoef.shape == (entries,) and dcoef.dtype == dtype
+    assert dx.shape == ((rows, tokens) if need_dz else (0,))
     if tokens:
         assert_close(mixed, (dense @ x).to(dtype), dtype)
+        if need_dz:
+            assert_close(dx, (dense.t() @ grad).to(dtype), dtype)
     if entries:
-        assert_close(sampled, (grad @ x.t())[out_rows, src].to(dtype), dtype)
+        assert_close(dcoef, (grad @ x.t())[written, read].to(dtype), dtype)

@@ -1,10 +1,12 @@
 // FRoD CUDA kernels: the two primitives of csrc/cpu/frod.cpp (math in
 // spectral_kernels/ops/frod.py), on feature-major activations (features, T) so
 // that threads of a block read consecutive tokens of one row (coalesced).
-//   mix:   one thread block per (output row, token tile), one token per thread.
-//   sddmm: one thread block per (output row, token split); per entry of the row a
-//          block reduction; the host sums the per-split partials (deterministic,
-//          no atomics).
+//   mix:          one thread block per (written row, token tile), a token per thread.
+//   mix_backward: one thread block per (written row j, tile of kThreads·kTokens
+//                 tokens), kTokens per thread kept in registers; per entry of the
+//                 row a block reduction of its sampled gradient into
+//                 partial[tile, entry], summed over tiles by the host
+//                 (deterministic, no atomics).
 // Accumulation is in float (double for double inputs).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,7 +16,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <tuple>
 
 #include "../ops.h"
 
@@ -35,27 +37,50 @@ __global__ void mix_kernel(const T* __restrict__ in, const Acc* __restrict__ coe
   out[i * tokens + t] = static_cast<T>(acc);
 }
 
+constexpr int kTokens = 4;  // tokens per thread in mix_backward
+
 template <typename T, typename Acc>
-__global__ void sddmm_kernel(const T* __restrict__ g, const T* __restrict__ z, const int64_t* __restrict__ ptr,
-                             const int64_t* __restrict__ src, const int64_t* __restrict__ perm,
-                             Acc* __restrict__ partial, int64_t tokens, int64_t entries, int64_t split_len) {
+__global__ void mix_backward_kernel(const T* __restrict__ g, const T* __restrict__ z, const Acc* __restrict__ coef,
+                                    const int64_t* __restrict__ ptr, const int64_t* __restrict__ src,
+                                    const int64_t* __restrict__ perm, T* __restrict__ dz, Acc* __restrict__ partial,
+                                    int64_t tokens, int64_t entries, bool need_dz) {
   __shared__ Acc sums[kWarps];
-  const int64_t i = blockIdx.x, split = blockIdx.y;
-  const int64_t t_begin = split * split_len, t_end = min(tokens, t_begin + split_len);
-  const T* gi = g + i * tokens;
-  for (int64_t e = ptr[i]; e < ptr[i + 1]; ++e) {
-    const T* ze = z + src[e] * tokens;
+  const int64_t j = blockIdx.x, tile = blockIdx.y;
+  const int64_t t0 = tile * int64_t(kThreads * kTokens) + threadIdx.x;
+  Acc zr[kTokens], acc[kTokens];
+#pragma unroll
+  for (int k = 0; k < kTokens; ++k) {
+    const int64_t t = t0 + k * kThreads;
+    zr[k] = t < tokens ? static_cast<Acc>(z[j * tokens + t]) : Acc(0);
+    acc[k] = 0;
+  }
+  for (int64_t e = ptr[j]; e < ptr[j + 1]; ++e) {
+    const int64_t index = perm[e];
+    const Acc c = coef[index];
+    const T* ge = g + src[e] * tokens;
     Acc s = 0;
-    for (int64_t t = t_begin + threadIdx.x; t < t_end; t += kThreads) s += static_cast<Acc>(gi[t]) * static_cast<Acc>(ze[t]);
+#pragma unroll
+    for (int k = 0; k < kTokens; ++k) {
+      const int64_t t = t0 + k * kThreads;
+      const Acc gv = t < tokens ? static_cast<Acc>(ge[t]) : Acc(0);
+      acc[k] += c * gv;
+      s += gv * zr[k];
+    }
     for (int offset = 16; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffffu, s, offset);
     if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = s;
     __syncthreads();
     if (threadIdx.x == 0) {
       Acc total = 0;
       for (int w = 0; w < kWarps; ++w) total += sums[w];
-      partial[split * entries + perm[e]] = total;
+      partial[tile * entries + index] = total;
     }
     __syncthreads();  // sums is reused by the next entry
+  }
+  if (!need_dz) return;
+#pragma unroll
+  for (int k = 0; k < kTokens; ++k) {
+    const int64_t t = t0 + k * kThreads;
+    if (t < tokens) dz[j * tokens + t] = static_cast<T>(acc[k]);
   }
 }
 
@@ -97,39 +122,43 @@ at::Tensor frod_mix_cuda(const at::Tensor& in_, const at::Tensor& coef_, const a
   return out;
 }
 
-at::Tensor frod_sddmm_cuda(const at::Tensor& g_, const at::Tensor& z_, const at::Tensor& ptr_,
-                           const at::Tensor& src_, const at::Tensor& perm_) {
+std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cuda(const at::Tensor& g_, const at::Tensor& z_,
+                                                         const at::Tensor& coef_, const at::Tensor& ptr_,
+                                                         const at::Tensor& src_, const at::Tensor& perm_,
+                                                         bool need_dz) {
   TORCH_CHECK(g_.dim() == 2 && z_.dim() == 2 && g_.size(1) == z_.size(1) && g_.scalar_type() == z_.scalar_type(),
-              "frod_sddmm: g and z must be (features, tokens) of the same dtype and token count");
-  check_plan(ptr_, src_, perm_, "frod_sddmm");
-  TORCH_CHECK(ptr_.size(0) - 1 == g_.size(0), "frod_sddmm: ptr has ", ptr_.size(0) - 1, " rows, g has ", g_.size(0));
+              "frod_mix_backward: g and z must be (features, tokens) of the same dtype and token count");
+  check_plan(ptr_, src_, perm_, "frod_mix_backward");
+  TORCH_CHECK(ptr_.size(0) - 1 == z_.size(0), "frod_mix_backward: ptr has ", ptr_.size(0) - 1, " rows, z has ",
+              z_.size(0));
   const c10::cuda::CUDAGuard guard(g_.device());
   const auto g = g_.contiguous(), z = z_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
-  const int64_t rows = g.size(0), tokens = g.size(1), entries = src.size(0);
+  const int64_t rows = z.size(0), tokens = z.size(1), entries = src.size(0);
   const auto acc = acc_type(g.scalar_type());
-  if (entries == 0 || tokens == 0) return at::zeros({entries}, g.options().dtype(acc));
-  // Enough token splits to give every SM a few thread blocks.
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, g.device().index()));
-  const int64_t splits = std::clamp<int64_t>(tiles(4 * sms, rows), 1, std::min<int64_t>(65535, tiles(tokens, kThreads)));
-  const int64_t split_len = tiles(tiles(tokens, splits), kThreads) * kThreads;
-  auto partial = at::zeros({splits, entries}, g.options().dtype(acc));
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "frod_sddmm_cuda", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    sddmm_kernel<scalar_t, Acc><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), ptr.const_data_ptr<int64_t>(),
-        src.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(), partial.mutable_data_ptr<Acc>(), tokens,
-        entries, split_len);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return partial.sum(0);
+  auto dz = need_dz ? at::empty({rows, tokens}, g.options()) : at::empty({0}, g.options());
+  const int64_t token_tiles = tiles(tokens, kThreads * kTokens);
+  auto partial = at::zeros({token_tiles, entries}, g.options().dtype(acc));
+  if (rows > 0 && tokens > 0) {
+    TORCH_CHECK(token_tiles <= 65535, "frod_mix_backward: too many tokens for one launch");
+    const auto coef = coef_.to(acc).contiguous();
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(token_tiles));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "frod_mix_backward_cuda", [&] {
+      using Acc = at::opmath_type<scalar_t>;
+      mix_backward_kernel<scalar_t, Acc><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), coef.const_data_ptr<Acc>(),
+          ptr.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
+          need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<Acc>(), tokens, entries,
+          need_dz);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {dz, partial.sum(0)};
 }
 
 TORCH_LIBRARY_IMPL(spectral_kernels, CUDA, m) {
   m.impl("frod_mix", &frod_mix_cuda);
-  m.impl("frod_sddmm", &frod_sddmm_cuda);
+  m.impl("frod_mix_backward", &frod_mix_backward_cuda);
 }
 
 }  // namespace spectral_kernels

@@ -5,18 +5,19 @@ the layer's category, U (m, n) fixed, lam (n,) trainable, S (n, n) sparse with
 trainable values s_k at (r_k, c_k) (peft's COO indices (2, nnz), off the diagonal).
 M = diag(lam) + S is one coefficient list coef = [lam, s] at positions
 [(i, i)] + [(r_k, c_k)], duplicates summed as peft's coalesce does. Activations are
-kept feature-major (features, T), so each entry of M is a row operation over tokens
-(mix: out[i] += M_ij in[j]; sddmm: dM_ij = sum_t g[i, t] z[j, t]), one kernel each.
+kept feature-major (features, T), so each entry of M is a row operation over tokens:
+mix (out[i] += M_ij in[j]) for the forward, and for the backward one pass that does
+both dz[j] += M_ij g[i] and the sampled dM_ij = sum_t g[i, t] z[j, t] (SDDMM).
 
   factored path, peft's algorithm without rebuilding or densifying S:
     z^T = V^T x^T      h^T = M z^T  (mix)      y = h U^T + bias
   backward with g^T = U^T dy^T:
-    dM_ij = sum_t g^T[i, t] z^T[j, t]  (sddmm: sampled, never a dense n x n gradient)
-    dz^T  = M^T g^T  (mix, transposed plan)      dx = dz V^T
+    dz^T  = M^T g^T,  dM_ij = sum_t g^T[i, t] z^T[j, t]   (one pass; dM sampled, never dense n x n)
+    dx = dz V^T
   z^T is saved for the backward (it is what the gradients need; x is not).
 
   weight path: A = M V^T (mix over the rows of V^T), W' = U A, y = x W'^T + bias;
-    backward: dx = dy W', dM_ij = P_ij for P = U^T (dy^T x) V = sddmm(U^T dW, V^T).
+    backward: dx = dy W', dM_ij = P_ij for P = U^T (dy^T x) V, sampled from U^T dW and V^T.
     W' is saved.
 
 Multiply-adds of forward + backward: factored 2·T·n·(n + m), weight 2·m·n² + 3·T·m·n
@@ -99,20 +100,19 @@ def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: 
     need_dx, need_dlam, need_ds, need_db = needs
     dy2 = dy.reshape(-1, m).to(dtype)
     u, v = u.to(dtype), v.to(dtype)
+    coef = torch.cat([lam, s_values]).to(_acc_dtype(dtype))
+    plan_t = _plan(s_indices, n, True)
     dx = dcoef = None
     if path == "weight":
         if need_dx:
             dx = dy2 @ state
         if need_dlam or need_ds:
             udw = u.t() @ (dy2.t() @ x.reshape(-1, n))
-            dcoef = k.sddmm(udw, v.t().contiguous(), *_plan(s_indices, n, False))
-    else:
-        g_t = torch.mm(u.t(), dy2.t())
-        if need_dlam or need_ds:
-            dcoef = k.sddmm(g_t, state, *_plan(s_indices, n, False))
+            dcoef = k.mix_backward(udw, v.t().contiguous(), coef, *plan_t, False)[1]
+    elif need_dx or need_dlam or need_ds:
+        dz_t, dcoef = k.mix_backward(torch.mm(u.t(), dy2.t()), state, coef, *plan_t, need_dx)
         if need_dx:
-            coef = torch.cat([lam, s_values]).to(_acc_dtype(dtype))
-            dx = torch.mm(k.mix(g_t, coef, *_plan(s_indices, n, True)).t(), v.t())
+            dx = torch.mm(dz_t.t(), v.t())
     dx = dx.reshape(*dy.shape[:-1], n) if need_dx else state.new_empty(0)
     dlam = dcoef[:n].to(lam.dtype, copy=True) if need_dlam else lam.new_empty(0)  # not a view of ds
     ds = dcoef[n:].to(s_values.dtype) if need_ds else s_values.new_empty(0)

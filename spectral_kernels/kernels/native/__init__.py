@@ -15,7 +15,8 @@ _lib.define(
 _lib.define(
     "fourierft_coef_grad(Tensor xf, Tensor yf, Tensor x_idx, Tensor y_idx, int n_x, int n_y, float scale) -> Tensor")
 _lib.define("frod_mix(Tensor x, Tensor coef, Tensor ptr, Tensor src, Tensor perm) -> Tensor")
-_lib.define("frod_sddmm(Tensor g, Tensor z, Tensor ptr, Tensor src, Tensor perm) -> Tensor")
+_lib.define("frod_mix_backward(Tensor g, Tensor z, Tensor coef, Tensor ptr, Tensor src, Tensor perm, bool need_dz) "
+            "-> (Tensor, Tensor)")
 _lib.define("oft_rotate(Tensor x, Tensor rot, bool transpose) -> Tensor")
 _lib.define("oft_rotate_backward_(Tensor(a!) g, Tensor x, Tensor rot, bool need_dx, bool need_drot) -> Tensor")
 

@@ -10,5 +10,5 @@ def mix(x, coef, ptr, src, perm):
     return _ops.frod_mix(x, coef, ptr, src, perm)
 
 
-def sddmm(g, z, ptr, src, perm):
-    return _ops.frod_sddmm(g, z, ptr, src, perm)
+def mix_backward(g, z, coef, ptr, src, perm, need_dz):
+    return _ops.frod_mix_backward(g, z, coef, ptr, src, perm, need_dz)

@@ -1,17 +1,17 @@
 """FRoD primitives in Triton (GPU; on CPU under TRITON_INTERPRET=1).
 
 Same contracts as csrc/cpu/frod.cpp: feature-major activations (features, T) and a
-CSR plan (ptr over output rows; per entry its input row src and its index perm into
-coef / grad). A program owns one output row and a tile of tokens (mix) or a token
-split (sddmm), so loads run along contiguous tokens. Accumulation is in float32
-(float64 for float64).
+CSR plan (ptr over the rows written; per entry the row src it reads and its index
+perm into coef / dcoef). A program owns one written row and one tile of tokens, so
+loads run along contiguous tokens; the backward's sampled gradient is summed per
+tile into partial[tile, entry], then over tiles on the host (deterministic, no
+atomics). Accumulation is in float32 (float64 for float64).
 """
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_T = 256
-SPLIT_PROGRAMS = 1024  # aim for about this many programs in the sddmm reduction
 
 
 @triton.jit
@@ -29,23 +29,22 @@ def _mix_kernel(in_ptr, coef_ptr, ptr_ptr, src_ptr, perm_ptr, out_ptr, tokens, A
 
 
 @triton.jit
-def _sddmm_kernel(g_ptr, z_ptr, ptr_ptr, src_ptr, perm_ptr, part_ptr, tokens, entries, split_len,
-                  ACC: tl.constexpr, BLOCK_T: tl.constexpr):
-    """partial[split, perm[e]] = sum over the split's tokens of g[i, t] z[src[e], t], e in row i."""
-    i = tl.program_id(0)
-    split = tl.program_id(1)
-    t_begin = split * split_len
-    t_end = tl.minimum(tokens, t_begin + split_len)
-    for e in range(tl.load(ptr_ptr + i), tl.load(ptr_ptr + i + 1)):
-        z_row = z_ptr + tl.load(src_ptr + e) * tokens
-        acc = tl.zeros((BLOCK_T,), dtype=ACC)
-        for t0 in range(t_begin, t_end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            live = t < t_end
-            gs = tl.load(g_ptr + i * tokens + t, mask=live, other=0.0)
-            zs = tl.load(z_row + t, mask=live, other=0.0)
-            acc += gs.to(ACC) * zs.to(ACC)
-        tl.store(part_ptr + split * entries + tl.load(perm_ptr + e), tl.sum(acc, axis=0))
+def _mix_backward_kernel(g_ptr, z_ptr, coef_ptr, ptr_ptr, src_ptr, perm_ptr, dz_ptr, part_ptr, tokens, entries,
+                         NEED_DZ: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+    """dz[j, tile] = sum_e coef[perm e] g[src e, tile];  partial[tile, perm e] = sum_tile g[src e] z[j]."""
+    j = tl.program_id(0)
+    tile = tl.program_id(1)
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = t < tokens
+    z = tl.load(z_ptr + j * tokens + t, mask=live, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_T,), dtype=ACC)
+    for e in range(tl.load(ptr_ptr + j), tl.load(ptr_ptr + j + 1)):
+        index = tl.load(perm_ptr + e)
+        g = tl.load(g_ptr + tl.load(src_ptr + e) * tokens + t, mask=live, other=0.0).to(ACC)
+        acc += tl.load(coef_ptr + index) * g
+        tl.store(part_ptr + tile * entries + index, tl.sum(g * z, axis=0))
+    if NEED_DZ:
+        tl.store(dz_ptr + j * tokens + t, acc.to(dz_ptr.dtype.element_ty), mask=live)
 
 
 def _acc(dtype):
@@ -56,25 +55,30 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _block(tokens):
+    return max(16, min(BLOCK_T, triton.next_power_of_2(tokens)))
+
+
 def mix(x, coef, ptr, src, perm):
     x = x.contiguous()
     rows, tokens = ptr.shape[0] - 1, x.shape[1]
     out = x.new_empty(rows, tokens)
     if out.numel() == 0:
         return out
-    grid = (rows, triton.cdiv(tokens, BLOCK_T))
-    _mix_kernel[grid](x, coef.to(_acc(x.dtype)).contiguous(), ptr, src, perm, out, tokens, ACC=_tl_acc(x.dtype),
-                      BLOCK_T=BLOCK_T)
+    block = _block(tokens)
+    _mix_kernel[(rows, triton.cdiv(tokens, block))](x, coef.to(_acc(x.dtype)).contiguous(), ptr, src, perm, out,
+                                                    tokens, ACC=_tl_acc(x.dtype), BLOCK_T=block)
     return out
 
 
-def sddmm(g, z, ptr, src, perm):
+def mix_backward(g, z, coef, ptr, src, perm, need_dz):
     g, z = g.contiguous(), z.contiguous()
-    rows, tokens, entries = g.shape[0], g.shape[1], src.shape[0]
-    splits = max(1, min(triton.cdiv(tokens, BLOCK_T), SPLIT_PROGRAMS // max(rows, 1)))
-    split_len = triton.cdiv(triton.cdiv(tokens, splits), BLOCK_T) * BLOCK_T
-    partial = torch.zeros(splits, entries, dtype=_acc(g.dtype), device=g.device)
-    if entries and tokens:
-        _sddmm_kernel[(rows, splits)](g, z, ptr, src, perm, partial, tokens, entries, split_len,
-                                      ACC=_tl_acc(g.dtype), BLOCK_T=BLOCK_T)
-    return partial.sum(0)
+    rows, tokens, entries = z.shape[0], z.shape[1], src.shape[0]
+    dz = g.new_empty(rows, tokens) if need_dz else g.new_empty(0)
+    block = _block(tokens)
+    tiles = triton.cdiv(tokens, block)
+    partial = torch.zeros(tiles, entries, dtype=_acc(g.dtype), device=g.device)
+    if rows and tokens:
+        _mix_backward_kernel[(rows, tiles)](g, z, coef.to(_acc(g.dtype)).contiguous(), ptr, src, perm, dz, partial,
+                                            tokens, entries, NEED_DZ=need_dz, ACC=_tl_acc(g.dtype), BLOCK_T=block)
+    return dz, partial.sum(0)
