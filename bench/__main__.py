@@ -1,8 +1,9 @@
-"""Benchmark adapter layers against the frozen base linear they wrap, peft, and LoRA; then a training step.
+"""Benchmark the FourierFT, OFT and FRoD layers against the frozen base linear they wrap, peft and LoRA;
+then a training step of a small model with each.
 
-Per method, shape (out x in) and token count T, every implementation (the frozen
-base nn.Linear, ours, our reference backend, peft's layer, peft LoRA r=32) wraps its
-own copy of the same base layer and is timed on the same input, whose gradient is
+Layer cases. Per method, shape (out x in) and token count T, every implementation (the
+frozen base nn.Linear, ours, our reference backend, peft's layer, peft LoRA r=32) wraps
+its own copy of the same base layer and is timed on the same input, whose gradient is
 required as inside a network:
   fwd      forward in train mode with autograd on,
   fwd_bwd  forward + backward of a fixed random output gradient (grads cleared untimed),
@@ -12,6 +13,10 @@ Each implementation is warmed up, then all are repeated round-robin, so drift hi
 all alike, for about 1 s each (0.2 s with --quick; at least 3 repetitions); CUDA times
 come from CUDA events. Reported: median, min and max, and the ratio of medians to base,
 plus the cores other processes kept busy meanwhile (other_load), which skews CPU timings.
+
+Output: a table on the terminal, <out>/<device>-<date>.json (device, versions, commit,
+arguments, every raw timing) and PNG plots of the ratios next to it. python -m
+bench.report renders results files as markdown (the README's performance section).
 """
 import argparse
 import itertools
@@ -36,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FULL_TOKENS = {"cpu": (1, 64, 512, 2048), "cuda": (1, 64, 512, 2048, 8192)}
 FULL_SHAPES = {"cpu": ((768, 768), (1024, 1024), (3072, 768), (2048, 2048), (4096, 4096)),
-               "cuda": ((1024, 1024), (3072, 768), (4096, 4096))}
+               "cuda": ((1024, 1024), (3072, 768), (768, 3072), (2048, 2048), (4096, 4096))}
 # Quick runs: only each method's target cases, as ((out, in), tokens) pairs, and the eval_t1 shapes.
 QUICK_CASES = {
     "cpu": {"fourierft": (((1024, 1024), 2048), ((4096, 4096), 64)),
@@ -65,7 +70,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=f"{__doc__}\n{train.__doc__}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="short run: the target cases only (unless --tokens/--shapes) and ~0.2 s per timing")
+                        help="short run (about 2 minutes on 2 CPU cores): the target cases only (unless "
+                             "--tokens/--shapes) and ~0.2 s per timing")
     parser.add_argument("--methods", type=csv(str), default=list(METHODS),
                         help=f"comma-separated methods, from {', '.join(METHODS)} (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
