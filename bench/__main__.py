@@ -25,6 +25,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -219,6 +220,7 @@ def print_table(run):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -239,6 +241,7 @@ def main(argv=None):
         run["train"] = train.bench_training(args, *BUDGET[args.quick])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.device.type}-{datetime.fromisoformat(run['date']):%Y%m%d-%H%M%S}"
+    run["seconds"] = round(time.perf_counter() - started)
     stem.with_suffix(".json").write_text(json.dumps(run, indent=1, default=str))
     print()
     print_table(run)
@@ -247,7 +250,7 @@ def main(argv=None):
     if args.device.type == "cpu" and disturbed:
         print(f"warning: other processes used over {OTHER_LOAD_WARNING} cores during {len(disturbed)} of "
               f"{len(timed)} timings (other_load in the JSON); their CPU timings are unreliable")
-    print(f"\nwrote {stem.with_suffix('.json')}")
+    print(f"\nwrote {stem.with_suffix('.json')} after {run['seconds']} s")
     for path in plots.plot(run, stem):
         print(f"wrote {path}")
 
