@@ -19,13 +19,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "../frod_plan.h"
 #include "../ops.h"
 
 namespace spectral_kernels {
 namespace {
 
 // Bytes of one input tensor's token chunk that should stay cache-resident.
-constexpr int64_t kChunkBytes = int64_t(256) << 10;
+constexpr int64_t kChunkBytes = int64_t(1024) << 10;
 
 // The hot loops, cloned per instruction set and chosen when the library loads
 // (no -march at build time). They are plain loops the compiler vectorises.
@@ -61,14 +62,6 @@ SK_AXPY_DOT(at::Half, float)
 SK_AXPY_DOT(double, double)
 #undef SK_AXPY_DOT
 
-void check_plan(const at::Tensor& ptr, const at::Tensor& src, const at::Tensor& perm, const char* name) {
-  TORCH_CHECK(ptr.dim() == 1 && ptr.size(0) >= 1 && ptr.scalar_type() == at::kLong, name,
-              ": ptr must be a non-empty int64 vector");
-  TORCH_CHECK(src.dim() == 1 && perm.sizes() == src.sizes() && src.scalar_type() == at::kLong &&
-                  perm.scalar_type() == at::kLong,
-              name, ": src and perm must be int64 vectors of the same length");
-}
-
 int64_t chunk_tokens(int64_t rows, int64_t tokens, int64_t elem) {
   const int64_t fit = kChunkBytes / std::max<int64_t>(1, rows * elem);
   return std::clamp<int64_t>(fit / 16 * 16, 16, std::max<int64_t>(tokens, 1));
@@ -78,8 +71,7 @@ int64_t chunk_tokens(int64_t rows, int64_t tokens, int64_t elem) {
 
 at::Tensor frod_mix_cpu(const at::Tensor& in_, const at::Tensor& coef_, const at::Tensor& ptr_,
                         const at::Tensor& src_, const at::Tensor& perm_) {
-  TORCH_CHECK(in_.dim() == 2, "frod_mix: input must be (features, tokens)");
-  check_plan(ptr_, src_, perm_, "frod_mix");
+  check_frod_plan(in_, ptr_, src_, perm_, "frod_mix");
   const auto in = in_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
   const int64_t rows_out = ptr.size(0) - 1, tokens = in.size(1);
@@ -114,11 +106,7 @@ at::Tensor frod_mix_cpu(const at::Tensor& in_, const at::Tensor& coef_, const at
 std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cpu(const at::Tensor& g_, const at::Tensor& z_,
                                                         const at::Tensor& coef_, const at::Tensor& ptr_,
                                                         const at::Tensor& src_, const at::Tensor& perm_, bool need_dz) {
-  TORCH_CHECK(g_.dim() == 2 && z_.dim() == 2 && g_.size(1) == z_.size(1) && g_.scalar_type() == z_.scalar_type(),
-              "frod_mix_backward: g and z must be (features, tokens) of the same dtype and token count");
-  check_plan(ptr_, src_, perm_, "frod_mix_backward");
-  TORCH_CHECK(ptr_.size(0) - 1 == z_.size(0), "frod_mix_backward: ptr has ", ptr_.size(0) - 1, " rows, z has ",
-              z_.size(0));
+  check_frod_backward(g_, z_, ptr_, src_, perm_);
   const auto g = g_.contiguous(), z = z_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
   const int64_t rows = z.size(0), tokens = z.size(1), entries = src.size(0);

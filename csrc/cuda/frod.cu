@@ -18,6 +18,7 @@
 
 #include <tuple>
 
+#include "../frod_plan.h"
 #include "../ops.h"
 
 namespace spectral_kernels {
@@ -88,21 +89,11 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 
 int64_t tiles(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
-void check_plan(const at::Tensor& ptr, const at::Tensor& src, const at::Tensor& perm, const char* name) {
-  TORCH_CHECK(ptr.dim() == 1 && ptr.size(0) >= 1 && ptr.scalar_type() == at::kLong, name,
-              ": ptr must be a non-empty int64 vector");
-  TORCH_CHECK(src.dim() == 1 && perm.sizes() == src.sizes() && src.scalar_type() == at::kLong &&
-                  perm.scalar_type() == at::kLong,
-              name, ": src and perm must be int64 vectors of the same length");
-  TORCH_CHECK(ptr.size(0) - 1 <= 2147483647, name, ": too many rows for one launch");
-}
-
 }  // namespace
 
 at::Tensor frod_mix_cuda(const at::Tensor& in_, const at::Tensor& coef_, const at::Tensor& ptr_,
                          const at::Tensor& src_, const at::Tensor& perm_) {
-  TORCH_CHECK(in_.dim() == 2, "frod_mix: input must be (features, tokens)");
-  check_plan(ptr_, src_, perm_, "frod_mix");
+  check_frod_plan(in_, ptr_, src_, perm_, "frod_mix");
   const c10::cuda::CUDAGuard guard(in_.device());
   const auto in = in_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
@@ -126,11 +117,7 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cuda(const at::Tensor& g_, 
                                                          const at::Tensor& coef_, const at::Tensor& ptr_,
                                                          const at::Tensor& src_, const at::Tensor& perm_,
                                                          bool need_dz) {
-  TORCH_CHECK(g_.dim() == 2 && z_.dim() == 2 && g_.size(1) == z_.size(1) && g_.scalar_type() == z_.scalar_type(),
-              "frod_mix_backward: g and z must be (features, tokens) of the same dtype and token count");
-  check_plan(ptr_, src_, perm_, "frod_mix_backward");
-  TORCH_CHECK(ptr_.size(0) - 1 == z_.size(0), "frod_mix_backward: ptr has ", ptr_.size(0) - 1, " rows, z has ",
-              z_.size(0));
+  check_frod_backward(g_, z_, ptr_, src_, perm_);
   const c10::cuda::CUDAGuard guard(g_.device());
   const auto g = g_.contiguous(), z = z_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
