@@ -1,6 +1,6 @@
 """Real transformers models (GPT-2 with Conv1D, LLaMA, BERT; built from configs): every method through
-spectral_kernels.inject and through peft + spectral_kernels.peft.swap, against peft itself: logits, gradients
-and the losses of a few optimizer steps."""
+spectral_kernels.inject and through peft + spectral_kernels.peft.swap, against peft itself: logits, gradients,
+the losses of a few optimizer steps, and merging the trained adapters."""
 import copy
 import warnings
 
@@ -91,3 +91,10 @@ def test_model_against_peft(model_name, method):
         for loss, expected in zip(losses, expected_losses):
             assert abs(loss - expected) <= 2e-5 * max(1.0, abs(expected)), (losses, expected_losses)
     assert expected_losses[-1] < expected_losses[0]
+
+    # merged into the base weights, the trained adapters give the same logits
+    with torch.no_grad():
+        expected = ours(**inputs).logits
+        assert_close(sk.merge_and_unload(ours)(**inputs).logits, expected, torch.float32)
+        expected = swapped(**inputs).logits
+        assert_close(swapped.merge_and_unload()(**inputs).logits, expected, torch.float32)

@@ -128,6 +128,9 @@ def test_save_and_load_round_trip(tmp_path, method, low_cpu_mem_usage):
         # a second adapter loaded into the swapped layers (peft's update_layer on them)
         loaded.load_adapter(tmp_path / "theirs", "second", low_cpu_mem_usage=low_cpu_mem_usage)
     assert all(type(m) in SWAPPED for m in loaded.modules() if isinstance(m, PEFT_LAYERS))
+    state, expected_state = loaded.state_dict(), theirs.state_dict()
+    for key, value in expected_state.items():  # bit-exact, under both adapter names
+        assert torch.equal(state[key], value) and torch.equal(state[key.replace(".default", ".second")], value)
     ids = tokens(loaded)
     with torch.no_grad():
         expected_logits = theirs(ids).logits
