@@ -35,7 +35,7 @@ from torch import nn
 
 import spectral_kernels
 
-from . import plots, report, timing, train
+from . import frod_init, plots, report, timing, train
 from .methods import METHODS, implementations, peft
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ QUICK_CASES = {
 QUICK_EVAL_SHAPES = {"cpu": ((4096, 4096),), "cuda": ((4096, 4096),)}
 # Average cores busy with other processes during a case above which its CPU timings are flagged.
 OTHER_LOAD_WARNING = 0.2
-PARTS = ("layers", "train")
+PARTS = ("layers", "train", "frod_init")
 # (seconds of timed calls per implementation and case, most repetitions) by --quick
 BUDGET = {True: (0.2, 100), False: (1.0, 500)}
 
@@ -87,16 +87,17 @@ def parse_args(argv):
     parser.add_argument("--frod-sparse-rate", type=float, default=0.01,
                         help="FRoD's fraction of trainable off-diagonal entries (default: 0.01)")
     parser.add_argument("--parts", type=csv(str), default=list(PARTS),
-                        help="what to run: layers (the layer cases), train (the training step; needs peft) "
-                             "(default: both)")
+                        help="what to run: layers (the layer cases), train (the training step; needs peft), "
+                             "frod_init (FRoD's projection set-up against peft's, when frod is among the methods; "
+                             "needs peft) (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results directory")
     args = parser.parse_args(argv)
     for option, known in (("method", METHODS), ("part", PARTS)):
         unknown = set(getattr(args, f"{option}s")) - set(known)
         if unknown:
             parser.error(f"unknown {option}(s) {sorted(unknown)}; known: {', '.join(known)}")
-    if "train" in args.parts and peft is None:
-        parser.error("the training step compares with peft, which is not installed; use --parts layers")
+    if peft is None and {"train", "frod_init"} & set(args.parts):
+        parser.error("the training step and frod_init compare with peft, which is not installed; use --parts layers")
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
@@ -217,6 +218,8 @@ def print_table(run):
             print("peak_mem: n/a on CPU")
     if "train" in run:
         print(f"\n{report.train_title(run)}:\n{report.aligned(*report.train_table(run))}")
+    if "frod_init" in run:
+        print(f"\n{report.frod_init_text(run)}")
 
 
 def main(argv=None):
@@ -239,13 +242,15 @@ def main(argv=None):
                 torch.cuda.empty_cache()  # the next shape's copies should not inherit this one's cache
     if "train" in args.parts:
         run["train"] = train.bench_training(args, *BUDGET[args.quick])
+    if "frod_init" in args.parts and "frod" in args.methods:
+        run["frod_init"] = frod_init.bench_frod_init(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.device.type}-{datetime.fromisoformat(run['date']):%Y%m%d-%H%M%S}"
     run["seconds"] = round(time.perf_counter() - started)
     stem.with_suffix(".json").write_text(json.dumps(run, indent=1, default=str))
     print()
     print_table(run)
-    timed = run["cases"] + ([run["train"]] if "train" in run else [])
+    timed = run["cases"] + [run[part] for part in ("train", "frod_init") if part in run]
     disturbed = [c for c in timed if c["other_load"] > OTHER_LOAD_WARNING]
     if args.device.type == "cpu" and disturbed:
         print(f"warning: other processes used over {OTHER_LOAD_WARNING} cores during {len(disturbed)} of "

@@ -57,7 +57,7 @@ def header(run, source):
     git = run["git"]
     commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
     available = ", ".join(name for name, reason in run["backends"].items() if reason is None)
-    timings = run["cases"] + ([run["train"]] if "train" in run else [])
+    timings = run["cases"] + [run[part] for part in ("train", "frod_init") if part in run]
     busy = max(t["other_load"] for t in timings) if timings and run["device"]["kind"] == "cpu" else None
     return (f"**{run['device']['kind']}**: {run['device']['name']}, {run['threads']} threads, {run['dtype']}  \n"
             f"{run['date']}, commit {commit}, backends available: {available}  \n{versions}  \n"
@@ -101,6 +101,15 @@ def train_table(run):
                                 for case in run["train"]["cases"]]
 
 
+def frod_init_text(run):
+    entry = run["frod_init"]
+    ours, peft = entry["impls"]["ours"], entry["impls"]["peft"]
+    return (f"FRoD set-up of {entry['blocks']} blocks x {len(entry['categories'])} categories at "
+            f"{entry['width']}x{entry['width']} (projections, U and lambda of every layer): ours "
+            f"{ours['median_ms'] / 1e3:.1f} s, peft {peft['median_ms'] / 1e3:.1f} s, {ours['ratio']:.2f}x peft's time "
+            f"(median of {ours['reps']}).")
+
+
 def aligned(head, table):
     """A table for the terminal."""
     table = [head, *table]
@@ -120,6 +129,8 @@ def markdown(run, source):
         parts.append(pipes(*layer_table(run, with_values=False)))
     if "train" in run:
         parts += [train_title(run) + ":", pipes(*train_table(run))]
+    if "frod_init" in run:
+        parts.append(frod_init_text(run))
     return "\n\n".join(parts)
 
 

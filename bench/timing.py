@@ -25,7 +25,7 @@ def time_call(fn, cuda):
     return (time.perf_counter() - start) * 1e3
 
 
-def interleaved(calls, budget_s, max_reps, cuda):
+def interleaved(calls, budget_s, max_reps, cuda, warmup=WARMUP, min_reps=MIN_REPS):
     """``{name: [ms, ...]}`` for ``calls = {name: (fn, reset)}``.
 
     After WARMUP calls each, every implementation gets enough repetitions for about
@@ -36,11 +36,12 @@ def interleaved(calls, budget_s, max_reps, cuda):
     reps = {}
     for name, (fn, reset) in calls.items():
         warmup_ms = []
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             reset()
             warmup_ms.append(time_call(fn, cuda))
         # The fastest warm-up call estimates the cost: one preempted call must not cut the repetitions.
-        reps[name] = max(MIN_REPS, min(max_reps, math.ceil(budget_s * 1e3 / max(min(warmup_ms), 1e-3))))
+        estimate = min(warmup_ms, default=0.0)
+        reps[name] = max(min_reps, min(max_reps, math.ceil(budget_s * 1e3 / max(estimate, 1e-3))))
     times = {name: [] for name in calls}
     for round_ in range(max(reps.values())):
         for name, (fn, reset) in calls.items():
@@ -50,14 +51,15 @@ def interleaved(calls, budget_s, max_reps, cuda):
     return times
 
 
-def measure(calls, budget_s, max_reps, cuda, baseline):
-    """Time ``calls`` with ``interleaved``; returns (stats, seconds taken, other_load).
+def measure(calls, budget_s, max_reps, cuda, baseline, **counts):
+    """Time ``calls`` with ``interleaved`` (``counts``: its warmup and min_reps); returns (stats, seconds taken,
+    other_load).
 
     stats: per name, the raw times, median/min/max and the ratio of its median to
     ``baseline``'s; other_load: the cores other processes kept busy meanwhile.
     """
     started, others = time.perf_counter(), other_cpu_seconds()
-    times = interleaved(calls, budget_s, max_reps, cuda)
+    times = interleaved(calls, budget_s, max_reps, cuda, **counts)
     elapsed = time.perf_counter() - started
     other_load = max(0.0, (other_cpu_seconds() - others) / elapsed)
     base = statistics.median(times[baseline])
