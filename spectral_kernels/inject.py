@@ -237,7 +237,8 @@ def _is_linear(module):
 
 def _wrapped_prefixes(model):
     """Names of the adapter layers and wrappers already in the model: their insides are never targeted."""
-    return tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, (AdapterLayer, ModulesToSave)))
+    return tuple(f"{name}." for name, module in model.named_modules()
+                 if isinstance(module, (AdapterLayer, ModulesToSave)))
 
 
 def _matches_list_entry(key, entry):
