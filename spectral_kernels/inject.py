@@ -129,9 +129,22 @@ def _adapt_oft(module, key, adapter_name, config, shared):
 FROD_MODEL_ATTRIBUTES = ("frod_V", "frod_s_indices", "frod_s_size")
 
 
+def _check_frod_adapters(model, config):
+    """peft's rule: the FRoD adapters of a model share the projection seed, save_projection and the offload flag."""
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    for name, other in (state.configs.items() if state else ()):
+        if not isinstance(other, FrodConfig):
+            continue
+        for field in ("projection_prng_key", "save_projection", "runtime_offload_base_weight"):
+            if getattr(other, field) != getattr(config, field):
+                raise ValueError(f"FRoD adapters of one model must share {field}: adapter {name!r} has "
+                                 f"{getattr(other, field)!r}, the new one {getattr(config, field)!r}")
+
+
 def _prepare_frod(model, targets, adapter_name, config):
     """peft's FRoD set-up: per module category one projection and sparse pattern, from the category's weights
     in block order, kept on the model under peft's names; {category: (V, s_indices) BufferDicts}."""
+    _check_frod_adapters(model, config)
     blocks = {}
     for fallback, (key, module) in enumerate(targets.items()):
         if isinstance(module, AdapterLayer):  # a further adapter: the projections come from the base weight

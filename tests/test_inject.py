@@ -311,3 +311,12 @@ def test_load_adapter_rejects_mismatch(tmp_path):
     smaller.bert.encoder.layer = smaller.bert.encoder.layer[:1]
     with pytest.raises(ValueError, match="tensors the model does not"):
         sk.load_adapter(smaller, tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("projection_prng_key", 1), ("save_projection", False),
+                                         ("runtime_offload_base_weight", True)])
+def test_frod_adapters_must_agree(field, value):
+    """As peft's FrodModel: one projection seed, save_projection and offload flag per model."""
+    model = sk.inject(llama(1), sk.FrodConfig(target_modules=["q_proj"], progressbar=False))
+    with pytest.raises(ValueError, match=f"must share {field}"):
+        sk.inject(model, sk.FrodConfig(target_modules=["q_proj"], progressbar=False, **{field: value}), "other")
