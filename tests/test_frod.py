@@ -135,7 +135,8 @@ def test_compile_fullgraph():
 
 
 def test_path_choice():
-    assert dispatch.frod_path(2048, 1024, 1024, True) == "factored"
+    assert dispatch.frod_path(2047, 1024, 1024, True) == "factored"
+    assert dispatch.frod_path(2048, 1024, 1024, True) == "weight"
     assert dispatch.frod_path(8192, 1024, 1024, True) == "weight"
     assert dispatch.frod_path(512, 1024, 1024, False) == "factored"
     assert dispatch.frod_path(2048, 1024, 1024, False) == "weight"
