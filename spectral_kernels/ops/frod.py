@@ -57,19 +57,31 @@ def _plan(s_indices, n, transpose):
     return cached[1][1 if transpose else 0]
 
 
+_transposes = WeakIdKeyDictionary()
+
+
+def _v_t(v, dtype):
+    """V^T contiguous in ``dtype``, the rows the weight path mixes; kept per projection (shared by its layers)
+    until V is modified in place."""
+    cached = _transposes.get(v)
+    if cached is None or cached[0] != (v._version, dtype):
+        cached = _transposes[v] = ((v._version, dtype), v.t().to(dtype, memory_format=torch.contiguous_format))
+    return cached[1]
+
+
 def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
     """(y, state): state is z^T (factored path) or W' (weight path), what the backward needs."""
     k = dispatch.kernels("frod", backend)
     m, n = u.shape
     x2 = x.reshape(-1, n)
-    u, v = u.to(x.dtype), v.to(x.dtype)
     coef = torch.cat([lam, s_values]).to(_acc_dtype(x.dtype))
     plan = _plan(s_indices, n, False)
     if path == "weight":
-        state = u @ k.mix(v.t().contiguous(), coef, *plan)
+        state = u.to(x.dtype) @ k.mix(_v_t(v, x.dtype), coef, *plan)
         y = F.linear(x2, state, bias)
     else:
-        state = torch.mm(v.t(), x2.t())
+        u = u.to(x.dtype)
+        state = torch.mm(v.to(x.dtype).t(), x2.t())
         h_t = k.mix(state, coef, *plan)
         y = torch.mm(h_t.t(), u.t()) if bias is None else torch.addmm(bias.to(x.dtype), h_t.t(), u.t())
     return y.reshape(*x.shape[:-1], m), state
@@ -99,7 +111,7 @@ def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: 
     dtype = state.dtype
     need_dx, need_dlam, need_ds, need_db = needs
     dy2 = dy.reshape(-1, m).to(dtype)
-    u, v = u.to(dtype), v.to(dtype)
+    u = u.to(dtype)
     coef = torch.cat([lam, s_values]).to(_acc_dtype(dtype))
     plan_t = _plan(s_indices, n, True)
     dx = dcoef = None
@@ -108,11 +120,11 @@ def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: 
             dx = dy2 @ state
         if need_dlam or need_ds:
             udw = u.t() @ (dy2.t() @ x.reshape(-1, n))
-            dcoef = k.mix_backward(udw, v.t().contiguous(), coef, *plan_t, False)[1]
+            dcoef = k.mix_backward(udw, _v_t(v, dtype), coef, *plan_t, False)[1]
     elif need_dx or need_dlam or need_ds:
         dz_t, dcoef = k.mix_backward(torch.mm(u.t(), dy2.t()), state, coef, *plan_t, need_dx)
         if need_dx:
-            dx = torch.mm(dz_t.t(), v.t())
+            dx = torch.mm(dz_t.t(), v.to(dtype).t())
     dx = dx.reshape(*dy.shape[:-1], n) if need_dx else state.new_empty(0)
     dlam = dcoef[:n].to(lam.dtype, copy=True) if need_dlam else lam.new_empty(0)  # not a view of ds
     ds = dcoef[n:].to(s_values.dtype) if need_ds else s_values.new_empty(0)
@@ -226,5 +238,4 @@ def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
     if backend == "reference":
         return reference.effective_weight(u, v, lam, s_values, s_indices)
     coef = torch.cat([lam, s_values]).to(_acc_dtype(u.dtype))
-    return u @ dispatch.kernels("frod", backend).mix(v.t().to(u.dtype).contiguous(), coef,
-                                                     *_plan(s_indices, v.shape[0], False))
+    return u @ dispatch.kernels("frod", backend).mix(_v_t(v, u.dtype), coef, *_plan(s_indices, v.shape[0], False))
