@@ -65,7 +65,7 @@ def _v_t(v, dtype):
     until V is modified in place."""
     cached = _transposes.get(v)
     if cached is None or cached[0] != (v._version, dtype):
-        cached = _transposes[v] = ((v._version, dtype), v.t().to(dtype, memory_format=torch.contiguous_format))
+        cached = _transposes[v] = ((v._version, dtype), v.t().to(dtype).contiguous())
     return cached[1]
 
 
