@@ -261,21 +261,23 @@ class FrodLinear(AdapterLayer):
         if weight.device != device:
             weight.data = weight.data.to(device)
 
-    def _cached_weight(self, tensors):
-        u, v, lam, s_values, s_indices = tensors
-        key = tuple((t.data_ptr(), t._version) for t in tensors) + (u.dtype,)
+    def _cached_weight(self, tensors, dtype):
+        """W' in ``dtype``, keyed by the adapter's own tensors (not by copies cast to ``dtype``)."""
+        key = tuple((t.data_ptr(), t._version) for t in tensors) + (dtype,)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # drop the old one before building the new one
-            self._cache = (key, frod_effective_weight(u, v, lam, s_values, s_indices, self.backend))
+            u, v, lam, s_values, s_indices = tensors
+            self._cache = (key, frod_effective_weight(u.to(dtype), v.to(dtype), lam, s_values, s_indices,
+                                                      self.backend))
         return self._cache[1]
 
     def _frod(self, adapter, x, bias):
         tensors = self._tensors(adapter)
-        u, v = (t.to(x.dtype) for t in tensors[:2])
+        bias = None if bias is None else bias.to(x.dtype)
         if self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim():
-            weight = self._cached_weight((u, v, *tensors[2:]))
-            return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
-        return frod_apply(x, u, v, *tensors[2:], None if bias is None else bias.to(x.dtype), self.backend)
+            return nn.functional.linear(x, self._cached_weight(tensors, x.dtype), bias)
+        u, v = (t.to(x.dtype) for t in tensors[:2])
+        return frod_apply(x, u, v, *tensors[2:], bias, self.backend)
 
     def forward(self, x, *args, **kwargs):
         if self.disable_adapters or self.merged:

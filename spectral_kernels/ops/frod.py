@@ -210,13 +210,16 @@ def frod_linear(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path
     """
     _check(x, u, v, lam, s_values, s_indices, bias)
     _check_index_values(s_indices, v.shape[0])
-    return frod_apply(x, u, v, lam, s_values, s_indices, bias, backend, path, checked=True)
+    return _apply(x, u, v, lam, s_values, s_indices, bias, backend, path)
 
 
-def frod_apply(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None, checked=False):
+def frod_apply(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None):
     """frod_linear for indices already known to be in range (the layers' own)."""
-    if not checked:
-        _check(x, u, v, lam, s_values, s_indices, bias)
+    _check(x, u, v, lam, s_values, s_indices, bias)
+    return _apply(x, u, v, lam, s_values, s_indices, bias, backend, path)
+
+
+def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
         return reference.frod_linear(x, u, v, lam, s_values, s_indices, bias)
