@@ -107,6 +107,7 @@ def test_eval_cache_follows_inplace_updates(tokens):
         first = ours(x)
         assert torch.equal(ours(x), first)
     ours.train()
+    assert ours._cache is None  # training drops the eval cache's copy of the weight
     ours(x).sum().backward()
     opt.step()
     ours.eval()

@@ -21,7 +21,15 @@ def base_weight_and_layout(base_layer):
 
 
 class AdapterLayer(nn.Module):
-    """Subclasses define ``adapter_layer_names`` and ``delta_weight(adapter)`` (out, in)."""
+    """Subclasses define ``adapter_layer_names`` and ``delta_weight(adapter)`` (out, in).
+
+    Eval cache: in eval mode without autograd a layer runs one GEMM with its effective
+    weight (base and adapters folded together), built on the first call and reused
+    until a tensor it was built from changes (its key holds their versions, so in-place
+    optimizer steps count). It holds one copy of the base weight (less than peft's
+    per-call dense delta weight needs at its peak), is dropped when the layer goes back
+    to training, and ``cache_effective_weight = False`` turns it off.
+    """
 
     adapter_layer_names: tuple = ()
 
@@ -32,6 +40,8 @@ class AdapterLayer(nn.Module):
         self._active_adapter = []
         self.merged_adapters = []
         self._disable_adapters = False
+        self.cache_effective_weight = True
+        self._cache = None
 
     @property
     def active_adapters(self):
@@ -68,6 +78,21 @@ class AdapterLayer(nn.Module):
         if not enabled and self.merged:
             self.unmerge()
         self._disable_adapters = not enabled
+
+    def train(self, mode=True):
+        if mode:
+            self._cache = None
+        return super().train(mode)
+
+    def _eval_cache_applies(self, x):
+        return self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim()
+
+    def _cached_weight(self, key, build):
+        """The eval cache's effective weight for ``key``; ``build()`` makes it when the key changed."""
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # drop the old one before building the new one
+            self._cache = (key, build())
+        return self._cache[1]
 
     def _weight(self):
         """The base weight as (out_features, in_features), a view for Conv1D."""

@@ -2,7 +2,6 @@
 import torch
 from torch import nn
 
-from .. import dispatch
 from ..config import FourierFTConfig
 from ..ops.fourierft import fourierft_apply, fourierft_delta_weight
 from .base import AdapterLayer
@@ -18,10 +17,7 @@ def fourierft_indices(out_features, in_features, n_frequency, random_loc_seed):
 class FourierFTLinear(AdapterLayer):
     """Wraps an nn.Linear or transformers Conv1D; parameters ``fourierft_spectrum.<adapter>`` as in peft.
 
-    In eval mode without autograd, the effective weight of the weight path is kept
-    until the coefficients or the base weight change (tracked by tensor versions,
-    so in-place optimizer steps invalidate it); ``cache_effective_weight = False``
-    turns that off to save its memory (one copy of the base weight).
+    In eval mode without autograd: W + dW from the eval cache (see AdapterLayer).
     """
 
     adapter_layer_names = ("fourierft_spectrum",)
@@ -33,8 +29,6 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_n_frequency, self.fourierft_scaling, self.fourierft_random_loc_seed = {}, {}, {}
         self.indices = {}
         self.backend = backend
-        self.cache_effective_weight = True
-        self._cache = None
         self.update_layer(adapter_name, config or FourierFTConfig(), n_frequency)
 
     def update_layer(self, adapter_name, config, n_frequency=None):
@@ -80,15 +74,9 @@ class FourierFTLinear(AdapterLayer):
         return (torch.cat([spectra[n] * self.fourierft_scaling[n] for n in names]),
                 torch.cat([self._indices(n) for n in names], dim=1), 1.0)
 
-    def _cached_weight(self, spectrum, indices, scaling):
-        weight = self._weight()
-        key = (spectrum.data_ptr(), spectrum._version, weight.data_ptr(), weight._version, scaling, indices.data_ptr())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None  # drop the old one before building the new one
-            delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling,
-                                           self.backend)
-            self._cache = (key, (weight + delta.to(weight.dtype)))
-        return self._cache[1]
+    def _effective_weight(self, weight, spectrum, indices, scaling):
+        delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling, self.backend)
+        return weight + delta.to(weight.dtype)
 
     def forward(self, x, *args, **kwargs):
         base_layer = self.base_layer
@@ -100,13 +88,13 @@ class FourierFTLinear(AdapterLayer):
         if terms is None:
             return base_layer(x, *args, **kwargs)
         spectrum, indices, scaling = terms
-        weight, bias = base_layer.weight, base_layer.bias
-        weight = weight.t() if self._conv1d else weight
-        path = dispatch.fourierft_path(x.numel() // x.shape[-1], self.out_features, self.in_features) \
-            if x.dim() else None
-        if path == "weight" and self.cache_effective_weight and not self.training and not torch.is_grad_enabled():
-            return nn.functional.linear(x, self._cached_weight(spectrum, indices, scaling), bias)
-        return fourierft_apply(x, weight, bias, spectrum, indices, scaling, self.backend, path)
+        weight, bias = self._weight(), base_layer.bias
+        if self._eval_cache_applies(x):
+            key = (spectrum.data_ptr(), spectrum._version, weight.data_ptr(), weight._version, scaling,
+                   indices.data_ptr())
+            weight = self._cached_weight(key, lambda: self._effective_weight(weight, spectrum, indices, scaling))
+            return nn.functional.linear(x, weight, bias)
+        return fourierft_apply(x, weight, bias, spectrum, indices, scaling, self.backend)
 
     def __repr__(self):
         return "spectral_kernels.fourierft." + super().__repr__()

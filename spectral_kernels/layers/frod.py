@@ -146,9 +146,8 @@ class FrodLinear(AdapterLayer):
     ``frod_V`` and ``frod_s_indices`` (BufferDicts by adapter) are the category's shared
     projection and sparse pattern, held by whoever shares them (the injector); without
     them the layer builds its own from its weight alone (a category of one layer) and
-    keeps them as non-persistent buffers. In eval mode without autograd, the adapted
-    weight W' is kept until lambda, S or U change (tensor versions);
-    ``cache_effective_weight = False`` turns that off.
+    keeps them as non-persistent buffers. In eval mode without autograd, W' comes from
+    the eval cache (see AdapterLayer).
     """
 
     adapter_layer_names = ("frod_lambda_l", "frod_lambda_s_values")
@@ -163,8 +162,6 @@ class FrodLinear(AdapterLayer):
         self.frod_dropout = nn.ModuleDict({})
         self.r, self.runtime_offload_base_weight = {}, {}
         self.backend = backend
-        self.cache_effective_weight = True
-        self._cache = None
         self._weight_before_merge = None
         if (frod_V is None) != (frod_s_indices is None):
             raise ValueError("FrodLinear: pass both frod_V and frod_s_indices (shared projections) or neither")
@@ -261,23 +258,17 @@ class FrodLinear(AdapterLayer):
         if weight.device != device:
             weight.data = weight.data.to(device)
 
-    def _cached_weight(self, tensors, dtype):
-        """W' in ``dtype``, keyed by the adapter's own tensors (not by copies cast to ``dtype``)."""
-        key = tuple((t.data_ptr(), t._version) for t in tensors) + (dtype,)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None  # drop the old one before building the new one
-            u, v, lam, s_values, s_indices = tensors
-            self._cache = (key, frod_effective_weight(u.to(dtype), v.to(dtype), lam, s_values, s_indices,
-                                                      self.backend))
-        return self._cache[1]
-
     def _frod(self, adapter, x, bias):
         tensors = self._tensors(adapter)
         bias = None if bias is None else bias.to(x.dtype)
-        if self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim():
-            return nn.functional.linear(x, self._cached_weight(tensors, x.dtype), bias)
-        u, v = (t.to(x.dtype) for t in tensors[:2])
-        return frod_apply(x, u, v, *tensors[2:], bias, self.backend)
+        u, v, lam, s_values, s_indices = tensors
+        if self._eval_cache_applies(x):
+            # Keyed by the adapter's own tensors (not by their copies cast to x's dtype).
+            key = tuple((t.data_ptr(), t._version) for t in tensors) + (x.dtype,)
+            weight = self._cached_weight(key, lambda: frod_effective_weight(
+                u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, self.backend))
+            return nn.functional.linear(x, weight, bias)
+        return frod_apply(x, u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, bias, self.backend)
 
     def forward(self, x, *args, **kwargs):
         if self.disable_adapters or self.merged:

@@ -4,7 +4,6 @@ import warnings
 import torch
 from torch import nn
 
-from .. import dispatch
 from ..config import OFTConfig
 from ..kernels.reference import oft as reference
 from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
@@ -75,10 +74,8 @@ class OFTLinear(AdapterLayer):
     """Wraps an nn.Linear or transformers Conv1D; parameters ``oft_R.<adapter>.weight`` as in peft.
 
     Without autograd, each adapter's rotation blocks are kept until its parameters
-    change (tracked by tensor versions, so in-place optimizer steps invalidate them),
-    and in eval mode so is the weight path's effective weight W·blockdiag(R)^T until
-    the base weight changes; ``cache_effective_weight = False`` turns the latter off
-    to save its memory (one copy of the base weight).
+    change (tracked by tensor versions, so in-place optimizer steps invalidate them);
+    in eval mode W·blockdiag(R)^T comes from the eval cache (see AdapterLayer).
     """
 
     adapter_layer_names = ("oft_R",)
@@ -89,8 +86,7 @@ class OFTLinear(AdapterLayer):
         self.oft_R = nn.ModuleDict({})
         self.r, self.oft_block_size = {}, {}
         self.backend = backend
-        self.cache_effective_weight = True
-        self._rotations, self._cache = {}, None
+        self._rotations = {}
         self.update_layer(adapter_name, config or OFTConfig())
 
     def update_layer(self, adapter_name, config, r=None):
@@ -172,14 +168,6 @@ class OFTLinear(AdapterLayer):
             exact = torch.float64 if rot.dtype == torch.float64 else torch.float32
             self._write_weight(self._rotate_weight(torch.linalg.inv(rot.to(exact))))
 
-    def _cached_weight(self, rotation_key, rot):
-        weight = self._weight()
-        key = (rotation_key, weight.data_ptr(), weight._version)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None  # drop the old one before building the new one
-            self._cache = (key, self._rotate_weight(rot))
-        return self._cache[1]
-
     def forward(self, x, *args, **kwargs):
         if self.disable_adapters:
             if self.merged:
@@ -194,9 +182,9 @@ class OFTLinear(AdapterLayer):
             x = oft_rotate(x, rot, self.backend)
         key, rot = rotations[-1]
         weight, bias = self._weight(), self.base_layer.bias
-        if (key is not None and self.cache_effective_weight and not self.training and x.dim() > 0
-                and dispatch.oft_path(x.numel() // x.shape[-1], self.out_features) == "weight"):
-            return nn.functional.linear(x, self._cached_weight(key, rot), bias)
+        if key is not None and self._eval_cache_applies(x):
+            weight = self._cached_weight((key, weight.data_ptr(), weight._version), lambda: self._rotate_weight(rot))
+            return nn.functional.linear(x, weight, bias)
         return oft_linear(x, weight, bias, rot, self.backend)
 
     def __repr__(self):
