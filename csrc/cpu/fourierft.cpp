@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../fourierft_fold.h"
@@ -63,7 +64,7 @@ struct Gather {
   }
 };
 
-// The per-token gather loops are the hot spot of the sampled reduction. They are
+// The inner loop of the sampled reduction below is the hot spot of the backward. It is
 // compiled for several instruction sets and the best one is picked at load time
 // (GCC target_clones), so the wheel still runs on any x86-64 CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -71,22 +72,6 @@ struct Gather {
 #else
 #define SK_CPU_CLONES
 #endif
-
-// acc[k] += Re(X^[a_k] Y^[b_k]) for one token; written out per type because GCC
-// vectorizes the clones only when the loop is in the cloned function itself.
-SK_CPU_CLONES void accumulate_token(const float* __restrict__ xt, const float* __restrict__ yt,
-                                    const int32_t* __restrict__ abin, const int32_t* __restrict__ bbin,
-                                    const float* __restrict__ sign, float* __restrict__ acc, int64_t nnz) {
-  for (int64_t k = 0; k < nnz; ++k)
-    acc[k] += xt[2 * abin[k]] * yt[2 * bbin[k]] - sign[k] * xt[2 * abin[k] + 1] * yt[2 * bbin[k] + 1];
-}
-
-SK_CPU_CLONES void accumulate_token(const double* __restrict__ xt, const double* __restrict__ yt,
-                                    const int32_t* __restrict__ abin, const int32_t* __restrict__ bbin,
-                                    const double* __restrict__ sign, double* __restrict__ acc, int64_t nnz) {
-  for (int64_t k = 0; k < nnz; ++k)
-    acc[k] += xt[2 * abin[k]] * yt[2 * bbin[k]] - sign[k] * xt[2 * abin[k] + 1] * yt[2 * bbin[k] + 1];
-}
 
 at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
                              const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
@@ -132,6 +117,77 @@ at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in,
   return out;
 }
 
+// The sampled reduction works on tiles of kTile tokens whose spectra are first
+// transposed into (bin, token) planes of real and imaginary parts, holding only the
+// bins some coefficient reads. Every coefficient is then two contiguous dot products
+// of length kTile, vectorized without gathers (slow on many x86 cores). On the 2-core
+// AMD EPYC machine at T=2048, 1024 x 1024, n=1000: 1.25 ms against 1.6 ms for a
+// per-token loop gathering from the spectra directly.
+constexpr int64_t kTile = 32;
+
+// Rows of the tile planes: one per bin that some coefficient reads, in bin order.
+struct Planes {
+  std::vector<int32_t> bin;  // plane row -> stored bin
+  std::vector<int32_t> row;  // coefficient -> plane row
+  Planes(const Gather& g) : bin(g.bin), row(g.bin.size()) {
+    std::sort(bin.begin(), bin.end());
+    bin.erase(std::unique(bin.begin(), bin.end()), bin.end());
+    for (size_t k = 0; k < row.size(); ++k)
+      row[k] = static_cast<int32_t>(std::lower_bound(bin.begin(), bin.end(), g.bin[k]) - bin.begin());
+  }
+};
+
+// re/im planes (rows x kTile) of `tokens` (<= kTile) rows of a half spectrum, zero past
+// `tokens`. Row by row: consecutive rows read the same cache lines of the kTile spectra.
+template <typename scalar_t>
+void transpose_tile(const scalar_t* spectra, int64_t stride, int64_t tokens, const Planes& p, scalar_t* re,
+                    scalar_t* im) {
+  const int64_t rows = static_cast<int64_t>(p.bin.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = spectra + 2 * p.bin[r];
+    scalar_t* dr = re + r * kTile;
+    scalar_t* di = im + r * kTile;
+    for (int64_t t = 0; t < tokens; ++t) {
+      dr[t] = src[2 * t * stride];
+      di[t] = src[2 * t * stride + 1];
+    }
+    std::fill(dr + tokens, dr + kTile, scalar_t(0));
+    std::fill(di + tokens, di + kTile, scalar_t(0));
+  }
+}
+
+// acc[k] += sum over the tile of Re(X^[a_k] Y^[b_k]) = xr.yr - sign_k xi.yi, in
+// 32-byte vectors (GCC vector extension: the code follows each clone's ISA); written
+// out per type because target_clones does not apply to templates.
+#define SK_REDUCE_TILE(T)                                                                                         \
+  SK_CPU_CLONES void reduce_tile(const T* __restrict__ xr, const T* __restrict__ xi, const T* __restrict__ yr,     \
+                                 const T* __restrict__ yi, const int32_t* __restrict__ xrow,                      \
+                                 const int32_t* __restrict__ yrow, const T* __restrict__ sign, T* __restrict__ acc, \
+                                 int64_t nnz) {                                                                   \
+    typedef T V __attribute__((vector_size(32)));                                                                 \
+    constexpr int kLanes = 32 / sizeof(T);                                                                        \
+    auto load = [](const T* p) {                                                                                  \
+      V v;                                                                                                        \
+      std::memcpy(&v, p, sizeof(V));                                                                              \
+      return v;                                                                                                   \
+    };                                                                                                            \
+    for (int64_t k = 0; k < nnz; ++k) {                                                                           \
+      const int64_t a = xrow[k] * kTile, b = yrow[k] * kTile;                                                     \
+      V re = {}, im = {};                                                                                         \
+      for (int64_t t = 0; t < kTile; t += kLanes) {                                                               \
+        re += load(xr + a + t) * load(yr + b + t);                                                                \
+        im += load(xi + a + t) * load(yi + b + t);                                                                \
+      }                                                                                                           \
+      const V d = re - sign[k] * im;                                                                              \
+      T sum = 0;                                                                                                  \
+      for (int l = 0; l < kLanes; ++l) sum += d[l];                                                               \
+      acc[k] += sum;                                                                                              \
+    }                                                                                                             \
+  }
+SK_REDUCE_TILE(float)
+SK_REDUCE_TILE(double)
+#undef SK_REDUCE_TILE
+
 at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf_in, const at::Tensor& yf_in, const at::Tensor& x_idx_in,
                                    const at::Tensor& y_idx_in, int64_t n_x, int64_t n_y, double scale) {
   TORCH_CHECK(x_idx_in.dim() == 1 && x_idx_in.sizes() == y_idx_in.sizes(), "fourierft_coef_grad: index shapes differ");
@@ -142,24 +198,31 @@ at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf_in, const at::Tensor& yf
   const auto yf = yf_in.contiguous().to(xf.scalar_type());
   const int64_t tokens = xf.size(0), nnz = x_idx_in.numel();
   const int64_t x_stride = n_x / 2 + 1, y_stride = n_y / 2 + 1;
+  auto grad = at::zeros({nnz}, xf.options().dtype(c10::toRealValueType(xf.scalar_type())));
+  if (nnz == 0 || tokens == 0) return grad;
   const Gather a(x_idx_in.contiguous().data_ptr<int64_t>(), nnz, n_x);
   const Gather b(y_idx_in.contiguous().data_ptr<int64_t>(), nnz, n_y);
-  auto grad = at::zeros({nnz}, xf.options().dtype(c10::toRealValueType(xf.scalar_type())));
+  const Planes pa(a), pb(b);
+  const int64_t tiles = (tokens + kTile - 1) / kTile;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fourierft_coef_grad_cpu", [&] {
     const scalar_t* x = reinterpret_cast<const scalar_t*>(xf.data_ptr());
     const scalar_t* y = reinterpret_cast<const scalar_t*>(yf.data_ptr());
-    std::vector<scalar_t> sign(nnz);  // Re(X^ Y^) = xr yr - sign * xi yi
+    std::vector<scalar_t> sign(nnz);
     for (int64_t k = 0; k < nnz; ++k) sign[k] = a.im_sign[k] * b.im_sign[k];
-    // Each thread streams its own tokens once (both rows stay in L1 while all
-    // coefficients gather from them) into a private accumulator; sums are merged after.
-    const int64_t chunks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(tokens, 1));
+    const int64_t xr_size = static_cast<int64_t>(pa.bin.size()) * kTile;
+    const int64_t yr_size = static_cast<int64_t>(pb.bin.size()) * kTile;
+    // One chunk of tiles per thread, each with its own planes and partial sums, merged after.
+    const int64_t chunks = std::min<int64_t>(at::get_num_threads(), tiles);
     std::vector<scalar_t> partial(chunks * nnz, scalar_t(0));
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<scalar_t> planes(2 * (xr_size + yr_size));
+      scalar_t *xr = planes.data(), *xi = xr + xr_size, *yr = xi + xr_size, *yi = yr + yr_size;
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
-        scalar_t* acc = partial.data() + chunk * nnz;
-        for (int64_t t = chunk * tokens / chunks; t < (chunk + 1) * tokens / chunks; ++t) {
-          accumulate_token(x + 2 * t * x_stride, y + 2 * t * y_stride, a.bin.data(), b.bin.data(), sign.data(), acc,
-                           nnz);
+        for (int64_t tile = chunk * tiles / chunks; tile < (chunk + 1) * tiles / chunks; ++tile) {
+          const int64_t t0 = tile * kTile, rows = std::min(kTile, tokens - t0);
+          transpose_tile(x + 2 * t0 * x_stride, x_stride, rows, pa, xr, xi);
+          transpose_tile(y + 2 * t0 * y_stride, y_stride, rows, pb, yr, yi);
+          reduce_tile(xr, xi, yr, yi, pa.row.data(), pb.row.data(), sign.data(), partial.data() + chunk * nnz, nnz);
         }
       }
     });
