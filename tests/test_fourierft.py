@@ -82,6 +82,14 @@ def test_matches_reference_large(device, backend, path, m, n, nf, dtype):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_matches_reference_many_tokens(device, backend, path, dtype):
+    """135 tokens: several of the CPU reduction's 32-token tiles, a partial one, split over threads."""
+    check(device, backend, path, 40, 26, 300, (3, 45), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
 def test_gradcheck(device, backend, path):
     (x, w, b, c), _, indices = make_case(12, 10, 30, (2, 3), torch.float64, device)
     inputs = [t.detach().requires_grad_() for t in (x, w, b, c)]
