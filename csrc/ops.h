@@ -31,6 +31,12 @@ at::Tensor oft_rotate_cpu(const at::Tensor& x, const at::Tensor& rot, bool trans
 // for double x).
 at::Tensor oft_rotate_backward_cpu(at::Tensor& g, const at::Tensor& x, const at::Tensor& rot, bool need_dx,
                                    bool need_drot);
+// Neumann rotation blocks R_j = sum_p coef[p] Q_j^p (coef[0] = 1) of skew blocks Q_j from
+// parameters (n, b(b-1)/2) in triu_indices(b, b, 1) order, and the parameters' gradient
+// for dL/dR; both in the parameters' dtype, accumulated in float (double for double).
+at::Tensor oft_neumann_cpu(const at::Tensor& params, int64_t b, at::ArrayRef<double> coef);
+at::Tensor oft_neumann_backward_cpu(const at::Tensor& params, const at::Tensor& grad, int64_t b,
+                                    at::ArrayRef<double> coef);
 
 // FRoD (math in spectral_kernels/ops/frod.py), on feature-major activations
 // (features, T) and a CSR plan (ptr over output rows, src input row, perm index

@@ -123,15 +123,71 @@ def test_rotate_and_effective_weight(device, backend, shared):
     assert_close(sk.oft_effective_weight(w, rot, backend=backend), w @ dense.t(), torch.float64)
 
 
+NEEDS_CPU = pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=f"cpu backend: {sk.backends()['cpu']}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=NEEDS_CPU)])
 @pytest.mark.parametrize("neumann", [True, False])
-def test_rotation_matches_peft(neumann):
+def test_rotation_matches_peft(neumann, backend):
+    """peft's torch code (reference backend, exact Cayley on every backend) gives its R bitwise; the CPU
+    kernels' Neumann series within float32 rounding, gradients too."""
     from peft.tuners.oft.layer import OFTRotationModule
 
     torch.manual_seed(0)
     module = OFTRotationModule(3, 28, 8, 24, use_cayley_neumann=neumann)
     torch.nn.init.normal_(module.weight, std=0.1)
     expected = module._cayley_batch(module.weight, 8, neumann, 5)
-    assert torch.equal(sk.oft_rotation(module.weight, 8, neumann), expected)
+    got = sk.oft_rotation(module.weight, 8, neumann, backend=backend)
+    if backend == "reference" or not neumann:
+        assert torch.equal(got, expected)
+    grad = torch.randn_like(expected)
+    assert_close(got, expected, torch.float32)
+    assert_close(torch.autograd.grad(got, module.weight, grad)[0],
+                 torch.autograd.grad(expected, module.weight, grad)[0], torch.float32)
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("b,blocks", [(2, 3), (3, 1), (5, 4), (17, 2), (32, 6), (33, 1), (64, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@NEEDS_CPU
+def test_cpu_neumann_matches_reference(terms, b, blocks, dtype):
+    """The CPU kernels' Neumann blocks and parameter gradients against peft's series in float64."""
+    g = torch.Generator().manual_seed(terms * 100 + b)
+    params64 = 0.2 * torch.randn(blocks, b * (b - 1) // 2, generator=g, dtype=torch.float64)
+    grad64 = torch.randn(blocks, b, b, generator=g, dtype=torch.float64)
+    params = params64.to(dtype).requires_grad_()
+    rot = sk.oft_rotation(params, b, True, terms, backend="cpu")
+    (dparams,) = torch.autograd.grad(rot, params, grad64.to(dtype))
+    exact_params = params.detach().double().requires_grad_()
+    exact = reference.cayley(exact_params, b, True, terms)
+    exact_grad = torch.autograd.grad(exact, exact_params, grad64)[0] if terms > 1 else torch.zeros_like(params64)
+    assert rot.dtype == dtype and dparams.dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        assert_close(rot, exact, dtype)
+        assert_close(dparams, exact_grad, dtype)
+    else:  # against peft's series computed in the same low precision
+        lowp_params = params.detach().requires_grad_()
+        lowp = reference.cayley(lowp_params, b, True, terms)
+        lowp_grad = torch.autograd.grad(lowp, lowp_params, grad64.to(dtype))[0] if terms > 1 else \
+            torch.zeros_like(params)
+        assert_low_precision_close(rot, lowp, exact.detach())
+        assert_low_precision_close(dparams, lowp_grad, exact_grad)
+
+
+@pytest.mark.parametrize("terms", [2, 5])
+@NEEDS_CPU
+def test_cpu_neumann_gradcheck(terms):
+    params = (0.3 * torch.randn(3, 10, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: sk.oft_rotation(p, 5, True, terms, backend="cpu"), (params,))
+
+
+@NEEDS_CPU
+def test_cpu_neumann_bad_input():
+    with pytest.raises(RuntimeError, match="parameters"):
+        torch.ops.spectral_kernels.oft_neumann(torch.randn(2, 5), 4, [1.0, 2.0])
+    with pytest.raises(RuntimeError, match="gradient"):
+        torch.ops.spectral_kernels.oft_neumann_backward(torch.randn(2, 6), torch.randn(2, 3, 3), 4, [1.0, 2.0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -166,17 +166,17 @@ void transpose_tile(const scalar_t* spectra, int64_t stride, int64_t tokens, con
                                  int64_t nnz) {                                                                   \
     typedef T V __attribute__((vector_size(32)));                                                                 \
     constexpr int kLanes = 32 / sizeof(T);                                                                        \
-    auto load = [](const T* p) {                                                                                  \
-      V v;                                                                                                        \
-      std::memcpy(&v, p, sizeof(V));                                                                              \
-      return v;                                                                                                   \
-    };                                                                                                            \
     for (int64_t k = 0; k < nnz; ++k) {                                                                           \
       const int64_t a = xrow[k] * kTile, b = yrow[k] * kTile;                                                     \
       V re = {}, im = {};                                                                                         \
       for (int64_t t = 0; t < kTile; t += kLanes) {                                                               \
-        re += load(xr + a + t) * load(yr + b + t);                                                                \
-        im += load(xi + a + t) * load(yi + b + t);                                                                \
+        V u, v, w, z;                                                                                             \
+        std::memcpy(&u, xr + a + t, sizeof(V));                                                                   \
+        std::memcpy(&v, yr + b + t, sizeof(V));                                                                   \
+        std::memcpy(&w, xi + a + t, sizeof(V));                                                                   \
+        std::memcpy(&z, yi + b + t, sizeof(V));                                                                   \
+        re += u * v;                                                                                              \
+        im += w * z;                                                                                              \
       }                                                                                                           \
       const V d = re - sign[k] * im;                                                                              \
       T sum = 0;                                                                                                  \

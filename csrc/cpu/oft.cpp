@@ -130,6 +130,8 @@ struct Layout {
   static constexpr int64_t kPadTo = 16;  // floats in 64 bytes: bp is valid for every ISA below
 };
 
+int64_t padded(int64_t b) { return (b + Layout::kPadTo - 1) / Layout::kPadTo * Layout::kPadTo; }
+
 // Both kernels work a tile of rows at a time: the rows are first copied whole (and
 // converted to the accumulation type) into a per-thread buffer, then every block is
 // computed from there. Copying whole rows reads memory as a few long streams, which
@@ -238,14 +240,94 @@ SK_INLINE void backward_items(T* g, const T* x, const Acc* rot, int64_t n_rot, A
   }
 }
 
+// Neumann rotations (peft's truncated Cayley series, coefficients in
+// ops/oft.py: R = sum_p c[p] Q^p, Q = A - A^T from the upper-triangle parameters),
+// per b x b block through small_gemm, on matrices with rows padded to bp. Scratch
+// holds kNeumannScratch such matrices.
+constexpr int kNeumannScratch = 4;
+
+// Q (b x bp, zero padded) of one block's parameters in triu_indices(b, b, 1) order.
+template <typename T, typename Acc>
+SK_INLINE void skew_block(const T* p, int64_t b, int64_t bp, Acc* q) {
+  std::fill_n(q, b * bp, Acc(0));
+  for (int64_t r = 0, k = 0; r < b; ++r) {
+    for (int64_t c = r + 1; c < b; ++c, ++k) {
+      q[r * bp + c] = static_cast<Acc>(p[k]);
+      q[c * bp + r] = -static_cast<Acc>(p[k]);
+    }
+  }
+}
+
+// out (b x b) = sum_p coef[p] Q^p for blocks [begin, end).
+template <typename T, typename Acc, int Bytes>
+SK_INLINE void neumann_items(const T* params, const double* coef, int64_t last, int64_t b, T* out, int64_t begin,
+                             int64_t end) {
+  using S = Simd<Acc, Bytes>;
+  const int64_t bp = padded(b), n_vec = (b + S::kWidth - 1) / S::kWidth, len = b * bp;
+  Acc* q = scratch<Acc>(0, kNeumannScratch * len);
+  Acc *power = q + len, *next = power + len, *rot = next + len;
+  for (int64_t j = begin; j < end; ++j) {
+    skew_block(params + j * (b * (b - 1) / 2), b, bp, q);
+    std::fill_n(rot, len, Acc(0));
+    for (int64_t i = 0; i < b; ++i) rot[i * bp + i] = Acc(1);
+    std::copy_n(q, len, power);
+    for (int64_t p = 1; p <= last; ++p) {
+      if (p > 1) {
+        small_gemm<Acc, Bytes>(power, bp, 1, b, q, bp, b, n_vec, next, bp, false);
+        std::swap(power, next);
+      }
+      const Acc c = static_cast<Acc>(coef[p]);
+      for (int64_t e = 0; e < len; ++e) rot[e] += c * power[e];
+    }
+    store_rows(rot, bp, b, b, out + j * b * b, b);
+  }
+}
+
+// d params of blocks [begin, end) from dL/dR = grad: with Q^T = -Q,
+// dL/dQ = sum_p c[p] D_p, D_1 = G, D_p = Q^T D_{p-1} + G (Q^T)^(p-1), and
+// d param (r, c) = dL/dQ[r, c] - dL/dQ[c, r].
+template <typename T, typename Acc, int Bytes>
+SK_INLINE void neumann_backward_items(const T* params, const T* grad, const double* coef, int64_t last, int64_t b,
+                                      T* dparams, int64_t begin, int64_t end) {
+  using S = Simd<Acc, Bytes>;
+  const int64_t bp = padded(b), n_vec = (b + S::kWidth - 1) / S::kWidth, len = b * bp;
+  const int64_t n_params = b * (b - 1) / 2;
+  Acc* q = scratch<Acc>(1, (kNeumannScratch + 2) * len);
+  Acc *term = q + len, *d = term + len, *tmp = d + len, *dq = tmp + len, *g = dq + len;
+  for (int64_t j = begin; j < end; ++j) {
+    skew_block(params + j * n_params, b, bp, q);
+    load_rows(grad + j * b * b, b, b, b, g, bp);
+    std::copy_n(g, len, term);
+    std::copy_n(g, len, d);
+    std::fill_n(dq, len, Acc(0));
+    for (int64_t p = 1; p <= last; ++p) {
+      if (p > 1) {
+        small_gemm<Acc, Bytes>(term, bp, 1, b, q, bp, b, n_vec, tmp, bp, false);  // G (Q^T)^(p-1) = -(prev Q)
+        for (int64_t e = 0; e < len; ++e) term[e] = -tmp[e];
+        small_gemm<Acc, Bytes>(q, bp, 1, b, d, bp, b, n_vec, tmp, bp, false);  // Q^T D = -(Q D)
+        for (int64_t e = 0; e < len; ++e) d[e] = term[e] - tmp[e];
+      }
+      const Acc c = static_cast<Acc>(coef[p]);
+      for (int64_t e = 0; e < len; ++e) dq[e] += c * d[e];
+    }
+    T* out = dparams + j * n_params;
+    for (int64_t r = 0, k = 0; r < b; ++r)
+      for (int64_t c = r + 1; c < b; ++c, ++k) out[k] = static_cast<T>(dq[r * bp + c] - dq[c * bp + r]);
+  }
+}
+
 // One entry per ISA; everything below them is inlined, so each is compiled whole
 // for its instruction set.
 template <typename T, typename Acc>
 struct Entry {
   using Rotate = void (*)(const T*, const Acc*, int64_t, T*, const Layout&, int64_t, int64_t);
   using Backward = void (*)(T*, const T*, const Acc*, int64_t, Acc*, int64_t, const Layout&, int64_t, int64_t);
+  using Neumann = void (*)(const T*, const double*, int64_t, int64_t, T*, int64_t, int64_t);
+  using NeumannBackward = void (*)(const T*, const T*, const double*, int64_t, int64_t, T*, int64_t, int64_t);
   Rotate rotate;
   Backward backward;
+  Neumann neumann;
+  NeumannBackward neumann_backward;
 };
 
 #define SK_ENTRIES(NAME, BYTES)                                                                                    \
@@ -258,6 +340,16 @@ struct Entry {
   SK_TARGET_##NAME void backward_##NAME(T* g, const T* x, const Acc* rot, int64_t n_rot, Acc* partial,            \
                                         int64_t chunk_len, const Layout& s, int64_t begin, int64_t end) {         \
     backward_items<T, Acc, BYTES>(g, x, rot, n_rot, partial, chunk_len, s, begin, end);                           \
+  }                                                                                                               \
+  template <typename T, typename Acc>                                                                             \
+  SK_TARGET_##NAME void neumann_##NAME(const T* params, const double* coef, int64_t last, int64_t b, T* out,      \
+                                       int64_t begin, int64_t end) {                                              \
+    neumann_items<T, Acc, BYTES>(params, coef, last, b, out, begin, end);                                         \
+  }                                                                                                               \
+  template <typename T, typename Acc>                                                                             \
+  SK_TARGET_##NAME void neumann_backward_##NAME(const T* params, const T* grad, const double* coef, int64_t last,  \
+                                                int64_t b, T* dparams, int64_t begin, int64_t end) {              \
+    neumann_backward_items<T, Acc, BYTES>(params, grad, coef, last, b, dparams, begin, end);                      \
   }
 
 #define SK_TARGET_baseline
@@ -276,13 +368,14 @@ Entry<T, Acc> select_entry() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return {rotate_avx512<T, Acc>, backward_avx512<T, Acc>};
+    return {rotate_avx512<T, Acc>, backward_avx512<T, Acc>, neumann_avx512<T, Acc>, neumann_backward_avx512<T, Acc>};
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {rotate_avx2<T, Acc>, backward_avx2<T, Acc>};
+    return {rotate_avx2<T, Acc>, backward_avx2<T, Acc>, neumann_avx2<T, Acc>, neumann_backward_avx2<T, Acc>};
   }
 #endif
-  return {rotate_baseline<T, Acc>, backward_baseline<T, Acc>};
+  return {rotate_baseline<T, Acc>, backward_baseline<T, Acc>, neumann_baseline<T, Acc>,
+          neumann_backward_baseline<T, Acc>};
 }
 
 template <typename T, typename Acc>
@@ -316,8 +409,6 @@ at::Tensor padded_rotation(const at::Tensor& rot, int64_t bp, bool transpose, at
   m.narrow(2, 0, b).copy_(transpose ? rot.transpose(1, 2) : rot);
   return m;
 }
-
-int64_t padded(int64_t b) { return (b + Layout::kPadTo - 1) / Layout::kPadTo * Layout::kPadTo; }
 
 }  // namespace
 
@@ -377,9 +468,66 @@ at::Tensor oft_rotate_backward_cpu(at::Tensor& g, const at::Tensor& x_in, const 
   return (n_rot == 1 ? grad.sum(0, true) : grad).contiguous();
 }
 
+namespace {
+
+// (b, coefficients c[0..last]) of a Neumann call; checks the parameters' shape.
+std::vector<double> check_neumann(const at::Tensor& params, int64_t b, const at::Tensor* grad,
+                                  const std::vector<double>& coef) {
+  TORCH_CHECK(b >= 1 && params.dim() == 2 && params.size(1) == b * (b - 1) / 2, "oft_neumann: parameters (n, ",
+              b * (b - 1) / 2, ") expected for block size ", b, ", got ", params.sizes());
+  TORCH_CHECK(params.is_floating_point(), "oft_neumann: floating-point parameters expected");
+  TORCH_CHECK(!coef.empty() && coef[0] == 1.0, "oft_neumann: coefficients must start with 1 (the identity)");
+  if (grad) {
+    TORCH_CHECK(grad->sizes() == at::IntArrayRef({params.size(0), b, b}) &&
+                    grad->scalar_type() == params.scalar_type(),
+                "oft_neumann_backward: gradient (", params.size(0), ", ", b, ", ", b, ") of the parameters' dtype expected");
+  }
+  return coef;
+}
+
+}  // namespace
+
+at::Tensor oft_neumann_cpu(const at::Tensor& params_in, int64_t b, at::ArrayRef<double> coef_in) {
+  const auto coef = check_neumann(params_in, b, nullptr, coef_in.vec());
+  const auto params = params_in.contiguous();
+  auto out = at::empty({params.size(0), b, b}, params.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_cpu", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto kernel = entry<scalar_t, Acc>().neumann;
+    const scalar_t* pp = params.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t last = static_cast<int64_t>(coef.size()) - 1;
+    at::parallel_for(0, params.size(0), 1, [&](int64_t begin, int64_t end) {
+      kernel(pp, coef.data(), last, b, op, begin, end);
+    });
+  });
+  return out;
+}
+
+at::Tensor oft_neumann_backward_cpu(const at::Tensor& params_in, const at::Tensor& grad_in, int64_t b,
+                                    at::ArrayRef<double> coef_in) {
+  const auto coef = check_neumann(params_in, b, &grad_in, coef_in.vec());
+  const auto params = params_in.contiguous(), grad = grad_in.contiguous();
+  auto dparams = at::empty_like(params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_backward_cpu", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto kernel = entry<scalar_t, Acc>().neumann_backward;
+    const scalar_t* pp = params.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* dp = dparams.mutable_data_ptr<scalar_t>();
+    const int64_t last = static_cast<int64_t>(coef.size()) - 1;
+    at::parallel_for(0, params.size(0), 1, [&](int64_t begin, int64_t end) {
+      kernel(pp, gp, coef.data(), last, b, dp, begin, end);
+    });
+  });
+  return dparams;
+}
+
 TORCH_LIBRARY_IMPL(spectral_kernels, CPU, m) {
   m.impl("oft_rotate", &oft_rotate_cpu);
   m.impl("oft_rotate_backward_", &oft_rotate_backward_cpu);
+  m.impl("oft_neumann", &oft_neumann_cpu);
+  m.impl("oft_neumann_backward", &oft_neumann_backward_cpu);
 }
 
 }  // namespace spectral_kernels

@@ -52,7 +52,7 @@ class OFTRotation(nn.Module):
         self.use_cayley_neumann = config.use_cayley_neumann
         self.num_cayley_neumann_terms = config.num_cayley_neumann_terms
 
-    def rotation(self, params=None):
+    def rotation(self, params=None, backend=None):
         """Rotation blocks R (n, b, b) of ``weight``, or of a detached copy ``params`` of it (merging).
 
         With COFT the parameters are first projected and the projection written back
@@ -67,7 +67,7 @@ class OFTRotation(nn.Module):
             params = reference.project(params, self.block_size, self.eps)
             with torch.no_grad():
                 self.weight.copy_(params)
-        return oft_rotation(params, self.block_size, self.use_cayley_neumann, self.num_cayley_neumann_terms)
+        return oft_rotation(params, self.block_size, self.use_cayley_neumann, self.num_cayley_neumann_terms, backend)
 
 
 class OFTLinear(AdapterLayer):
@@ -109,12 +109,12 @@ class OFTLinear(AdapterLayer):
         under the parameters' version."""
         module = self.oft_R[name]
         if torch.is_grad_enabled() or module.coft:
-            return None, module.rotation()
+            return None, module.rotation(backend=self.backend)
         params = module.weight
         key = (name, params.data_ptr(), params._version, params.dtype, params.device)
         cached = self._rotations.get(name)
         if cached is None or cached[0] != key:
-            self._rotations[name] = cached = (key, module.rotation())
+            self._rotations[name] = cached = (key, module.rotation(backend=self.backend))
         return cached
 
     def _merge_rotation(self, name):
@@ -122,8 +122,8 @@ class OFTLinear(AdapterLayer):
         module = self.oft_R[name]
         params = module.weight.detach()
         if params.device.type == "cpu" and params.dtype in (torch.float16, torch.bfloat16):
-            return module.rotation(params.float()).to(params.dtype)
-        return module.rotation(params)
+            return module.rotation(params.float(), self.backend).to(params.dtype)
+        return module.rotation(params, self.backend)
 
     def delta_weight(self, adapter):
         """peft's get_delta_weight: the dense blockdiag(R) (in_features, in_features) that merging applies."""

@@ -19,6 +19,8 @@ _lib.define("frod_mix_backward(Tensor g, Tensor z, Tensor coef, Tensor ptr, Tens
             "-> (Tensor, Tensor)")
 _lib.define("oft_rotate(Tensor x, Tensor rot, bool transpose) -> Tensor")
 _lib.define("oft_rotate_backward_(Tensor(a!) g, Tensor x, Tensor rot, bool need_dx, bool need_drot) -> Tensor")
+_lib.define("oft_neumann(Tensor params, int b, float[] coef) -> Tensor")
+_lib.define("oft_neumann_backward(Tensor params, Tensor grad, int b, float[] coef) -> Tensor")
 
 try:
     from spectral_kernels import _C  # noqa: F401  (registers the kernels)

@@ -14,3 +14,12 @@ def rotate_backward(g, x, rot, need_dx, need_drot):
     """(dx, dR) of x_rot = x · blockdiag(rot) for its gradient g (contiguous); dx is written over g."""
     drot = _ops.oft_rotate_backward_(g, x, rot, need_dx, need_drot)
     return g, drot
+
+
+def neumann(params, block_size, coef):
+    """Rotation blocks sum_p coef[p] Q^p of the skew blocks of ``params`` (CPU)."""
+    return _ops.oft_neumann(params, block_size, coef)
+
+
+def neumann_backward(params, grad, block_size, coef):
+    return _ops.oft_neumann_backward(params, grad, block_size, coef)

@@ -17,6 +17,15 @@ def skew(params, block_size):
     return upper - upper.transpose(-2, -1)
 
 
+def neumann_coefficients(num_neumann_terms):
+    """c of peft's truncated series R = sum_p c[p] Q^p (``cayley`` below): [1] for one term,
+    [1, 2] for two, else 1, then 2 up to the power m - 1, then 1 at m = max(3, k - 1)."""
+    if num_neumann_terms <= 2:
+        return [1.0, 2.0][:num_neumann_terms]
+    last = max(3, num_neumann_terms - 1)
+    return [1.0] + [2.0] * (last - 1) + [1.0]
+
+
 def cayley(params, block_size, use_cayley_neumann=True, num_neumann_terms=5):
     """peft's _cayley_batch: R = (I - Q)(I + Q)^-1, exact or as its truncated Neumann series.
 
