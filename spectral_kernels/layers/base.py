@@ -26,9 +26,9 @@ class AdapterLayer(nn.Module):
     Eval cache: in eval mode without autograd a layer runs one GEMM with its effective
     weight (base and adapters folded together), built on the first call and reused
     until a tensor it was built from changes (its key holds their versions, so in-place
-    optimizer steps count). It holds one copy of the base weight (less than peft's
-    per-call dense delta weight needs at its peak), is dropped when the layer goes back
-    to training, and ``cache_effective_weight = False`` turns it off.
+    optimizer steps count). It holds one more copy of the base weight, is dropped when
+    the layer goes back to training, and ``cache_effective_weight = False`` turns it off
+    (eval calls then run the fused op).
     """
 
     adapter_layer_names: tuple = ()
