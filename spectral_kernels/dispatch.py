@@ -99,10 +99,18 @@ def kernels(method, backend):
     return _modules[key]
 
 
-# Measured on the 2-core CPU machine (bench/results): the token path costs about
-# four length-d FFTs per token, the weight path one (d_out x d_in) real 2-D FFT per
-# call; the weight path wins once tokens * (d_out + d_in) exceeds this many d_out*d_in.
-FOURIERFT_WEIGHT_PATH_RATIO = 0.5
+# The token path costs a few length-d FFTs per token, the weight path one (d_out x d_in)
+# real 2-D FFT per call (whose cost per element grows with the matrix: ~25 ms at 2048 x
+# 2048 on the 2-core CPU, ten times the 1024 x 1024 one). Measured there, forward +
+# backward over the frozen base layer, token vs weight path, by
+# r = tokens * (d_out + d_in) / (d_out * d_in):
+#   r = 0.5: 512^2 T=128 2.44x vs 3.02x, 2048^2 T=512 1.24x vs 1.53x
+#   r = 1:   1024^2 T=512 1.40x vs 1.44x, 512^2 T=256 2.19x vs 2.23x, 4096^2 T=2048 1.16x vs 1.27x
+#   r = 1.3: 768^2 T=512 1.62x vs 1.58x
+#   r = 2:   512^2 T=512 2.04x vs 1.69x, 1024^2 T=1024 1.37x vs 1.30x, 2048^2 T=2048 1.17x vs 1.16x
+#   r = 4:   1024^2 T=2048 1.38x vs 1.22x
+# so the weight path is taken from r = 1.5 on.
+FOURIERFT_WEIGHT_PATH_RATIO = 1.5
 
 
 def fourierft_path(tokens, out_features, in_features, requested=None):
