@@ -4,11 +4,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../fourierft_fold.h"
 #include "../ops.h"
+#include "simd.h"
 
 namespace spectral_kernels {
 namespace {
@@ -64,14 +64,6 @@ struct Gather {
   }
 };
 
-// The inner loop of the sampled reduction below is the hot spot of the backward. It is
-// compiled for several instruction sets and the best one is picked at load time
-// (GCC target_clones), so the wheel still runs on any x86-64 CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SK_CPU_CLONES
-#endif
 
 at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
                              const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
@@ -171,10 +163,10 @@ void transpose_tile(const scalar_t* spectra, int64_t stride, int64_t tokens, con
       V re = {}, im = {};                                                                                         \
       for (int64_t t = 0; t < kTile; t += kLanes) {                                                               \
         V u, v, w, z;                                                                                             \
-        std::memcpy(&u, xr + a + t, sizeof(V));                                                                   \
-        std::memcpy(&v, yr + b + t, sizeof(V));                                                                   \
-        std::memcpy(&w, xi + a + t, sizeof(V));                                                                   \
-        std::memcpy(&z, yi + b + t, sizeof(V));                                                                   \
+        load_vec(u, xr + a + t);                                                                                  \
+        load_vec(v, yr + b + t);                                                                                  \
+        load_vec(w, xi + a + t);                                                                                  \
+        load_vec(z, yi + b + t);                                                                                  \
         re += u * v;                                                                                              \
         im += w * z;                                                                                              \
       }                                                                                                           \

@@ -14,22 +14,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../frod_plan.h"
 #include "../ops.h"
+#include "simd.h"
 
 namespace spectral_kernels {
 namespace {
-
-// Cloned per instruction set and chosen when the library loads (no -march at
-// build time).
-#define SK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-// Everything a clone calls is inlined into it, so that it is compiled for the clone's ISA.
-#define SK_INLINE inline __attribute__((always_inline))
 
 // Tokens per register block: a row's sum over its entries is held in kVecs SIMD
 // registers for kBlock tokens and written once, instead of being accumulated in memory
@@ -46,29 +40,6 @@ struct Block {
   static constexpr int64_t kBlock = kLanes * kVecs;
 };
 
-// (Inlined into the clones; out-parameters keep vector types off the default clone's call ABI.)
-template <typename V, typename T, typename Acc>
-SK_INLINE void load_vec(V& v, const T* p) {
-  if constexpr (std::is_same_v<T, Acc>) {
-    std::memcpy(&v, p, sizeof(V));
-  } else {
-    Acc lanes[sizeof(V) / sizeof(Acc)];
-    for (size_t l = 0; l < sizeof(V) / sizeof(Acc); ++l) lanes[l] = static_cast<Acc>(p[l]);
-    std::memcpy(&v, lanes, sizeof(V));
-  }
-}
-
-template <typename V, typename T, typename Acc>
-SK_INLINE void store_vec(T* p, const V& v) {
-  if constexpr (std::is_same_v<T, Acc>) {
-    std::memcpy(p, &v, sizeof(V));
-  } else {
-    Acc lanes[sizeof(V) / sizeof(Acc)];
-    std::memcpy(lanes, &v, sizeof(V));
-    for (size_t l = 0; l < sizeof(V) / sizeof(Acc); ++l) p[l] = static_cast<T>(lanes[l]);
-  }
-}
-
 // out[:len] = sum_e coef[e] · in[src[e] * len + :len] for one written row.
 template <typename T, typename Acc>
 SK_INLINE void mix_row_impl(T* __restrict__ out, const T* in, int64_t len, const int64_t* src, const Acc* coef,
@@ -84,12 +55,12 @@ SK_INLINE void mix_row_impl(T* __restrict__ out, const T* in, int64_t len, const
 #pragma GCC unroll 4
       for (int v = 0; v < B::kVecs; ++v) {
         V x;
-        load_vec<V, T, Acc>(x, row + v * B::kLanes);
+        load_vec(x, row + v * B::kLanes);
         acc[v] += c * x;
       }
     }
 #pragma GCC unroll 4
-    for (int v = 0; v < B::kVecs; ++v) store_vec<V, T, Acc>(out + b + v * B::kLanes, acc[v]);
+    for (int v = 0; v < B::kVecs; ++v) store_vec(out + b + v * B::kLanes, acc[v]);
   }
   for (; b < len; ++b) {
     Acc sum = 0;
@@ -112,7 +83,7 @@ SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t len
   for (; b + B::kBlock <= len; b += B::kBlock) {
     V zb[B::kVecs], acc[B::kVecs] = {};
 #pragma GCC unroll 4
-    for (int v = 0; v < B::kVecs; ++v) load_vec<V, T, Acc>(zb[v], z + b + v * B::kLanes);
+    for (int v = 0; v < B::kVecs; ++v) load_vec(zb[v], z + b + v * B::kLanes);
     for (int64_t e = 0; e < count; ++e) {
       const T* row = g + src[e] * len + b;
       const Acc c = coef[e];
@@ -120,17 +91,17 @@ SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t len
 #pragma GCC unroll 4
       for (int v = 0; v < B::kVecs; ++v) {
         V gv;
-        load_vec<V, T, Acc>(gv, row + v * B::kLanes);
+        load_vec(gv, row + v * B::kLanes);
         acc[v] += c * gv;
         dot += gv * zb[v];
       }
       V sum;
-      load_vec<V, Acc, Acc>(sum, part + e * B::kLanes);
-      store_vec<V, Acc, Acc>(part + e * B::kLanes, sum + dot);
+      load_vec(sum, part + e * B::kLanes);
+      store_vec(part + e * B::kLanes, sum + dot);
     }
     if (dz) {
 #pragma GCC unroll 4
-      for (int v = 0; v < B::kVecs; ++v) store_vec<V, T, Acc>(dz + b + v * B::kLanes, acc[v]);
+      for (int v = 0; v < B::kVecs; ++v) store_vec(dz + b + v * B::kLanes, acc[v]);
     }
   }
   for (int64_t e = 0; e < count; ++e) {
@@ -151,10 +122,10 @@ SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t len
 }
 
 #define SK_ROWS(T, Acc)                                                                                          \
-  SK_CLONES void mix_row(T* out, const T* in, int64_t len, const int64_t* src, const Acc* coef, int64_t count) {  \
+  SK_CPU_CLONES void mix_row(T* out, const T* in, int64_t len, const int64_t* src, const Acc* coef, int64_t count) {  \
     mix_row_impl(out, in, len, src, coef, count);                                                                \
   }                                                                                                              \
-  SK_CLONES void mix_backward_row(T* dz, const T* g, int64_t len, const T* z, const int64_t* src, const Acc* coef, \
+  SK_CPU_CLONES void mix_backward_row(T* dz, const T* g, int64_t len, const T* z, const int64_t* src, const Acc* coef, \
                                   Acc* dcoef, int64_t count, Acc* part) {                                        \
     mix_backward_row_impl(dz, g, len, z, src, coef, dcoef, count, part);                                         \
   }

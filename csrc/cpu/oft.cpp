@@ -15,16 +15,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../ops.h"
+#include "simd.h"
 
 namespace spectral_kernels {
 namespace {
-
-#define SK_INLINE inline __attribute__((always_inline))
 
 // A SIMD vector of `Bytes` bytes of Acc (GCC/Clang vector extension; the code
 // generated for it follows the target ISA of the function it is inlined into).
@@ -37,18 +35,6 @@ struct Simd {
   static constexpr int kMaxVecs = Bytes == 64 ? 4 : 2;
   static constexpr int rows_for(int nv) { return Bytes == 64 ? (nv == 1 ? 16 : nv == 4 ? 6 : 8) : (nv == 1 ? 8 : 6); }
 };
-
-template <typename V, typename T>
-SK_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-SK_INLINE void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
 
 // C[i, :NV*W] = (accumulate ? C[i, :] : 0) + sum_k A(i, k) B[k, :NV*W] for i < rows,
 // with A(i, k) = a[i * a_row + k * a_col]. Rows from `rows` to MR recompute the last
@@ -64,12 +50,15 @@ SK_INLINE void micro_tile(const Acc* a, int64_t a_row, int64_t a_col, const Acc*
   for (int i = 0; i < MR; ++i) {
     arow[i] = a + std::min(i, rows - 1) * a_row;
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate && i < rows ? load<V>(c + i * ldc + v * S::kWidth) : V{};
+    for (int v = 0; v < NV; ++v) {
+      acc[i][v] = V{};
+      if (accumulate && i < rows) load_vec(acc[i][v], c + i * ldc + v * S::kWidth);
+    }
   }
   for (int64_t k = 0; k < depth; ++k) {
     V bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + k * ldb + v * S::kWidth);
+    for (int v = 0; v < NV; ++v) load_vec(bv[v], b + k * ldb + v * S::kWidth);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const Acc s = arow[i][k * a_col];
@@ -81,7 +70,7 @@ SK_INLINE void micro_tile(const Acc* a, int64_t a_row, int64_t a_col, const Acc*
   for (int i = 0; i < MR; ++i) {
     if (i < rows) {
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) store(c + i * ldc + v * S::kWidth, acc[i][v]);
+      for (int v = 0; v < NV; ++v) store_vec(c + i * ldc + v * S::kWidth, acc[i][v]);
     }
   }
 }

@@ -1,0 +1,50 @@
+// SIMD helpers shared by the CPU kernels. Hot loops are compiled for several
+// instruction sets and the widest one the CPU supports is chosen when the library
+// loads (no -march at build time): SK_CPU_CLONES for GCC's target_clones, and
+// SK_INLINE for everything such a function calls, so that it is compiled for the
+// clone's ISA. Vectors are GCC/Clang vector extensions, whose code follows the ISA of
+// the function they are inlined into.
+#pragma once
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#define SK_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SK_CPU_CLONES
+#endif
+
+namespace spectral_kernels {
+
+template <typename V>
+using Lane = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+
+// v = p[0 .. lanes), converted to the vector's lane type (unaligned; an out-parameter,
+// so that no vector type crosses a call of the baseline ISA).
+template <typename V, typename T>
+SK_INLINE void load_vec(V& v, const T* p) {
+  if constexpr (std::is_same_v<T, Lane<V>>) {
+    std::memcpy(&v, p, sizeof(V));
+  } else {
+    Lane<V> lanes[sizeof(V) / sizeof(Lane<V>)];
+    for (size_t l = 0; l < sizeof(V) / sizeof(Lane<V>); ++l) lanes[l] = static_cast<Lane<V>>(p[l]);
+    std::memcpy(&v, lanes, sizeof(V));
+  }
+}
+
+// p[0 .. lanes) = v, converted to T.
+template <typename V, typename T>
+SK_INLINE void store_vec(T* p, const V& v) {
+  if constexpr (std::is_same_v<T, Lane<V>>) {
+    std::memcpy(p, &v, sizeof(V));
+  } else {
+    Lane<V> lanes[sizeof(V) / sizeof(Lane<V>)];
+    std::memcpy(lanes, &v, sizeof(V));
+    for (size_t l = 0; l < sizeof(V) / sizeof(Lane<V>); ++l) p[l] = static_cast<T>(lanes[l]);
+  }
+}
+
+}  // namespace spectral_kernels
