@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from . import _autograd
 from ..kernels.reference import fourierft as reference
 
 
@@ -69,10 +70,7 @@ def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     return x.new_empty(*x.shape[:-1], m), state
 
 
-@torch.library.custom_op("spectral_kernels::fourierft_linear_bwd", mutates_args=())
-def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor,
-                   rows: torch.Tensor, cols: torch.Tensor, state: torch.Tensor, scaling: float, backend: str,
-                   path: str, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs):
     """Gradients (dx, dweight, dbias, dspectrum); empty tensors for those not needed."""
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape
@@ -96,6 +94,13 @@ def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec
     dw = (dy2.t() @ x2).to(weight.dtype) if need_dw else x.new_empty(0)
     db = dy2.sum(0).to(weight.dtype) if need_db else x.new_empty(0)
     return dx, dw, db, dc
+
+
+@torch.library.custom_op("spectral_kernels::fourierft_linear_bwd", mutates_args=())
+def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor,
+                   rows: torch.Tensor, cols: torch.Tensor, state: torch.Tensor, scaling: float, backend: str,
+                   path: str, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs)
 
 
 @_fourierft_bwd.register_fake
@@ -123,13 +128,14 @@ def _backward(ctx, dy, _dstate):
     x, weight, spectrum, rows, cols, state = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
              ctx.needs_input_grad[3]]
-    dx, dw, db, dc = _fourierft_bwd(dy, x, weight, spectrum, rows, cols, state, ctx.scaling, ctx.backend,
-                                    ctx.path, needs)
+    dx, dw, db, dc = _autograd.backward_call(ctx, _fourierft_bwd, _backward_body, dy, x, weight, spectrum, rows, cols,
+                                             state, ctx.scaling, ctx.backend, ctx.path, needs)
     grads = [g if need else None for g, need in zip((dx, dw, db, dc), needs)]
     return grads[0], grads[1], grads[2], grads[3], None, None, None, None, None
 
 
 _fourierft_fwd.register_autograd(_backward, setup_context=_setup_context)
+_FourierFTFunction = _autograd.function("_FourierFTFunction", _forward, _setup_context, _backward)
 
 
 def _check(x, weight, bias, spectrum, indices):
@@ -189,12 +195,7 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
     args = (x, weight, bias, spectrum, indices[0], indices[1], float(scaling), backend, path)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or spectrum.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad or torch.compiler.is_compiling():
-        return _fourierft_fwd(*args)[0]
-    # Eager inference: the same computation without the custom op's Python layers,
-    # which cost ~0.2 ms a call once a large GEMV has pushed them out of the CPU caches
-    # (measured at T=1, 4096x4096: a fifth of the GEMV itself).
-    return _forward(*args)[0]
+    return _autograd.run(_fourierft_fwd, _FourierFTFunction, _forward, needs_grad, *args)[0]
 
 
 def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling, backend=None):

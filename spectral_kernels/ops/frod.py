@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import dispatch
+from . import _autograd
 from ..kernels.reference import frod as reference
 
 
@@ -101,10 +102,7 @@ def _(x, u, v, lam, s_values, s_indices, bias, backend, path):
     return x.new_empty(*x.shape[:-1], m), state
 
 
-@torch.library.custom_op("spectral_kernels::frod_linear_bwd", mutates_args=())
-def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-              lam: torch.Tensor, s_values: torch.Tensor, s_indices: torch.Tensor, backend: str, path: str,
-              needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, needs):
     """Gradients (dx, dlam, ds, dbias); empty tensors for those not needed. x only for the weight path."""
     k = dispatch.kernels("frod", backend)
     m, n = u.shape
@@ -130,6 +128,13 @@ def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: 
     ds = dcoef[n:].to(s_values.dtype) if need_ds else s_values.new_empty(0)
     db = dy2.sum(0) if need_db else dy2.new_empty(0)
     return dx, dlam, ds, db
+
+
+@torch.library.custom_op("spectral_kernels::frod_linear_bwd", mutates_args=())
+def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+              lam: torch.Tensor, s_values: torch.Tensor, s_indices: torch.Tensor, backend: str, path: str,
+              needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, needs)
 
 
 @_frod_bwd.register_fake
@@ -158,12 +163,14 @@ def _backward(ctx, dy, _dstate):
     x, state, u, v, lam, s_values, s_indices = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4],
              ctx.bias_dtype is not None and ctx.needs_input_grad[6]]
-    dx, dlam, ds, db = _frod_bwd(dy, x, state, u, v, lam, s_values, s_indices, ctx.backend, ctx.path, needs)
+    dx, dlam, ds, db = _autograd.backward_call(ctx, _frod_bwd, _backward_body, dy, x, state, u, v, lam, s_values,
+                                               s_indices, ctx.backend, ctx.path, needs)
     return (dx if needs[0] else None), None, None, (dlam if needs[1] else None), (ds if needs[2] else None), \
         None, (db.to(ctx.bias_dtype) if needs[3] else None), None, None
 
 
 _frod_fwd.register_autograd(_backward, setup_context=_setup_context)
+_FrodFunction = _autograd.function("_FrodFunction", _forward, _setup_context, _backward)
 
 
 def _check(x, u, v, lam, s_values, s_indices, bias):
@@ -228,10 +235,7 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
         t is not None and t.requires_grad for t in (x, lam, s_values, bias))
     path = dispatch.frod_path(x.numel() // n, m, n, needs_grad, path)
     args = (x, u, v, lam, s_values, s_indices, bias, backend, path)
-    if needs_grad or torch.compiler.is_compiling():
-        return _frod_fwd(*args)[0]
-    # Eager inference: the same computation without the custom op's Python layers.
-    return _forward(*args)[0]
+    return _autograd.run(_frod_fwd, _FrodFunction, _forward, needs_grad, *args)[0]
 
 
 def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from . import _autograd
 from ..kernels.reference import oft as reference
 
 
@@ -116,12 +117,14 @@ def _linear_backward(ctx, dy):
     x, weight, rot = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
              ctx.needs_input_grad[3]]
-    grads = _oft_linear_bwd(dy, x, weight, rot, ctx.backend, needs)
+    grads = _autograd.backward_call(ctx, _oft_linear_bwd, _linear_backward_body, dy, x, weight, rot, ctx.backend, needs)
     dx, dw, db, drot = [g if need else None for g, need in zip(grads, needs)]
     return dx, dw, db, drot, None, None
 
 
 _oft_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_OFTLinearFunction = _autograd.function("_OFTLinearFunction", _linear_forward, _linear_setup_context,
+                                        _linear_backward)
 
 
 def _rotate_forward(x, rot, backend):
@@ -138,14 +141,18 @@ def _(x, rot, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("spectral_kernels::oft_rotate_bwd", mutates_args=())
-def _oft_rotate_bwd(dy: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, backend: str,
-                    needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotate_backward_body(dy, x, rot, backend, needs):
     x2 = x.reshape(-1, x.shape[-1])
     # A copy: the kernels overwrite it with dx, and dy belongs to autograd.
     g2 = dy.reshape(x2.shape).to(x.dtype, memory_format=torch.contiguous_format, copy=True)
     dx, drot = _rotate_backward(_kernels(backend), g2, x2, rot, *needs)
     return (dx.reshape(x.shape) if needs[0] else dx), drot
+
+
+@torch.library.custom_op("spectral_kernels::oft_rotate_bwd", mutates_args=())
+def _oft_rotate_bwd(dy: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, backend: str,
+                    needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate_backward_body(dy, x, rot, backend, needs)
 
 
 @_oft_rotate_bwd.register_fake
@@ -163,11 +170,13 @@ def _rotate_setup_context(ctx, inputs, output):
 def _rotate_backward_autograd(ctx, dy):
     x, rot = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    dx, drot = _oft_rotate_bwd(dy, x, rot, ctx.backend, needs)
+    dx, drot = _autograd.backward_call(ctx, _oft_rotate_bwd, _rotate_backward_body, dy, x, rot, ctx.backend, needs)
     return (dx if needs[0] else None), (drot if needs[1] else None), None
 
 
 _oft_rotate_fwd.register_autograd(_rotate_backward_autograd, setup_context=_rotate_setup_context)
+_OFTRotateFunction = _autograd.function("_OFTRotateFunction", _rotate_forward, _rotate_setup_context,
+                                        _rotate_backward_autograd)
 
 
 def _check_rotation(name, x, rot, in_features):
@@ -206,14 +215,7 @@ def _check_linear(x, weight, bias, rot):
     _check_devices("oft_linear", x=x, weight=weight, bias=bias, rot=rot)
 
 
-def _traced_or_differentiated(*tensors):
-    """Whether the custom op is needed: under torch.compile, or when autograd records.
-
-    Otherwise (eager inference) the ops' bodies run directly, without the custom
-    op's Python layers, which cost about a fifth of a 4096 x 4096 GEMV at T=1.
-    """
-    if torch.compiler.is_compiling():
-        return True
+def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -246,7 +248,7 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
                          f"(n, {block_size * (block_size - 1) // 2}), got {tuple(params.shape)}")
     if use_cayley_neumann and num_cayley_neumann_terms < 1:
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
-    if use_cayley_neumann and not torch.compiler.is_compiling() and \
+    if use_cayley_neumann and not _autograd.tracing() and \
             dispatch.select_backend(params.device, backend) == "cpu":
         coef = reference.neumann_coefficients(num_cayley_neumann_terms)
         return _NativeNeumann.apply(params, block_size, coef)
@@ -263,9 +265,8 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
     if backend == "reference":
         return reference.oft_linear(x, weight, bias, rot)
     path = dispatch.oft_path(x.numel() // x.shape[-1], weight.shape[0], path)
-    if _traced_or_differentiated(x, weight, bias, rot):
-        return _oft_linear_fwd(x, weight, bias, rot, backend, path)
-    return _linear_forward(x, weight, bias, rot, backend, path)
+    return _autograd.run(_oft_linear_fwd, _OFTLinearFunction, _linear_forward, _needs_grad(x, weight, bias, rot),
+                         x, weight, bias, rot, backend, path)
 
 
 def oft_rotate(x, rot, backend=None):
@@ -275,9 +276,7 @@ def oft_rotate(x, rot, backend=None):
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
         return reference.rotate(x, rot).to(x.dtype)
-    if _traced_or_differentiated(x, rot):
-        return _oft_rotate_fwd(x, rot, backend)
-    return _rotate_forward(x, rot, backend)
+    return _autograd.run(_oft_rotate_fwd, _OFTRotateFunction, _rotate_forward, _needs_grad(x, rot), x, rot, backend)
 
 
 def oft_effective_weight(weight, rot, backend=None):
