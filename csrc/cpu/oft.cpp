@@ -132,17 +132,6 @@ int64_t padded(int64_t b) { return (b + Layout::kPadTo - 1) / Layout::kPadTo * L
 // at d=1024) run it faster: 1.31 against 1.40 ms a core.
 int64_t tile_rows(int64_t ld_tile) { return std::clamp<int64_t>(65536 / ld_tile / 8 * 8, 8, 64); }
 
-// Per-thread scratch for the tile buffers, kept between calls: allocated per call,
-// buffers of this size are mapped and page-faulted afresh each time (~400 faults
-// per training step of a 1024 x 1024 layer).
-template <typename Acc>
-Acc* scratch(int slot, int64_t n) {
-  thread_local std::vector<Acc> buffers[3];
-  auto& buffer = buffers[slot];
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
-
 // rows x cols of src into dst, converting, and zeroing dst's row ends up to ld_dst.
 template <typename T, typename Acc>
 SK_INLINE void load_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) {

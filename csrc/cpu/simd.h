@@ -1,13 +1,15 @@
-// SIMD helpers shared by the CPU kernels. Hot loops are compiled for several
+// Helpers shared by the CPU kernels: SIMD and per-thread scratch. Hot loops are compiled for several
 // instruction sets and the widest one the CPU supports is chosen when the library
 // loads (no -march at build time): SK_CPU_CLONES for GCC's target_clones, and
 // SK_INLINE for everything such a function calls, so that it is compiled for the
 // clone's ISA. Vectors are GCC/Clang vector extensions, whose code follows the ISA of
 // the function they are inlined into.
 #pragma once
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #define SK_INLINE inline __attribute__((always_inline))
 
@@ -45,6 +47,18 @@ SK_INLINE void store_vec(T* p, const V& v) {
     std::memcpy(lanes, &v, sizeof(V));
     for (size_t l = 0; l < sizeof(V) / sizeof(Lane<V>); ++l) p[l] = static_cast<T>(lanes[l]);
   }
+}
+
+// Per-thread scratch (slot 0-2, each a buffer of at least n Acc), kept between calls:
+// allocated per call, buffers of this size are mapped and page-faulted afresh each
+// time (~400 faults per training step of a 1024 x 1024 OFT layer). Callers must not
+// nest uses of one slot.
+template <typename Acc>
+Acc* scratch(int slot, int64_t n) {
+  thread_local std::vector<Acc> buffers[3];
+  auto& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
 }
 
 }  // namespace spectral_kernels
