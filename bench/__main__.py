@@ -84,8 +84,10 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--n-frequency", type=int, default=1000, help="FourierFT coefficients (default: 1000)")
     parser.add_argument("--oft-block-size", type=int, default=32, help="OFT block size (default: 32)")
-    parser.add_argument("--frod-sparse-rate", type=float, default=0.01,
-                        help="FRoD's fraction of trainable off-diagonal entries (default: 0.01)")
+    parser.add_argument("--frod-sparse-rates", type=csv(float), default=[0.01, 0.02],
+                        help="FRoD's fractions of trainable off-diagonal entries: the first over the whole sweep "
+                             "(and in the training step and set-up), the others over the --quick cases "
+                             "(default: 0.01,0.02)")
     parser.add_argument("--parts", type=csv(str), default=list(PARTS),
                         help="what to run: layers (the layer cases), train (the training step; needs peft), "
                              "frod_init (FRoD's projection set-up against peft's, when frod is among the methods; "
@@ -103,10 +105,18 @@ def parse_args(argv):
     return args
 
 
-def sweep(method, args):
+def variants(method, args):
+    """(config fields, quick) of each run of ``method``'s layer cases: FRoD once per sparse rate, the rates after
+    the first over the quick sweep (the target cases) only."""
+    if method != "frod":
+        return [({}, args.quick)]
+    return [({"sparse_rate": rate}, args.quick or i > 0) for i, rate in enumerate(args.frod_sparse_rates)]
+
+
+def sweep(method, args, quick):
     """{(out, in): [tokens, ...]} for fwd and fwd_bwd, and the shapes for eval_t1."""
     kind = args.device.type
-    if args.quick and not (args.tokens or args.shapes):
+    if quick and not (args.tokens or args.shapes):
         cases, eval_shapes = QUICK_CASES[kind][method], QUICK_EVAL_SHAPES[kind]
     else:
         eval_shapes = args.shapes or FULL_SHAPES[kind]
@@ -119,23 +129,24 @@ def sweep(method, args):
     return by_shape, eval_shapes
 
 
-def bench_shape(method, shape, token_counts, with_eval, args, cases, total):
-    """Append the cases of one method and shape to ``cases``; they share one set of implementations."""
+def bench_shape(method, fields, shape, token_counts, with_eval, args, cases, total):
+    """Append the cases of one method (its config ``fields`` overriding the arguments') and shape to ``cases``;
+    they share one set of implementations."""
     out_features, in_features = shape
     device, dtype, cuda = args.device, DTYPES[args.dtype], args.device.type == "cuda"
     budget, max_reps = BUDGET[args.quick]
     torch.manual_seed(0)
     base = nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
-    impls = implementations(method, base, args)
+    impls = implementations(method, base, args, **fields)
 
     def measure(metric, tokens, calls):
         stats, elapsed, other_load = timing.measure(calls, budget, max_reps, cuda, "base")
-        cases.append({"method": method, "metric": metric, "out_features": out_features,
+        cases.append({"method": method, "config": fields, "metric": metric, "out_features": out_features,
                       "in_features": in_features, "tokens": tokens, "other_load": round(other_load, 2),
                       "impls": stats})
         ratios = "  ".join(f"{n} {s['ratio']:.2f}x" for n, s in stats.items() if n != "base")
         base_ms = report.number(stats["base"]["median_ms"])
-        print(f"[{len(cases)}/{total}] {method} {metric:7} {out_features}x{in_features} T={tokens}: "
+        print(f"[{len(cases)}/{total}] {report.label(cases[-1])} {metric:7} {out_features}x{in_features} T={tokens}: "
               f"base {base_ms} ms  {ratios}  ({elapsed:.1f} s, other processes {other_load:.2f} cores)", flush=True)
         return stats
 
@@ -228,16 +239,17 @@ def main(argv=None):
     if args.device.type == "cpu":
         torch.set_num_threads(args.threads)
     run = environment(args)
-    sweeps = {method: sweep(method, args) for method in args.methods}
-    total = sum(2 * sum(map(len, by_shape.values())) + len(eval_shapes) for by_shape, eval_shapes in sweeps.values())
+    sweeps = [(method, fields, *sweep(method, args, quick)) for method in args.methods
+              for fields, quick in variants(method, args)]
+    total = sum(2 * sum(map(len, by_shape.values())) + len(eval_shapes) for _, _, by_shape, eval_shapes in sweeps)
     print(f"{run['device']['name']}, {run['threads']} threads, {args.dtype}; "
           f"{total if 'layers' in args.parts else 0} layer cases{', training step' * ('train' in args.parts)}",
           flush=True)
 
     run["cases"] = []
-    for method, (by_shape, eval_shapes) in sweeps.items():
+    for method, fields, by_shape, eval_shapes in sweeps:
         for shape, token_counts in by_shape.items() if "layers" in args.parts else ():
-            bench_shape(method, shape, token_counts, shape in eval_shapes, args, run["cases"], total)
+            bench_shape(method, fields, shape, token_counts, shape in eval_shapes, args, run["cases"], total)
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()  # the next shape's copies should not inherit this one's cache
     if "train" in args.parts:

@@ -1,7 +1,7 @@
 """What is compared: a registry of adapter methods, each building its implementations.
 
-A method's builder takes the frozen base ``nn.Linear`` and the parsed arguments and
-returns ``{implementation name: module}``: ours, our pure-PyTorch reference backend
+A method's builder takes the frozen base ``nn.Linear``, the parsed arguments and config
+fields that override the arguments' (FRoD's sparse_rate per run), and returns ``{implementation name: module}``: ours, our pure-PyTorch reference backend
 (peft's algorithm) and, when peft is installed, peft's own layer. Every module wraps
 its own deepcopy of the base, so no two implementations share weights, caches or
 gradients. Adapters are initialised non-trivially (peft's init_weights=False) and
@@ -36,7 +36,7 @@ def configs(method, args, **fields):
     options = {"fourierft": {"n_frequency": args.n_frequency},
                # peft's defaults otherwise: blocks of oft_block_size, Cayley-Neumann rotations.
                "oft": {"oft_block_size": args.oft_block_size, "init_weights": False},
-               "frod": {"sparse_rate": args.frod_sparse_rate, "init_weights": False, "progressbar": False}}[method]
+               "frod": {"sparse_rate": args.frod_sparse_rates[0], "init_weights": False, "progressbar": False}}[method]
     ours, theirs = CONFIG_CLASSES[method]
     options.update(fields)
     return ours(**options), getattr(peft, theirs)(**options) if peft is not None else None
@@ -46,8 +46,8 @@ def lora_config(**fields):
     return peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, **fields)
 
 
-def fourierft(base, args):
-    config, peft_config = configs("fourierft", args)
+def fourierft(base, args, **fields):
+    config, peft_config = configs("fourierft", args, **fields)
     impls = {
         "ours": spectral_kernels.FourierFTLinear(copy.deepcopy(base), config=config),
         "reference": spectral_kernels.FourierFTLinear(copy.deepcopy(base), config=config, backend="reference"),
@@ -58,8 +58,8 @@ def fourierft(base, args):
     return impls
 
 
-def oft(base, args):
-    config, peft_config = configs("oft", args)
+def oft(base, args, **fields):
+    config, peft_config = configs("oft", args, **fields)
     impls = {
         "ours": spectral_kernels.OFTLinear(copy.deepcopy(base), config=config),
         "reference": spectral_kernels.OFTLinear(copy.deepcopy(base), config=config, backend="reference"),
@@ -69,8 +69,8 @@ def oft(base, args):
     return impls
 
 
-def frod(base, args):
-    config, peft_config = configs("frod", args)
+def frod(base, args, **fields):
+    config, peft_config = configs("frod", args, **fields)
     # The projection V and the sparse pattern exactly as peft's FrodModel builds them for a category of one layer,
     # computed once (a QR and an eigh of the weight: seconds at 4096) and shared by all three.
     v, s_indices = frod_projections({"layer": [base.weight]}, config)["layer"]
@@ -91,9 +91,10 @@ def frod(base, args):
 METHODS = {"fourierft": fourierft, "oft": oft, "frod": frod}
 
 
-def implementations(method, base, args):
-    """The frozen ``base`` itself (the floor), the method's implementations, then LoRA as the yardstick."""
-    impls = {"base": copy.deepcopy(base), **METHODS[method](base, args)}
+def implementations(method, base, args, **fields):
+    """The frozen ``base`` itself (the floor), the method's implementations (config ``fields`` overriding the
+    arguments), then LoRA as the yardstick."""
+    impls = {"base": copy.deepcopy(base), **METHODS[method](base, args, **fields)}
     if peft is not None:
         impls["lora"] = PeftLoraLinear(copy.deepcopy(base), "default", lora_config(), r=LORA_RANK,
                                        lora_alpha=LORA_RANK)

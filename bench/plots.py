@@ -1,4 +1,6 @@
 """PNG plots of a run: ratio to base per implementation, one file per method and metric; training steps."""
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on benchmark machines
@@ -70,7 +72,8 @@ def plot(run, stem):
         groups.setdefault((method, metric), []).append((shape, tokens, values))
     paths = []
     for (method, metric), cases in groups.items():
-        path = stem.with_name(f"{stem.name}-{method}-{metric}.png")
+        name = re.sub(r"[^\w.]+", "_", method).strip("_")  # "frod (sparse_rate 0.02)" -> frod_sparse_rate_0.02
+        path = stem.with_name(f"{stem.name}-{name}-{metric}.png")
         title = f"{method} {metric}: {run['device']['name']}, {run['dtype']}, {run['date'][:10]}"
         ylabel = f"{'peak memory' if metric == 'peak_mem' else 'median time'} / base"
         draw = _bars if metric == "eval_t1" else _over_tokens

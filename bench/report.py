@@ -29,19 +29,25 @@ def number(value):
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def label(case):
+    """The method of a layer case and the config fields it ran with, e.g. ``frod (sparse_rate 0.02)``."""
+    fields = case.get("config") or {}
+    return case["method"] + (f" ({', '.join(f'{k} {v}' for k, v in fields.items())})" if fields else "")
+
+
 def rows(run):
-    """(method, metric, shape, tokens, unit, {impl: (value, ratio to base)}) per case, fwd_bwd first.
+    """(method label, metric, shape, tokens, unit, {impl: (value, ratio to base)}) per case, fwd_bwd first.
 
     On CUDA each fwd_bwd case is followed by its peak-memory row.
     """
-    cases = sorted(run["cases"], key=lambda c: (c["method"], METRICS.index(c["metric"])))
+    cases = sorted(run["cases"], key=lambda c: (c["method"], label(c), METRICS.index(c["metric"])))
     for case in cases:
         shape = f"{case['out_features']}x{case['in_features']}"
         impls = case["impls"]
-        yield (case["method"], case["metric"], shape, case["tokens"], "ms",
+        yield (label(case), case["metric"], shape, case["tokens"], "ms",
                {name: (s["median_ms"], s["ratio"]) for name, s in impls.items()})
         if impls["base"].get("peak_mem_mib") is not None:
-            yield (case["method"], "peak_mem", shape, case["tokens"], "MiB",
+            yield (label(case), "peak_mem", shape, case["tokens"], "MiB",
                    {name: (s["peak_mem_mib"], s["peak_mem_ratio"]) for name, s in impls.items()})
 
 
