@@ -18,8 +18,8 @@ def function(name, forward, setup_context, backward):
         setup_context(ctx, inputs, output)
         ctx.eager = True
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
-                                                   "backward": staticmethod(backward)})
+    methods = {"forward": staticmethod(forward), "setup_context": staticmethod(setup), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
 
 
 def tracing():
