@@ -41,6 +41,25 @@ def assert_close(actual, expected, dtype):
     assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype] * scale:.3g}"
 
 
+def assert_compiled_matches_eager(layer, x):
+    """torch.compile of ``layer`` (it traces the ops' custom ops) and eager autograd (their autograd.Functions)
+    give the same output and the same gradients for x and every trainable parameter (None for both where a
+    parameter is unused, as FRoD's base weight)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for module in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        xi = x.detach().clone().requires_grad_()
+        y = module(xi)
+        results.append((y, torch.autograd.grad(y.square().sum(), [xi, *params], allow_unused=True)))
+    (y_eager, grads_eager), (y_compiled, grads_compiled) = results
+    assert_close(y_compiled, y_eager, torch.float32)
+    assert grads_eager[0] is not None and any(g is not None for g in grads_eager[1:])
+    for compiled, eager in zip(grads_compiled, grads_eager):
+        assert (compiled is None) == (eager is None)
+        if eager is not None:
+            assert_close(compiled, eager, torch.float32)
+
+
 def assert_low_precision_close(actual, reference_lowp, exact):
     """FlashAttention's rule for bf16/fp16 against an exact (float64) result."""
     scale = exact.abs().max().item()

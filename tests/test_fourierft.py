@@ -8,7 +8,7 @@ import spectral_kernels as sk
 from spectral_kernels.kernels.reference import fourierft as reference
 from spectral_kernels.layers.fourierft import fourierft_indices
 
-from conftest import assert_close, assert_low_precision_close, device_backends
+from conftest import assert_close, assert_compiled_matches_eager, assert_low_precision_close, device_backends
 
 PATHS = ["token", "weight"]
 # (out_features, in_features, n_frequency): odd, non-square, n from 1 to out*in.
@@ -117,14 +117,10 @@ def test_duplicate_positions_accumulate():
     assert_close(doubled, once, torch.float64)
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("tokens", [3, 60])  # the token and the weight path
+def test_compile_fullgraph(tokens):
     layer = sk.FourierFTLinear(torch.nn.Linear(20, 12), n_frequency=30)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 20, requires_grad=True)
-    y = compiled(x)
-    y.sum().backward()
-    assert_close(y, layer(x), torch.float32)
-    assert layer.fourierft_spectrum["default"].grad is not None
+    assert_compiled_matches_eager(layer, torch.randn(tokens, 20))
 
 
 @pytest.mark.parametrize("path", PATHS)
