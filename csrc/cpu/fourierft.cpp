@@ -67,7 +67,7 @@ struct Gather {
 
 // The mix per token: out[t, scatter bins] += w_k X^[t, gather_k], kept Hermitian. Each
 // coefficient becomes one or two branch-free terms (source bin, destination bin,
-// weights of the real and imaginary parts), resolved once per call: 20% faster than
+// weights of the real and imaginary parts), resolved once per call: 10-20% faster than
 // branching on the folding in the token loop (2-core AMD EPYC, n=1000, 512^2 to 4096^2).
 template <typename scalar_t>
 struct MixTerm {
