@@ -26,6 +26,11 @@ def tracing():
     return torch.compiler.is_compiling()
 
 
+def needs_grad(*tensors):
+    """Whether autograd records a call on ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def run(custom_op, eager_function, body, needs_grad, *args):
     """The forward op on ``args``: ``custom_op`` when torch.compile traces, ``eager_function`` when autograd
     records (``needs_grad``), else ``body`` alone (eager inference: at T=1, 4096 x 4096 on the CPU the

@@ -193,8 +193,7 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
         return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)
     path = dispatch.fourierft_path(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], path)
     args = (x, weight, bias, spectrum, indices[0], indices[1], float(scaling), backend, path)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or spectrum.requires_grad or (bias is not None and bias.requires_grad))
+    needs_grad = _autograd.needs_grad(x, weight, spectrum, bias)
     return _autograd.run(_fourierft_fwd, _FourierFTFunction, _forward, needs_grad, *args)[0]
 
 

@@ -231,8 +231,7 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
     if backend == "reference":
         return reference.frod_linear(x, u, v, lam, s_values, s_indices, bias)
     m, n = u.shape
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, lam, s_values, bias))
+    needs_grad = _autograd.needs_grad(x, lam, s_values, bias)
     path = dispatch.frod_path(x.numel() // n, m, n, needs_grad, path)
     args = (x, u, v, lam, s_values, s_indices, bias, backend, path)
     return _autograd.run(_frod_fwd, _FrodFunction, _forward, needs_grad, *args)[0]

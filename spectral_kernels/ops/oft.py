@@ -215,10 +215,6 @@ def _check_linear(x, weight, bias, rot):
     _check_devices("oft_linear", x=x, weight=weight, bias=bias, rot=rot)
 
 
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 class _NativeNeumann(torch.autograd.Function):
     """peft's Neumann rotation blocks from the C++ CPU kernels: the skew blocks, their powers
     and the series in one call each way, instead of ~20 small torch ops and their autograd
@@ -265,7 +261,8 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
     if backend == "reference":
         return reference.oft_linear(x, weight, bias, rot)
     path = dispatch.oft_path(x.numel() // x.shape[-1], weight.shape[0], path)
-    return _autograd.run(_oft_linear_fwd, _OFTLinearFunction, _linear_forward, _needs_grad(x, weight, bias, rot),
+    needs_grad = _autograd.needs_grad(x, weight, bias, rot)
+    return _autograd.run(_oft_linear_fwd, _OFTLinearFunction, _linear_forward, needs_grad,
                          x, weight, bias, rot, backend, path)
 
 
@@ -276,7 +273,8 @@ def oft_rotate(x, rot, backend=None):
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
         return reference.rotate(x, rot).to(x.dtype)
-    return _autograd.run(_oft_rotate_fwd, _OFTRotateFunction, _rotate_forward, _needs_grad(x, rot), x, rot, backend)
+    needs_grad = _autograd.needs_grad(x, rot)
+    return _autograd.run(_oft_rotate_fwd, _OFTRotateFunction, _rotate_forward, needs_grad, x, rot, backend)
 
 
 def oft_effective_weight(weight, rot, backend=None):
