@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectral_kernels as sk
+from spectral_kernels import dispatch
 from spectral_kernels.kernels.reference import fourierft as reference
 from spectral_kernels.layers.fourierft import fourierft_indices
 
@@ -86,6 +87,17 @@ def test_matches_reference_large(device, backend, path, m, n, nf, dtype):
 def test_matches_reference_many_tokens(device, backend, path, dtype):
     """135 tokens: several of the CPU reduction's 32-token tiles, a partial one, split over threads."""
     check(device, backend, path, 40, 26, 300, (3, 45), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_in_token_chunks(device, backend, path, dtype, monkeypatch):
+    """The backward's spectra in chunks of 7 tokens over 45 (the last one partial)."""
+    per_token = 8 * (40 // 2 + 26 // 2 + 2)
+    monkeypatch.setitem(dispatch.FOURIERFT_CHUNK_BYTES, device, 7 * per_token)
+    assert dispatch.fourierft_chunk_tokens(torch.device(device), 40, 26) == 7
+    check(device, backend, path, 40, 26, 300, (3, 15), dtype)
 
 
 @pytest.mark.parametrize("device,backend", device_backends())

@@ -20,7 +20,8 @@ Two exact algorithms, chosen by shape in dispatch.fourierft_path:
   weight: dW = irfft2 of the folded sparse spectrum (O(M N log)), one GEMM with
           W + dW; the backward reuses that effective weight for dx and gets dc
           from the sampled reduction above (no dense gradient). rfft(x) is only
-          computed in the backward: for many tokens it is as big as x in float32.
+          computed in the backward, chunk by chunk of tokens with rfft(dy): for many
+          tokens the whole-batch spectra would be as big as x and dy in float32.
 FFTs run in float32 (float64 for float64 inputs), whatever the input dtype.
 """
 import torch
@@ -71,7 +72,12 @@ def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
 
 
 def _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs):
-    """Gradients (dx, dweight, dbias, dspectrum); empty tensors for those not needed."""
+    """Gradients (dx, dweight, dbias, dspectrum); empty tensors for those not needed.
+
+    The spectra of dy (and, on the weight path, of x) are taken a chunk of tokens at a
+    time (dispatch.fourierft_chunk_tokens) and used at once, so they never exist for all
+    tokens together.
+    """
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape
     acc = _acc_dtype(x.dtype)
@@ -79,21 +85,22 @@ def _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend,
     x2 = x.reshape(-1, n)
     coef = spectrum.to(acc)
     need_dx, need_dw, need_db, need_dc = needs
-    yf = torch.fft.rfft(dy2.to(acc), dim=-1) if need_dc or (need_dx and path == "token") else None
-    dx = x.new_empty(0)
-    if need_dx:
-        if path == "weight":
-            dx = dy2 @ state
-        else:
-            dx = (dy2 @ weight.to(x.dtype)).add_(torch.fft.irfft(k.mix(yf, coef, rows, cols, m, n, scaling / m), n=n))
-        dx = dx.reshape(x.shape)
-    dc = x.new_empty(0)
-    if need_dc:
-        xf = state if path == "token" else torch.fft.rfft(x2.to(acc), dim=-1)
-        dc = k.coef_grad(xf, yf, cols, rows, n, m, scaling / (m * n)).to(spectrum.dtype)
+    spectral_dx = need_dx and path == "token"
+    dx = dy2 @ (state if path == "weight" else weight.to(x.dtype)) if need_dx else x.new_empty(0)
+    dc = torch.zeros_like(coef) if need_dc else x.new_empty(0)
+    if spectral_dx or need_dc:
+        chunk = dispatch.fourierft_chunk_tokens(x.device, m, n)
+        for t0 in range(0, x2.shape[0], chunk):
+            part = slice(t0, t0 + chunk)
+            yf = torch.fft.rfft(dy2[part].to(acc), dim=-1)
+            if spectral_dx:
+                dx[part] += torch.fft.irfft(k.mix(yf, coef, rows, cols, m, n, scaling / m), n=n)
+            if need_dc:
+                xf = state[part] if path == "token" else torch.fft.rfft(x2[part].to(acc), dim=-1)
+                dc += k.coef_grad(xf, yf, cols, rows, n, m, scaling / (m * n))
     dw = (dy2.t() @ x2).to(weight.dtype) if need_dw else x.new_empty(0)
     db = dy2.sum(0).to(weight.dtype) if need_db else x.new_empty(0)
-    return dx, dw, db, dc
+    return dx.reshape(x.shape) if need_dx else dx, dw, db, dc.to(spectrum.dtype)
 
 
 @torch.library.custom_op("spectral_kernels::fourierft_linear_bwd", mutates_args=())
