@@ -120,13 +120,47 @@ def test_delta_weight(device, backend):
         assert_close(sk.fourierft_delta_weight(c, indices, m, n, 150.0, backend=backend), expected, torch.float64)
 
 
-def test_duplicate_positions_accumulate():
+@pytest.mark.parametrize("path", PATHS)
+def test_duplicate_positions_accumulate(path):
     """Several adapters folded into one call may share positions: contributions add."""
     (x, w, b, c), _, indices = make_case(9, 14, 20, (4,), torch.float64, "cpu")
     doubled = sk.fourierft_linear(x, w, b, torch.cat([c, c]), torch.cat([indices, indices], 1), 1.0,
-                                  backend="cpu", path="token")
-    once = sk.fourierft_linear(x, w, b, c, indices, 2.0, backend="cpu", path="token")
+                                  backend="cpu", path=path)
+    once = sk.fourierft_linear(x, w, b, c, indices, 2.0, backend="cpu", path=path)
     assert_close(doubled, once, torch.float64)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("m,n", [(7, 5), (6, 9), (16, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_delta_weight_primitives(device, backend, m, n, dtype):
+    """The weight path's kernels against torch.fft on a dense spectrum: the row transforms of S, then the real
+    part of its full 2-D transform added to a base, from the column FFT in any memory layout."""
+    k = dispatch.kernels("fourierft", backend)
+    g = torch.Generator().manual_seed(0)
+    indices = torch.cat([fourierft_indices(m, n, m * n // 3, 777)] * 2, 1).to(device)  # with duplicates
+    coef = torch.randn(indices.shape[1], generator=g, dtype=torch.float64)
+    dense = torch.zeros(m, n, dtype=torch.float64).index_put_((indices[0].cpu(), indices[1].cpu()), coef,
+                                                              accumulate=True)
+    coef = coef.to(device, dtype)
+    rows_done = k.spectrum_rows(coef, indices[0], indices[1], m, n, 0.5)
+    assert rows_done.dtype == dtype.to_complex() and rows_done.shape == (m, n // 2 + 1)
+    assert_close(torch.view_as_real(rows_done),
+                 torch.view_as_real(0.5 * torch.fft.fft(dense, dim=1)[:, :n // 2 + 1]).to(device, dtype), dtype)
+    expected = 0.5 * torch.fft.fft2(dense).real
+    base = torch.randn(m, n, generator=g, dtype=torch.float64)
+    column_fft = torch.fft.fft(rows_done, dim=0)
+    for ft in (column_fft.t(), column_fft.t().contiguous(), column_fft.contiguous().t()):
+        assert_close(k.real_mirror(ft, None, n), expected.to(device, dtype), dtype)
+        got = k.real_mirror(ft, base.to(device, dtype), n)
+        assert got.dtype == dtype
+        assert_close(got, (base + expected).to(device, dtype), dtype)
+    if dtype != torch.float32:  # half-precision weights come with float32 spectra
+        return
+    low = k.real_mirror(column_fft.t(), base.to(device, torch.bfloat16), n)
+    assert low.dtype == torch.bfloat16
+    assert_low_precision_close(low, (base.to(torch.bfloat16).double() + expected).to(torch.bfloat16).to(device),
+                               (base.to(torch.bfloat16).double() + expected).to(device))
 
 
 @pytest.mark.parametrize("tokens", [3, 60])  # the token and the weight path

@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <vector>
 
 #include "../fourierft_fold.h"
@@ -22,31 +24,150 @@ void check_indices(const at::Tensor& coef, const at::Tensor& a, const at::Tensor
 
 }  // namespace
 
-at::Tensor fourierft_spectrum_to_half_cpu(const at::Tensor& coef_in, const at::Tensor& rows_in,
-                                          const at::Tensor& cols_in, int64_t m, int64_t n, double scale) {
+// out[2q], out[2q+1] += w exp(-2 pi i v q / n) for q in [q0, q1): one coefficient
+// at column v added to its row of the row-transformed spectrum. The phasors of
+// kLanes consecutive bins advance by one complex multiply per step and are re-read
+// from the twiddle table (rounded from double) every kAnchor bins, so that at most
+// kAnchor / kLanes roundings accumulate.
+constexpr int64_t kAnchor = 64;
+#define SK_ROW_TERMS(T)                                                                                           \
+  SK_CPU_CLONES void row_terms(const T* __restrict__ tw, int64_t n, int64_t v, T w, int64_t q0, int64_t q1,       \
+                               T* __restrict__ out) {                                                             \
+    typedef T V __attribute__((vector_size(32)));                                                                 \
+    constexpr int kLanes = 16 / sizeof(T); /* complex numbers per vector */                                       \
+    const int64_t s = v * kLanes % n;                                                                             \
+    V step_re, step_im;                                                                                           \
+    for (int l = 0; l < kLanes; ++l) {                                                                            \
+      step_re[2 * l] = step_re[2 * l + 1] = tw[2 * s];                                                            \
+      step_im[2 * l] = -tw[2 * s + 1];                                                                            \
+      step_im[2 * l + 1] = tw[2 * s + 1];                                                                         \
+    }                                                                                                             \
+    for (int64_t q = q0; q < q1;) {                                                                               \
+      const int64_t end = std::min(q1, q + kAnchor);                                                              \
+      V p;                                                                                                        \
+      for (int l = 0; l < kLanes; ++l) {                                                                          \
+        const int64_t j = v * (q + l) % n;                                                                        \
+        p[2 * l] = tw[2 * j];                                                                                     \
+        p[2 * l + 1] = tw[2 * j + 1];                                                                             \
+      }                                                                                                           \
+      for (; q + kLanes <= end; q += kLanes) {                                                                    \
+        V o, swapped;                                                                                             \
+        load_vec(o, out + 2 * q);                                                                                 \
+        store_vec(out + 2 * q, o + w * p);                                                                        \
+        for (int l = 0; l < 2 * kLanes; ++l) swapped[l] = p[l ^ 1];                                               \
+        p = p * step_re + swapped * step_im; /* (a + ib)(c + id) */                                               \
+      }                                                                                                           \
+      for (; q < end; ++q) {                                                                                      \
+        const int64_t j = v * q % n;                                                                              \
+        out[2 * q] += w * tw[2 * j];                                                                              \
+        out[2 * q + 1] += w * tw[2 * j + 1];                                                                      \
+      }                                                                                                           \
+    }                                                                                                             \
+  }
+SK_ROW_TERMS(float)
+SK_ROW_TERMS(double)
+#undef SK_ROW_TERMS
+
+at::Tensor fourierft_spectrum_rows_cpu(const at::Tensor& coef_in, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                                      int64_t m, int64_t n, double scale) {
   check_indices(coef_in, rows_in, cols_in);
+  TORCH_CHECK(coef_in.is_floating_point(), "fourierft_spectrum_rows: floating-point coefficients expected");
   const auto coef = coef_in.contiguous();
   const auto rows = rows_in.contiguous();
   const auto cols = cols_in.contiguous();
-  const auto complex_type = c10::toComplexType(coef.scalar_type());
-  auto half = at::zeros({m, n / 2 + 1}, coef.options().dtype(complex_type));
-  const int64_t stride = n / 2 + 1;
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_spectrum_to_half_cpu", [&] {
+  const int64_t bins = n / 2 + 1, nnz = coef.numel();
+  auto out = at::empty({m, bins}, coef.options().dtype(c10::toComplexType(coef.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_spectrum_rows_cpu", [&] {
+    // exp(-2 pi i j / n) for j < n, in double before rounding to scalar_t.
+    std::vector<scalar_t> twiddle(2 * n);
+    for (int64_t j = 0; j < n; ++j) {
+      const double angle = -2.0 * M_PI * static_cast<double>(j) / static_cast<double>(n);
+      twiddle[2 * j] = static_cast<scalar_t>(std::cos(angle));
+      twiddle[2 * j + 1] = static_cast<scalar_t>(std::sin(angle));
+    }
     const scalar_t* c = coef.data_ptr<scalar_t>();
     const int64_t* r = rows.data_ptr<int64_t>();
-    const int64_t* q = cols.data_ptr<int64_t>();
-    scalar_t* h = reinterpret_cast<scalar_t*>(half.data_ptr());
-    const scalar_t s = static_cast<scalar_t>(scale) / 2;
-    // Sequential: n coefficients, and two of them may fold onto the same bin.
-    for (int64_t k = 0; k < coef.numel(); ++k) {
-      int64_t first, second;
-      hermitian_bins(q[k], n, first, second);
-      const scalar_t v = s * c[k];
-      if (first >= 0) h[2 * (r[k] * stride + first)] += v;
-      if (second >= 0) h[2 * (((m - r[k]) % m) * stride + second)] += v;
+    const int64_t* v = cols.data_ptr<int64_t>();
+    scalar_t* o = reinterpret_cast<scalar_t*>(out.data_ptr());
+    const scalar_t s = static_cast<scalar_t>(scale);
+    // Threads own ranges of bins (zeroing them first), so coefficients sharing a row never race.
+    at::parallel_for(0, (bins + kAnchor - 1) / kAnchor, 1, [&](int64_t a0, int64_t a1) {
+      const int64_t q0 = a0 * kAnchor, q1 = std::min(bins, a1 * kAnchor);
+      for (int64_t u = 0; u < m; ++u) std::fill(o + 2 * (u * bins + q0), o + 2 * (u * bins + q1), scalar_t(0));
+      for (int64_t k = 0; k < nnz; ++k) row_terms(twiddle.data(), n, v[k], s * c[k], q0, q1, o + 2 * r[k] * bins);
+    });
+  });
+  return out;
+}
+
+namespace {
+
+// out[p, q] = base[p, q] + Re F[p, q] for the 2-D transform F of a real matrix given
+// as ft = F[:, :n/2+1]^T (bins, m), the layout in which MKL returns the FFT along the
+// columns; the bins past n/2 are read by Hermitian symmetry, Re F[p, q] =
+// Re F[(m - p) % m, n - q]. Tiles of kRows output rows are gathered from ft's rows
+// (contiguous runs of kRows) into a buffer, then added to base at unit stride.
+constexpr int64_t kRows = 16;
+
+template <typename Out, typename Acc>
+void real_mirror(const Acc* ft, const Out* base, Out* out, int64_t m, int64_t n) {
+  const int64_t bins = n / 2 + 1;
+  at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t tile0, int64_t tile1) {
+    // Lines one cache line longer than n: at n = 1024 they would all map to one L1 set.
+    const int64_t ld = n + 64 / sizeof(Acc);
+    Acc* lines = scratch<Acc>(0, kRows * ld);
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t p0 = tile * kRows, rows = std::min(kRows, m - p0);
+      for (int64_t q = 0; q < bins; ++q) {
+        const Acc* src = ft + 2 * (q * m + p0);
+        for (int64_t i = 0; i < rows; ++i) lines[i * ld + q] = src[2 * i];
+      }
+      // Mirrored rows (m - p) % m: row 0 reads itself, the others the run ending at m - p0.
+      const int64_t first = p0 == 0 ? 1 : 0;
+      for (int64_t q = bins; q < n; ++q) {
+        const Acc* src = ft + 2 * (n - q) * m;
+        if (first) lines[q] = src[0];
+        for (int64_t i = first; i < rows; ++i) lines[i * ld + q] = src[2 * (m - p0 - i)];
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const Acc* line = lines + i * ld;
+        Out* o = out + (p0 + i) * n;
+        if (base) {
+          const Out* b = base + (p0 + i) * n;
+          for (int64_t q = 0; q < n; ++q) o[q] = static_cast<Out>(static_cast<Acc>(b[q]) + line[q]);
+        } else {
+          for (int64_t q = 0; q < n; ++q) o[q] = static_cast<Out>(line[q]);
+        }
+      }
     }
   });
-  return half;
+}
+
+}  // namespace
+
+at::Tensor fourierft_real_mirror_cpu(const at::Tensor& ft_in, const std::optional<at::Tensor>& base_in, int64_t n) {
+  TORCH_CHECK(ft_in.dim() == 2 && ft_in.is_complex() && ft_in.size(0) == n / 2 + 1,
+              "fourierft_real_mirror: ft must be complex (n/2+1, m), got ", ft_in.sizes(), " for n=", n);
+  const int64_t m = ft_in.size(1);
+  const auto ft = ft_in.contiguous();
+  const bool wide = ft.scalar_type() == at::kComplexDouble;
+  at::Tensor base;
+  if (base_in.has_value()) {
+    base = base_in->contiguous();
+    TORCH_CHECK(base.sizes() == at::IntArrayRef({m, n}) && base.is_floating_point(),
+                "fourierft_real_mirror: base must be a floating-point (", m, ", ", n, ") tensor, got ", base.sizes());
+  }
+  auto out = at::empty({m, n}, ft.options().dtype(base.defined() ? base.scalar_type() : (wide ? at::kDouble : at::kFloat)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fourierft_real_mirror_cpu", [&] {
+    const scalar_t* b = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (wide) {
+      real_mirror(reinterpret_cast<const double*>(ft.const_data_ptr()), b, o, m, n);
+    } else {
+      real_mirror(reinterpret_cast<const float*>(ft.const_data_ptr()), b, o, m, n);
+    }
+  });
+  return out;
 }
 
 // Where coefficient k reads in a half spectrum of length n: the stored bin and the
@@ -242,7 +363,8 @@ at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf_in, const at::Tensor& yf
 }
 
 TORCH_LIBRARY_IMPL(spectral_kernels, CPU, m) {
-  m.impl("fourierft_spectrum_to_half", &fourierft_spectrum_to_half_cpu);
+  m.impl("fourierft_spectrum_rows", &fourierft_spectrum_rows_cpu);
+  m.impl("fourierft_real_mirror", &fourierft_real_mirror_cpu);
   m.impl("fourierft_mix", &fourierft_mix_cpu);
   m.impl("fourierft_coef_grad", &fourierft_coef_grad_cpu);
 }

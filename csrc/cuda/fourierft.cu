@@ -1,5 +1,5 @@
-// FourierFT CUDA kernels: the same three primitives as csrc/cpu/fourierft.cpp,
-// with float32 (or float64) accumulation through atomics on zeroed outputs.
+// FourierFT CUDA kernels: the same primitives as csrc/cpu/fourierft.cpp, with
+// float32 (or float64) accumulation through atomics on zeroed outputs.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -15,18 +15,43 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kTokensPerBlock = 64;  // tokens reduced per thread before its atomic
 
+// sincospi in T's precision: the angles come from exact integer indices.
+__device__ __forceinline__ void sincos_pi(float x, float* s, float* c) { sincospif(x, s, c); }
+__device__ __forceinline__ void sincos_pi(double x, double* s, double* c) { sincospi(x, s, c); }
+
+// grid: (bin blocks, coefficient slots); thread q adds every coefficient of its slot
+// to bin q of that coefficient's row: out[r_k, q] += w_k exp(-2 pi i v_k q / n).
 template <typename T>
-__global__ void spectrum_to_half_kernel(const T* __restrict__ c, const int64_t* __restrict__ rows,
-                                        const int64_t* __restrict__ cols, int64_t nnz, int64_t m, int64_t n,
-                                        T scale, T* __restrict__ half) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= nnz) return;
-  const int64_t stride = n / 2 + 1;
-  int64_t first, second;
-  hermitian_bins(cols[k], n, first, second);
-  const T v = scale * c[k];
-  if (first >= 0) atomicAdd(half + 2 * (rows[k] * stride + first), v);
-  if (second >= 0) atomicAdd(half + 2 * (((m - rows[k]) % m) * stride + second), v);
+__global__ void spectrum_rows_kernel(const T* __restrict__ c, const int64_t* __restrict__ rows,
+                                     const int64_t* __restrict__ cols, int64_t nnz, int64_t n, int64_t bins, T scale,
+                                     T* __restrict__ out) {
+  const int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (q >= bins) return;
+  for (int64_t k = blockIdx.y; k < nnz; k += gridDim.y) {
+    T s, co;
+    sincos_pi(T(-2) * static_cast<T>(cols[k] * q % n) / static_cast<T>(n), &s, &co);
+    const T w = scale * c[k];
+    T* dst = out + 2 * (rows[k] * bins + q);
+    atomicAdd(dst, w * co);
+    atomicAdd(dst + 1, w * s);
+  }
+}
+
+// out[p, q] = base[p, q] + Re ft[q, p] for q < bins, else Re ft[n - q, (m - p) % m]
+// (ft = F[:, :bins]^T at strides (stride_q, stride_p) in complex elements); grid:
+// (bin blocks, row slots).
+template <typename Acc, typename Out>
+__global__ void real_mirror_kernel(const Acc* __restrict__ ft, int64_t stride_q, int64_t stride_p,
+                                   const Out* __restrict__ base, int64_t m, int64_t n, Out* __restrict__ out) {
+  const int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (q >= n) return;
+  const bool low = q <= n / 2;
+  for (int64_t p = blockIdx.y; p < m; p += gridDim.y) {
+    const int64_t src = (low ? q : n - q) * stride_q + (low ? p : (m - p) % m) * stride_p;
+    Acc value = ft[2 * src];
+    if (base) value += static_cast<Acc>(base[p * n + q]);
+    out[p * n + q] = static_cast<Out>(value);
+  }
 }
 
 // grid: (coefficient blocks, token slots); one thread per coefficient, striding
@@ -86,24 +111,57 @@ T* real_ptr(const at::Tensor& t) {
 
 }  // namespace
 
-at::Tensor fourierft_spectrum_to_half_cuda(const at::Tensor& coef_in, const at::Tensor& rows_in,
-                                           const at::Tensor& cols_in, int64_t m, int64_t n, double scale) {
+at::Tensor fourierft_spectrum_rows_cuda(const at::Tensor& coef_in, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                                       int64_t m, int64_t n, double scale) {
   TORCH_CHECK(coef_in.numel() == rows_in.numel() && coef_in.numel() == cols_in.numel(),
               "fourierft: coefficient and index counts differ");
   const c10::cuda::CUDAGuard guard(coef_in.device());
   const auto coef = coef_in.contiguous();
   const auto rows = rows_in.contiguous();
   const auto cols = cols_in.contiguous();
-  auto half = at::zeros({m, n / 2 + 1}, coef.options().dtype(c10::toComplexType(coef.scalar_type())));
-  const int64_t nnz = coef.numel();
-  if (nnz == 0) return half;
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_spectrum_to_half_cuda", [&] {
-    spectrum_to_half_kernel<scalar_t><<<blocks_for(nnz), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        coef.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), nnz, m, n,
-        static_cast<scalar_t>(scale / 2), real_ptr<scalar_t>(half));
+  const int64_t bins = n / 2 + 1, nnz = coef.numel();
+  auto out = at::zeros({m, bins}, coef.options().dtype(c10::toComplexType(coef.scalar_type())));
+  if (nnz == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_spectrum_rows_cuda", [&] {
+    const dim3 grid(blocks_for(bins), static_cast<unsigned>(std::min<int64_t>(nnz, 65535)));
+    spectrum_rows_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        coef.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), nnz, n, bins,
+        static_cast<scalar_t>(scale), real_ptr<scalar_t>(out));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return half;
+  return out;
+}
+
+at::Tensor fourierft_real_mirror_cuda(const at::Tensor& ft, const std::optional<at::Tensor>& base_in, int64_t n) {
+  TORCH_CHECK(ft.dim() == 2 && ft.is_complex() && ft.size(0) == n / 2 + 1,
+              "fourierft_real_mirror: ft must be complex (n/2+1, m), got ", ft.sizes(), " for n=", n);
+  const c10::cuda::CUDAGuard guard(ft.device());
+  const int64_t m = ft.size(1);
+  const bool wide = ft.scalar_type() == at::kComplexDouble;
+  at::Tensor base;
+  if (base_in.has_value()) {
+    base = base_in->contiguous();
+    TORCH_CHECK(base.sizes() == at::IntArrayRef({m, n}) && base.is_floating_point(),
+                "fourierft_real_mirror: base must be a floating-point (", m, ", ", n, ") tensor, got ", base.sizes());
+  }
+  auto out = at::empty({m, n}, ft.options().dtype(base.defined() ? base.scalar_type() : (wide ? at::kDouble : at::kFloat)));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fourierft_real_mirror_cuda", [&] {
+    const scalar_t* b = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
+    const dim3 grid(blocks_for(n), static_cast<unsigned>(std::min<int64_t>(m, 65535)));
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (wide) {
+      real_mirror_kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const double*>(ft.const_data_ptr()),
+                                                        ft.stride(0), ft.stride(1), b, m, n,
+                                                        out.mutable_data_ptr<scalar_t>());
+    } else {
+      real_mirror_kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const float*>(ft.const_data_ptr()),
+                                                        ft.stride(0), ft.stride(1), b, m, n,
+                                                        out.mutable_data_ptr<scalar_t>());
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 at::Tensor fourierft_mix_cuda(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
@@ -151,7 +209,8 @@ at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf_in, const at::Tensor& y
 }
 
 TORCH_LIBRARY_IMPL(spectral_kernels, CUDA, m) {
-  m.impl("fourierft_spectrum_to_half", &fourierft_spectrum_to_half_cuda);
+  m.impl("fourierft_spectrum_rows", &fourierft_spectrum_rows_cuda);
+  m.impl("fourierft_real_mirror", &fourierft_real_mirror_cuda);
   m.impl("fourierft_mix", &fourierft_mix_cuda);
   m.impl("fourierft_coef_grad", &fourierft_coef_grad_cuda);
 }

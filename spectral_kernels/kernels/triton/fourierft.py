@@ -9,30 +9,39 @@ import triton.language as tl
 
 BLOCK_K = 128
 BLOCK_T = 16
+BLOCK_ROWS_K = 16
+BLOCK_P = 32
+BLOCK_Q = 64
 
 
 @triton.jit
-def _plus_transform_at(half_ptr, g, n):
-    """X^[g] = sum_q x[q] exp(+2 pi i g q / n) from the rfft half spectrum of x."""
-    low = 2 * g <= n
-    j = tl.where(low, g, n - g)
-    re = tl.load(half_ptr + 2 * j)
-    im = tl.load(half_ptr + 2 * j + 1)
-    return re, tl.where(low, -im, im)
+def _spectrum_rows_kernel(c_ptr, rows_ptr, cols_ptr, out_ptr, nnz, n, bins, scale,
+                          BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr):
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
+    q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
+    live = (k < nnz) & (q < bins)
+    c = tl.load(c_ptr + k, mask=k < nnz, other=0.0) * scale
+    r = tl.load(rows_ptr + k, mask=k < nnz, other=0)
+    v = tl.load(cols_ptr + k, mask=k < nnz, other=0)
+    # The angle from the exact index (v q) mod n, in the output's precision.
+    angle = ((v * q) % n).to(c.dtype) / n * -6.283185307179586
+    dst = out_ptr + 2 * (r * bins + q)
+    tl.atomic_add(dst, c * tl.cos(angle), mask=live)
+    tl.atomic_add(dst + 1, c * tl.sin(angle), mask=live)
 
 
 @triton.jit
-def _spectrum_to_half_kernel(c_ptr, rows_ptr, cols_ptr, half_ptr, nnz, m, n, scale, BLOCK: tl.constexpr):
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = k < nnz
-    c = tl.load(c_ptr + k, mask=live, other=0.0) * scale
-    r = tl.load(rows_ptr + k, mask=live, other=0)
-    q = tl.load(cols_ptr + k, mask=live, other=0)
-    stride = n // 2 + 1
-    mirror_q = (n - q) % n
-    mirror_r = (m - r) % m
-    tl.atomic_add(half_ptr + 2 * (r * stride + q), c, mask=live & (2 * q <= n))
-    tl.atomic_add(half_ptr + 2 * (mirror_r * stride + mirror_q), c, mask=live & (2 * mirror_q <= n))
+def _real_mirror_kernel(ft_ptr, stride_q, stride_p, base_ptr, out_ptr, m, n, bins, HAS_BASE: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
+    live = (p < m) & (q < n)
+    low = q < bins
+    src = tl.where(low, q, n - q) * stride_q + tl.where(low, p, (m - p) % m) * stride_p
+    value = tl.load(ft_ptr + 2 * src, mask=live, other=0.0)
+    if HAS_BASE:
+        value += tl.load(base_ptr + p * n + q, mask=live, other=0.0).to(value.dtype)
+    tl.store(out_ptr + p * n + q, value.to(out_ptr.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -86,14 +95,25 @@ def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, grad_ptr, tokens, nnz, n_x, 
     tl.store(grad_ptr + k, tl.sum(acc, axis=0) * scale, mask=k < nnz)
 
 
-def spectrum_to_half(coef, rows, cols, m, n, scale):
-    half = torch.zeros(m, n // 2 + 1, dtype=coef.dtype.to_complex(), device=coef.device)
-    nnz = coef.numel()
+def spectrum_rows(coef, rows, cols, m, n, scale):
+    bins, nnz = n // 2 + 1, coef.numel()
+    out = torch.zeros(m, bins, dtype=coef.dtype.to_complex(), device=coef.device)
     if nnz:
-        _spectrum_to_half_kernel[(triton.cdiv(nnz, BLOCK_K),)](
-            coef.contiguous(), rows.contiguous(), cols.contiguous(), torch.view_as_real(half), nnz, m, n, scale / 2,
-            BLOCK=BLOCK_K)
-    return half
+        grid = (triton.cdiv(nnz, BLOCK_ROWS_K), triton.cdiv(bins, BLOCK_Q))
+        _spectrum_rows_kernel[grid](coef.contiguous(), rows.contiguous(), cols.contiguous(), torch.view_as_real(out),
+                                    nnz, n, bins, scale, BLOCK_K=BLOCK_ROWS_K, BLOCK_Q=BLOCK_Q)
+    return out
+
+
+def real_mirror(ft, base, n):
+    bins, m = ft.shape
+    out = torch.empty(m, n, dtype=ft.real.dtype if base is None else base.dtype, device=ft.device)
+    grid = (triton.cdiv(m, BLOCK_P), triton.cdiv(n, BLOCK_Q))
+    # Real parts at twice ft's (complex) strides, whatever its layout.
+    _real_mirror_kernel[grid](torch.view_as_real(ft), ft.stride(0), ft.stride(1),
+                              out if base is None else base.contiguous(), out, m, n, bins, HAS_BASE=base is not None,
+                              BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q)
+    return out
 
 
 def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
