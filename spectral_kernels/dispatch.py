@@ -99,18 +99,22 @@ def kernels(method, backend):
     return _modules[key]
 
 
-# The token path costs a few length-d FFTs per token, the weight path one (d_out x d_in)
-# real 2-D FFT per call (whose cost per element grows with the matrix: ~25 ms at 2048 x
-# 2048 on the 2-core CPU, ten times the 1024 x 1024 one). Measured there, forward +
-# backward over the frozen base layer, token vs weight path, by
+# The token path costs a few length-d FFTs per token, the weight path one build of
+# W + dW per call (ops/fourierft.py: _delta_weight), whose cost per element grows with
+# the matrix: 1.7 ms at 1024 x 1024 on the 2-core CPU, 14 ms at 2048 x 2048, 128 ms at
+# 4096 x 4096 (page faults of the fresh arrays take much of it). Measured there,
+# forward + backward over the frozen base layer, token vs weight path, by
 # r = tokens * (d_out + d_in) / (d_out * d_in):
-#   r = 0.5: 512^2 T=128 2.44x vs 3.02x, 2048^2 T=512 1.24x vs 1.53x
-#   r = 1:   1024^2 T=512 1.40x vs 1.44x, 512^2 T=256 2.19x vs 2.23x, 4096^2 T=2048 1.16x vs 1.27x
-#   r = 1.3: 768^2 T=512 1.62x vs 1.58x
-#   r = 2:   512^2 T=512 2.04x vs 1.69x, 1024^2 T=1024 1.37x vs 1.30x, 2048^2 T=2048 1.17x vs 1.16x
-#   r = 4:   1024^2 T=2048 1.38x vs 1.22x
-# so the weight path is taken from r = 1.5 on.
-FOURIERFT_WEIGHT_PATH_RATIO = 1.5
+#   512^2:         r = 0.5 1.91x vs 1.96x,  r = 1 1.76x vs 1.63x
+#   768^2:         r = 1 1.46x vs 1.41x,    r = 1.33 1.44x vs 1.34x
+#   1024^2:        r = 0.75 1.31x vs 1.34x, r = 1 1.32x vs 1.30x, r = 1.5 1.31x vs 1.23x
+#   2048^2:        r = 0.5 1.14x vs 1.63x,  r = 1 1.13x vs 1.19x, r = 1.5 1.13x vs 1.14x
+#   4096^2:        r = 1 1.10x vs 1.20x,    r = 1.5 1.11x vs 1.12x
+#   4096 x 1024:   r = 1.25 1.16x vs 1.29x; 1024 x 4096: r = 1.25 1.17x vs 1.18x
+# so the weight path is taken from r = 1 on for matrices of up to 1024 x 1024
+# elements, from r = 1.5 on for larger ones.
+FOURIERFT_WEIGHT_PATH_RATIO = {"small": 1.0, "large": 1.5}
+FOURIERFT_SMALL_MATRIX = 1024 * 1024
 
 
 def fourierft_path(tokens, out_features, in_features, requested=None):
@@ -121,7 +125,8 @@ def fourierft_path(tokens, out_features, in_features, requested=None):
             raise ValueError(f"unknown FourierFT path {requested!r}; expected one of {FOURIERFT_PATHS}")
         return requested
     ratio = tokens * (out_features + in_features) / (out_features * in_features)
-    return "weight" if ratio >= FOURIERFT_WEIGHT_PATH_RATIO else "token"
+    size = "small" if out_features * in_features <= FOURIERFT_SMALL_MATRIX else "large"
+    return "weight" if ratio >= FOURIERFT_WEIGHT_PATH_RATIO[size] else "token"
 
 
 # The FourierFT backward transforms dy (and x) a chunk of tokens at a time and reduces

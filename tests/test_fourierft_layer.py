@@ -168,10 +168,14 @@ def test_backend_selection(monkeypatch):
         sk.fourierft_linear(x, w, b, c, ind, 1.0, backend="cuda")
     monkeypatch.setenv("SPECTRAL_KERNELS_BACKEND", "reference")
     assert sk.dispatch.select_backend(torch.device("cpu")) == "reference"
-    # The measured crossover (dispatch.py): token path below r = T (M + N) / (M N) = 1.5, weight path from there.
-    assert sk.dispatch.fourierft_path(512, 2048, 2048) == "token"
+    # The measured crossover (dispatch.py): weight path from r = T (M + N) / (M N) = 1 on up to 1024 x 1024
+    # elements, from r = 1.5 on above.
+    assert sk.dispatch.fourierft_path(255, 512, 512) == "token"
+    assert sk.dispatch.fourierft_path(256, 512, 512) == "weight"
+    assert sk.dispatch.fourierft_path(512, 1024, 1024) == "weight"
+    assert sk.dispatch.fourierft_path(1024, 2048, 2048) == "token"
+    assert sk.dispatch.fourierft_path(1536, 2048, 2048) == "weight"
     assert sk.dispatch.fourierft_path(2048, 4096, 4096) == "token"
-    assert sk.dispatch.fourierft_path(512, 512, 512) == "weight"
     assert sk.dispatch.fourierft_path(2048, 1024, 1024) == "weight"
     monkeypatch.setenv("SPECTRAL_KERNELS_FOURIERFT_PATH", "token")
     assert sk.dispatch.fourierft_path(2048, 1024, 1024) == "token"
