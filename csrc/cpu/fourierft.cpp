@@ -146,18 +146,12 @@ void real_mirror(const Acc* ft, const Out* base, Out* out, int64_t m, int64_t n)
 }  // namespace
 
 at::Tensor fourierft_real_mirror_cpu(const at::Tensor& ft_in, const std::optional<at::Tensor>& base_in, int64_t n) {
-  TORCH_CHECK(ft_in.dim() == 2 && ft_in.is_complex() && ft_in.size(0) == n / 2 + 1,
-              "fourierft_real_mirror: ft must be complex (n/2+1, m), got ", ft_in.sizes(), " for n=", n);
-  const int64_t m = ft_in.size(1);
+  const auto args = real_mirror_args(ft_in, base_in, n);
+  const at::Tensor& base = args.base;
+  const at::Tensor& out = args.out;
+  const int64_t m = out.size(0);
   const auto ft = ft_in.contiguous();
   const bool wide = ft.scalar_type() == at::kComplexDouble;
-  at::Tensor base;
-  if (base_in.has_value()) {
-    base = base_in->contiguous();
-    TORCH_CHECK(base.sizes() == at::IntArrayRef({m, n}) && base.is_floating_point(),
-                "fourierft_real_mirror: base must be a floating-point (", m, ", ", n, ") tensor, got ", base.sizes());
-  }
-  auto out = at::empty({m, n}, ft.options().dtype(base.defined() ? base.scalar_type() : (wide ? at::kDouble : at::kFloat)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fourierft_real_mirror_cpu", [&] {
     const scalar_t* b = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();

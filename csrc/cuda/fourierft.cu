@@ -133,18 +133,12 @@ at::Tensor fourierft_spectrum_rows_cuda(const at::Tensor& coef_in, const at::Ten
 }
 
 at::Tensor fourierft_real_mirror_cuda(const at::Tensor& ft, const std::optional<at::Tensor>& base_in, int64_t n) {
-  TORCH_CHECK(ft.dim() == 2 && ft.is_complex() && ft.size(0) == n / 2 + 1,
-              "fourierft_real_mirror: ft must be complex (n/2+1, m), got ", ft.sizes(), " for n=", n);
+  const auto args = real_mirror_args(ft, base_in, n);
+  const at::Tensor& base = args.base;
+  const at::Tensor& out = args.out;
   const c10::cuda::CUDAGuard guard(ft.device());
-  const int64_t m = ft.size(1);
+  const int64_t m = out.size(0);
   const bool wide = ft.scalar_type() == at::kComplexDouble;
-  at::Tensor base;
-  if (base_in.has_value()) {
-    base = base_in->contiguous();
-    TORCH_CHECK(base.sizes() == at::IntArrayRef({m, n}) && base.is_floating_point(),
-                "fourierft_real_mirror: base must be a floating-point (", m, ", ", n, ") tensor, got ", base.sizes());
-  }
-  auto out = at::empty({m, n}, ft.options().dtype(base.defined() ? base.scalar_type() : (wide ? at::kDouble : at::kFloat)));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fourierft_real_mirror_cuda", [&] {
     const scalar_t* b = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
