@@ -129,6 +129,19 @@ def fourierft_path(tokens, out_features, in_features, requested=None):
     return "weight" if ratio >= FOURIERFT_WEIGHT_PATH_RATIO[size] else "token"
 
 
+# The FourierFT weight path transforms the rows of the sparse spectrum directly, at
+# n / 2 + 1 bins per coefficient, while that is cheaper than a real FFT of every row
+# of the dense spectrum. Measured on the 2-core CPU, direct vs FFT: at 1024 x 1024
+# 0.34 vs 0.64 ms for 1000 coefficients, 0.65 vs 0.65 for 3000, 1.76 vs 0.67 for
+# 10000; at 4096 x 4096 41 vs 62 ms for 10000, 60 vs 62 for 30000.
+FOURIERFT_DIRECT_COEFFICIENTS_PER_ROW = 3
+
+
+def fourierft_direct_rows(coefficients, out_features):
+    """Whether the FourierFT weight path transforms the spectrum's rows directly."""
+    return coefficients <= FOURIERFT_DIRECT_COEFFICIENTS_PER_ROW * out_features
+
+
 # The FourierFT backward transforms dy (and x) a chunk of tokens at a time and reduces
 # each chunk at once, so the spectra of a whole batch (2 x 8.4 MB at T=2048, 1024 x 1024
 # in float32; 2 x 268 MB at T=8192, 4096 x 4096) never exist together. The CPU chunk

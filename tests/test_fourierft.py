@@ -101,6 +101,16 @@ def test_backward_in_token_chunks(device, backend, path, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-rows", "fft-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_path_row_transforms(device, backend, direct, dtype, monkeypatch):
+    """The weight path with the spectrum's rows transformed directly and by an FFT of the dense rows."""
+    monkeypatch.setattr(dispatch, "FOURIERFT_DIRECT_COEFFICIENTS_PER_ROW", 10 ** 9 if direct else 0)
+    assert dispatch.fourierft_direct_rows(300, 40) == direct
+    check(device, backend, "weight", 40, 26, 300, (3, 15), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("path", PATHS)
 def test_gradcheck(device, backend, path):
     (x, w, b, c), _, indices = make_case(12, 10, 30, (2, 3), torch.float64, device)

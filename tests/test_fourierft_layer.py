@@ -177,6 +177,9 @@ def test_backend_selection(monkeypatch):
     assert sk.dispatch.fourierft_path(1536, 2048, 2048) == "weight"
     assert sk.dispatch.fourierft_path(2048, 4096, 4096) == "token"
     assert sk.dispatch.fourierft_path(2048, 1024, 1024) == "weight"
+    # The weight path transforms the spectrum's rows directly up to 3 coefficients a row.
+    assert sk.dispatch.fourierft_direct_rows(3072, 1024)
+    assert not sk.dispatch.fourierft_direct_rows(3073, 1024)
     monkeypatch.setenv("SPECTRAL_KERNELS_FOURIERFT_PATH", "token")
     assert sk.dispatch.fourierft_path(2048, 1024, 1024) == "token"
     monkeypatch.setenv("SPECTRAL_KERNELS_FOURIERFT_PATH", "slow")
