@@ -180,9 +180,16 @@ def test_compile_fullgraph(tokens):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_opcheck(path):
-    (x, w, b, c), _, indices = make_case(10, 8, 12, (3,), torch.float32, "cpu")
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_opcheck(path, chunks, monkeypatch):
+    """The op's fake and real outputs agree, the token path's kept spectrum (one chunk) or its empty state."""
+    per_token = 8 * (10 // 2 + 8 // 2 + 2)
+    monkeypatch.setitem(dispatch.FOURIERFT_CHUNK_BYTES, "cpu", per_token * (7 if chunks == 1 else 3))
+    (x, w, b, c), _, indices = make_case(10, 8, 12, (7,), torch.float32, "cpu")
     args = (x.requires_grad_(), w, b, c.requires_grad_(), indices[0], indices[1], 2.0, "cpu", path)
+    _, state = torch.ops.spectral_kernels.fourierft_linear_fwd(*args)
+    if path == "token":
+        assert state.shape == ((7 if chunks == 1 else 0), 8 // 2 + 1)
     torch.library.opcheck(torch.ops.spectral_kernels.fourierft_linear_fwd.default, args)
 
 

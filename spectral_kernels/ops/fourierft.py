@@ -14,9 +14,11 @@ csrc/fourierft_fold.h):
     (dy dW)[t, q]   = (s / M) * irfft_N( sum_k c_k Y^[t, u_k] at bin v_k )[q]
 
 Two exact algorithms, chosen by shape in dispatch.fourierft_path:
-  token:  per token O((M + N) log + n); no dense M x N tensor is ever formed. The
-          forward keeps rfft(x) for the backward: this path runs for few tokens,
-          where that spectrum is small and recomputing it costs a transform.
+  token:  per token O((M + N) log + n); no dense M x N tensor is ever formed. Tokens
+          go a chunk at a time (dispatch.fourierft_chunk_tokens); when they fit in
+          one, the forward keeps rfft(x) for the backward (small, and recomputing it
+          costs a transform), else the backward recomputes it chunk by chunk, so the
+          saved activations stay x alone.
   weight: dW from the sparse spectrum in O(n N + M N log M) (_delta_weight), one
           GEMM with W + dW; the backward reuses that effective weight for dx and gets dc
           from the sampled reduction above (no dense gradient). rfft(x) is only
@@ -66,8 +68,14 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
         y = F.linear(x2, state, bias)
     else:
         y = F.linear(x2, weight, bias)
-        state = torch.fft.rfft(x2.to(acc), dim=-1)
-        y = y.add_(torch.fft.irfft(k.mix(state, coef, cols, rows, n, m, scaling / n), n=m))
+        tokens, chunk = x2.shape[0], dispatch.fourierft_chunk_tokens(x.device, m, n)
+        state = x.new_empty(0, n // 2 + 1, dtype=acc.to_complex())
+        for t0 in range(0, tokens, chunk):
+            part = slice(t0, t0 + chunk)
+            xf = torch.fft.rfft(x2[part].to(acc), dim=-1)
+            y[part].add_(torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m))
+            if tokens <= chunk:  # kept for the backward; several chunks' spectra are recomputed there
+                state = xf
     return y.reshape(*x.shape[:-1], m), state
 
 
@@ -84,7 +92,9 @@ def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     if path == "weight":
         state = x.new_empty(m, n)
     else:
-        state = x.new_empty(x.numel() // n, n // 2 + 1, dtype=_acc_dtype(x.dtype).to_complex())
+        tokens = x.numel() // n
+        kept = tokens if tokens <= dispatch.fourierft_chunk_tokens(x.device, m, n) else 0
+        state = x.new_empty(kept, n // 2 + 1, dtype=_acc_dtype(x.dtype).to_complex())
     return x.new_empty(*x.shape[:-1], m), state
 
 
@@ -111,9 +121,9 @@ def _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend,
             part = slice(t0, t0 + chunk)
             yf = torch.fft.rfft(dy2[part].to(acc), dim=-1)
             if spectral_dx:
-                dx[part] += torch.fft.irfft(k.mix(yf, coef, rows, cols, m, n, scaling / m), n=n)
+                dx[part].add_(torch.fft.irfft(k.mix(yf, coef, rows, cols, m, n, scaling / m), n=n))
             if need_dc:
-                xf = state[part] if path == "token" else torch.fft.rfft(x2[part].to(acc), dim=-1)
+                xf = state[part] if path == "token" and state.shape[0] else torch.fft.rfft(x2[part].to(acc), dim=-1)
                 dc += k.coef_grad(xf, yf, cols, rows, n, m, scaling / (m * n))
     dw = (dy2.t() @ x2).to(weight.dtype) if need_dw else x.new_empty(0)
     db = dy2.sum(0).to(weight.dtype) if need_db else x.new_empty(0)
