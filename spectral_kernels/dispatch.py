@@ -142,9 +142,10 @@ def fourierft_direct_rows(coefficients, out_features):
     return coefficients <= FOURIERFT_DIRECT_COEFFICIENTS_PER_ROW * out_features
 
 
-# The FourierFT backward transforms dy (and x) a chunk of tokens at a time and reduces
-# each chunk at once, so the spectra of a whole batch (2 x 8.4 MB at T=2048, 1024 x 1024
-# in float32; 2 x 268 MB at T=8192, 4096 x 4096) never exist together. The CPU chunk
+# FourierFT transforms tokens a chunk at a time (the backward's spectra of dy and x,
+# the token path's forward) and uses each chunk's spectra at once, so those of a whole
+# batch (2 x 8.4 MB at T=2048, 1024 x 1024 in float32; 2 x 268 MB at T=8192, 4096 x
+# 4096) never exist together. The CPU chunk
 # keeps a chunk's spectra in cache; smaller chunks pay MKL's per-call set-up. Measured
 # on the 2-core CPU, forward + backward over the frozen base layer, chunks of 4 MB /
 # 1 MB / the whole batch: 1.18x / 1.19x / 1.17x at 1024^2 T=2048, 1.23x / 1.26x / 1.33x
@@ -153,7 +154,7 @@ FOURIERFT_CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 32 << 20}
 
 
 def fourierft_chunk_tokens(device, out_features, in_features):
-    """Tokens per chunk of the FourierFT backward: both complex64 spectra of a chunk in
+    """Tokens per FourierFT chunk: both complex64 spectra of a chunk in
     FOURIERFT_CHUNK_BYTES of ``device``'s type (the CPU's for other devices)."""
     per_token = 8 * (out_features // 2 + in_features // 2 + 2)
     budget = FOURIERFT_CHUNK_BYTES.get(device.type, FOURIERFT_CHUNK_BYTES["cpu"])
