@@ -14,7 +14,7 @@ at::Tensor fourierft_spectrum_rows_cpu(const at::Tensor& coef, const at::Tensor&
 // For f = fft(R, dim=0) (the rfft2 of a real matrix): base + the real part of the
 // full (m, n) transform, its bins past n/2 read by Hermitian symmetry; base's dtype
 // (f's real type without base).
-at::Tensor fourierft_real_mirror_cpu(const at::Tensor& f, const std::optional<at::Tensor>& base, int64_t n);
+at::Tensor fourierft_real_mirror_cpu(const at::Tensor& ft, const std::optional<at::Tensor>& base, int64_t n);
 // Per-token sparse spectral mixing: (T, n_in/2+1) -> (T, n_out/2+1).
 at::Tensor fourierft_mix_cpu(const at::Tensor& xf, const at::Tensor& coef,
                              const at::Tensor& gather_idx, const at::Tensor& scatter_idx,
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cpu(const at::Tensor& g, co
 #ifdef SPECTRAL_KERNELS_WITH_CUDA
 at::Tensor fourierft_spectrum_rows_cuda(const at::Tensor& coef, const at::Tensor& rows,
                                         const at::Tensor& cols, int64_t m, int64_t n, double scale);
-at::Tensor fourierft_real_mirror_cuda(const at::Tensor& f, const std::optional<at::Tensor>& base, int64_t n);
+at::Tensor fourierft_real_mirror_cuda(const at::Tensor& ft, const std::optional<at::Tensor>& base, int64_t n);
 at::Tensor fourierft_mix_cuda(const at::Tensor& xf, const at::Tensor& coef,
                               const at::Tensor& gather_idx, const at::Tensor& scatter_idx,
                               int64_t n_in, int64_t n_out, double scale);

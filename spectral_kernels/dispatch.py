@@ -145,9 +145,8 @@ def fourierft_direct_rows(coefficients, out_features):
 # FourierFT transforms tokens a chunk at a time (the backward's spectra of dy and x,
 # the token path's forward) and uses each chunk's spectra at once, so those of a whole
 # batch (2 x 8.4 MB at T=2048, 1024 x 1024 in float32; 2 x 268 MB at T=8192, 4096 x
-# 4096) never exist together. The CPU chunk
-# keeps a chunk's spectra in cache; smaller chunks pay MKL's per-call set-up. Measured
-# on the 2-core CPU, forward + backward over the frozen base layer, chunks of 4 MB /
+# 4096) never exist together. The CPU chunk keeps a chunk's spectra in cache; smaller
+# chunks pay MKL's per-call set-up. Measured on the 2-core CPU, forward + backward over the frozen base layer, chunks of 4 MB /
 # 1 MB / the whole batch: 1.18x / 1.19x / 1.17x at 1024^2 T=2048, 1.23x / 1.26x / 1.33x
 # at 768^2 T=2048, 1.14x / 1.14x / 1.16x at 4096^2 T=4096.
 FOURIERFT_CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 32 << 20}

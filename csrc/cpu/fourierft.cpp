@@ -179,7 +179,6 @@ struct Gather {
   }
 };
 
-
 // The mix per token: out[t, scatter bins] += w_k X^[t, gather_k], kept Hermitian. Each
 // coefficient becomes one or two branch-free terms (source bin, destination bin,
 // weights of the real and imaginary parts), resolved once per call: 10-20% faster than

@@ -57,7 +57,8 @@ def _delta_weight(k, coef, rows, cols, m, n, scaling, base):
 
 
 def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
-    """(y, state kept for the backward: the effective weight or rfft(x)); the forward op's body."""
+    """(y, state kept for the backward: the effective weight, or rfft(x) when the tokens fit
+    one chunk and else an empty spectrum); the forward op's body."""
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape
     acc = _acc_dtype(x.dtype)
@@ -101,9 +102,9 @@ def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
 def _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs):
     """Gradients (dx, dweight, dbias, dspectrum); empty tensors for those not needed.
 
-    The spectra of dy (and, on the weight path, of x) are taken a chunk of tokens at a
-    time (dispatch.fourierft_chunk_tokens) and used at once, so they never exist for all
-    tokens together.
+    The spectra of dy (and of x, unless the forward kept it) are taken a chunk of tokens
+    at a time (dispatch.fourierft_chunk_tokens) and used at once, so they never exist
+    for all tokens together.
     """
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape

@@ -9,7 +9,7 @@ import torch
 _lib = torch.library.Library("spectral_kernels", "DEF")
 _lib.define(
     "fourierft_spectrum_rows(Tensor coef, Tensor rows, Tensor cols, int m, int n, float scale) -> Tensor")
-_lib.define("fourierft_real_mirror(Tensor f, Tensor? base, int n) -> Tensor")
+_lib.define("fourierft_real_mirror(Tensor ft, Tensor? base, int n) -> Tensor")
 _lib.define(
     "fourierft_mix(Tensor xf, Tensor coef, Tensor gather_idx, Tensor scatter_idx, int n_in, int n_out, "
     "float scale) -> Tensor")

@@ -10,8 +10,8 @@ def spectrum_rows(coef, rows, cols, m, n, scale):
     return _ops.fourierft_spectrum_rows(coef, rows, cols, m, n, scale)
 
 
-def real_mirror(f, base, n):
-    return _ops.fourierft_real_mirror(f, base, n)
+def real_mirror(ft, base, n):
+    return _ops.fourierft_real_mirror(ft, base, n)
 
 
 def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
