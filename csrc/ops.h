@@ -11,9 +11,9 @@ namespace spectral_kernels {
 // R[u, q] = scale * sum_{k: rows_k = u} c_k exp(-2 pi i cols_k q / n), (m, n/2+1) complex.
 at::Tensor fourierft_spectrum_rows_cpu(const at::Tensor& coef, const at::Tensor& rows,
                                        const at::Tensor& cols, int64_t m, int64_t n, double scale);
-// For f = fft(R, dim=0) (the rfft2 of a real matrix): base + the real part of the
-// full (m, n) transform, its bins past n/2 read by Hermitian symmetry; base's dtype
-// (f's real type without base).
+// For ft = fft(R, dim=0)^T (bins, m), the rfft2 of a real matrix transposed: base + the
+// real part of the full (m, n) transform, its bins past n/2 read by Hermitian symmetry;
+// base's dtype (ft's real type without base).
 at::Tensor fourierft_real_mirror_cpu(const at::Tensor& ft, const std::optional<at::Tensor>& base, int64_t n);
 // Per-token sparse spectral mixing: (T, n_in/2+1) -> (T, n_out/2+1).
 at::Tensor fourierft_mix_cpu(const at::Tensor& xf, const at::Tensor& coef,
