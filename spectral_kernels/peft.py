@@ -10,7 +10,8 @@ peft's class. peft's classes themselves are never modified.
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
 that is not a plain nn.Linear / Conv1D (quantized), an input dtype other than the
-base weight's (peft then casts; the fused ops expect the base layer's dtype), and for
+base weight's outside torch.autocast (peft then casts; the fused ops expect the base
+layer's dtype, or autocast's for both), and for
 FRoD several active adapters or active dropout. Layers that ``add_adapter`` creates
 later are peft's own until the next ``swap``.
 
@@ -22,6 +23,7 @@ from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
 
+from .ops._autograd import autocast_dtype
 from .ops.fourierft import fourierft_apply
 from .ops.frod import frod_apply
 from .ops.oft import oft_linear, oft_rotate, oft_rotation
@@ -33,7 +35,9 @@ def _base_weight(layer, x):
     conv1d = type(base).__name__ == "Conv1D" and hasattr(base, "nf")
     if not (isinstance(base, nn.Linear) or conv1d) or type(base.weight) is not nn.Parameter:
         return None
-    if layer.disable_adapters or layer.merged or x.dtype != base.weight.dtype or x.dim() == 0:
+    if layer.disable_adapters or layer.merged or x.dim() == 0:
+        return None
+    if x.dtype != base.weight.dtype and autocast_dtype(x) is None:
         return None
     return (base.weight.t() if conv1d else base.weight), base.bias
 
@@ -61,7 +65,7 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
             spectrum = torch.cat([s * self.fourierft_scaling[n] for s, n in zip(spectra, names)])
             indices = torch.cat([self._indices(n, x.device) for n in names], dim=1)
             scaling = 1.0
-        return fourierft_apply(x, weight, bias, spectrum, indices, scaling)
+        return fourierft_apply(x, weight, bias, spectrum, indices, scaling).to(x.dtype)  # as peft under autocast
 
 
 class SwappedOFTLinear(PeftOFTLinear):
@@ -82,9 +86,10 @@ class SwappedOFTLinear(PeftOFTLinear):
             return super().forward(x, *args, **kwargs)
         weight, bias = base
         rotations = [self._rotation(n) for n in names]
+        dtype = x.dtype  # the result's, as peft's under autocast
         for rot in rotations[:-1]:  # peft rotates by each active adapter in turn
             x = oft_rotate(x, rot)
-        return oft_linear(x, weight, bias, rotations[-1])
+        return oft_linear(x, weight, bias, rotations[-1]).to(dtype)
 
 
 class SwappedFrodLinear(PeftFrodLinear):
@@ -105,7 +110,8 @@ class SwappedFrodLinear(PeftFrodLinear):
         u, v = (t[name].to(x.device, x.dtype) for t in (self.frod_U, self.frod_V))
         bias = base[1]
         return frod_apply(x, u, v, self.frod_lambda_l[name], self.frod_lambda_s_values[name],
-                          self.frod_s_indices[name].to(x.device), None if bias is None else bias.to(x.dtype))
+                          self.frod_s_indices[name].to(x.device),
+                          None if bias is None else bias.to(x.dtype)).to(x.dtype)  # as peft under autocast
 
 
 # peft layer class -> its swapped subclass. A method joins with one entry (and its class above).

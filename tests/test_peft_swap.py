@@ -9,10 +9,11 @@ from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
 from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 
+import spectral_kernels as sk
 from spectral_kernels.peft import SwappedFourierFTLinear, SwappedFrodLinear, SwappedOFTLinear, swap, unswap
 
 from conftest import assert_close, assert_low_precision_close
-from test_inject import llama, tokens
+from test_inject import llama, load_peft_weights, peft_config, tokens
 
 CONFIGS = {
     "fourierft": lambda **kw: peft.FourierFTConfig(n_frequency=24, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -225,3 +226,49 @@ def test_other_dtypes(method):
     with torch.no_grad():
         exact = copy.deepcopy(peft_layer).double()(x.double())
         assert_low_precision_close(layer(x), peft_layer(x), exact)
+
+
+AUTOCAST_CONFIGS = {
+    "fourierft": sk.FourierFTConfig(n_frequency=24, target_modules=["q_proj", "down_proj"], init_weights=False),
+    "oft": sk.OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj"], init_weights=False),
+    "frod": sk.FrodConfig(sparse_rate=0.05, target_modules=["q_proj", "down_proj"], init_weights=False,
+                          progressbar=False),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_autocast_like_peft(method, monkeypatch):
+    """Under torch.autocast (bfloat16 on the CPU) our layers and swapped peft layers run the fused ops in bfloat16
+    and return their input's dtype, as peft's layers do: outputs and gradients as close to float64's as peft's.
+    A bfloat16 input to a float32 layer works too (peft's OFT casts it)."""
+    config = AUTOCAST_CONFIGS[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(llama(), peft_config(config)).base_model.model  # keys as ours
+    ours = sk.inject(llama(), config)
+    load_peft_weights(ours, theirs)
+    swapped = swap(copy.deepcopy(theirs))
+    ids = tokens(theirs)
+    exact_logits, exact_grads = loss_and_grads(copy.deepcopy(theirs).double(), ids)
+    calls = count_fused_calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_logits, expected_grads = loss_and_grads(theirs, ids)
+        for model in (ours, swapped):
+            logits, grads = loss_and_grads(model, ids)
+            assert logits.dtype == expected_logits.dtype == torch.bfloat16
+            assert_low_precision_close(logits, expected_logits, exact_logits)
+            assert grads.keys() == expected_grads.keys() and grads
+            for name, grad in grads.items():
+                assert grad.dtype == torch.float32  # the parameters' (bfloat16 computation: its tolerance)
+                assert_low_precision_close(grad.to(torch.bfloat16), expected_grads[name].to(torch.bfloat16),
+                                           exact_grads[name])
+        assert len(calls) == 2 * 3  # the swapped layers ran fused, down_proj on its bfloat16 input too
+
+        layer, peft_layer = ours.model.layers[0].self_attn.q_proj, theirs.model.layers[0].self_attn.q_proj
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
+            with torch.no_grad():
+                y, expected = layer(x), peft_layer(x)
+            assert y.dtype == expected.dtype == dtype
+            assert_low_precision_close(y.to(torch.bfloat16), expected.to(torch.bfloat16),
+                                       copy.deepcopy(peft_layer).double()(x.double()).detach())

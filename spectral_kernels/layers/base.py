@@ -84,6 +84,10 @@ class AdapterLayer(nn.Module):
             self._cache = None
         return super().train(mode)
 
+    def forward(self, x, *args, **kwargs):
+        # As peft's layers: the result in x's dtype, also where torch.autocast ran the products in its own.
+        return self._forward(x, *args, **kwargs).to(x.dtype)
+
     def _eval_cache_applies(self, x):
         return self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim()
 

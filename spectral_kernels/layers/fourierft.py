@@ -78,7 +78,7 @@ class FourierFTLinear(AdapterLayer):
         delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling, self.backend)
         return weight + delta.to(weight.dtype)
 
-    def forward(self, x, *args, **kwargs):
+    def _forward(self, x, *args, **kwargs):
         base_layer = self.base_layer
         if self._disable_adapters:
             if self.merged_adapters:

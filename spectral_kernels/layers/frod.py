@@ -270,7 +270,7 @@ class FrodLinear(AdapterLayer):
             return nn.functional.linear(x, weight, bias)
         return frod_apply(x, u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, bias, self.backend)
 
-    def forward(self, x, *args, **kwargs):
+    def _forward(self, x, *args, **kwargs):
         if self.disable_adapters or self.merged:
             if self.disable_adapters and self.merged:
                 self.unmerge()
@@ -286,7 +286,7 @@ class FrodLinear(AdapterLayer):
             # FRoD replaces the weight: the base layer's own product is not needed.
             if self.runtime_offload_base_weight[names[0]]:
                 self._offload_base_weight()
-            return self._frod(names[0], x, bias).to(x.dtype)
+            return self._frod(names[0], x, bias)
         # Several adapters or active dropout: peft's sum of each adapter's change of the base output.
         self._restore_base_weight()
         result = self.base_layer(x, *args, **kwargs)
@@ -297,7 +297,7 @@ class FrodLinear(AdapterLayer):
             stochastic = not isinstance(dropout, nn.Identity) and dropout.training
             own_base = nn.functional.linear(h, self._weight().to(x.dtype)) if stochastic else base_out
             result = result + self._frod(name, h, None) - own_base
-        return result.to(x.dtype)
+        return result
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)

@@ -168,7 +168,7 @@ class OFTLinear(AdapterLayer):
             exact = torch.float64 if rot.dtype == torch.float64 else torch.float32
             self._write_weight(self._rotate_weight(torch.linalg.inv(rot.to(exact))))
 
-    def forward(self, x, *args, **kwargs):
+    def _forward(self, x, *args, **kwargs):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

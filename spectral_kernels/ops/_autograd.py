@@ -22,6 +22,26 @@ def function(name, forward, setup_context, backward):
     return type(name, (torch.autograd.Function,), methods)
 
 
+def autocast_dtype(x):
+    """The dtype torch.autocast runs matmuls in on x's device, or None where it is off.
+
+    Under autocast a fused op does what F.linear does there: x, the base weight and
+    the bias go in that dtype, and so comes the result. The adapter's own parameters
+    go in as they are (the kernels accumulate them in float32). The op then runs with
+    autocast off, so every backend computes the same thing.
+    """
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return None
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
 def tracing():
     return torch.compiler.is_compiling()
 

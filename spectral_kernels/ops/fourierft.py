@@ -223,6 +223,11 @@ def fourierft_apply(x, weight, bias, spectrum, indices, scaling, backend=None, p
 
 
 def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
+    dtype = _autograd.autocast_dtype(x)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return _apply(x.to(dtype), weight.to(dtype), _autograd.cast(bias, dtype), spectrum, indices, scaling,
+                          backend, path)
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
         return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)

@@ -227,6 +227,10 @@ def frod_apply(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=
 
 
 def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
+    dtype = _autograd.autocast_dtype(x)
+    if dtype is not None:  # U and V go in x's dtype in any case
+        with torch.autocast(x.device.type, enabled=False):
+            return _apply(x.to(dtype), u, v, lam, s_values, s_indices, _autograd.cast(bias, dtype), backend, path)
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
         return reference.frod_linear(x, u, v, lam, s_values, s_indices, bias)

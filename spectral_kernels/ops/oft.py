@@ -256,6 +256,10 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
 
     ``backend`` and ``path`` override the automatic choice (see spectral_kernels.dispatch).
     """
+    dtype = _autograd.autocast_dtype(x)
+    if dtype is not None and isinstance(weight, torch.Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            return oft_linear(x.to(dtype), weight.to(dtype), _autograd.cast(bias, dtype), rot, backend, path)
     _check_linear(x, weight, bias, rot)
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
@@ -268,6 +272,10 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
 
 def oft_rotate(x, rot, backend=None):
     """x · blockdiag(rot) over the last dimension (differentiable in x and rot)."""
+    dtype = _autograd.autocast_dtype(x)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return oft_rotate(x.to(dtype), rot, backend)
     _check_rotation("oft_rotate", x, rot, x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else -1)
     _check_devices("oft_rotate", x=x, rot=rot)
     backend = dispatch.select_backend(x.device, backend)
