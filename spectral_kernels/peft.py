@@ -10,10 +10,10 @@ peft's class. peft's classes themselves are never modified.
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
 that is not a plain nn.Linear / Conv1D (quantized), an input dtype other than the
-base weight's outside torch.autocast (peft then casts; the fused ops expect the base
-layer's dtype, or autocast's for both), and for
-FRoD several active adapters or active dropout. Layers that ``add_adapter`` creates
-later are peft's own until the next ``swap``.
+base weight's outside torch.autocast (peft then casts; the fused ops take the base
+layer's dtype, or autocast's for both), and for FRoD several active adapters or
+active dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
+``add_adapter`` creates later are peft's own until the next ``swap``.
 
 Importing this module imports peft; ``import spectral_kernels`` does not.
 """
