@@ -236,11 +236,13 @@ AUTOCAST_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("method", METHODS)
-def test_autocast_like_peft(method, monkeypatch):
+def test_autocast_like_peft(method, backend, monkeypatch):
     """Under torch.autocast (bfloat16 on the CPU) our layers and swapped peft layers run the fused ops in bfloat16
     and return their input's dtype, as peft's layers do: outputs and gradients as close to float64's as peft's.
     A bfloat16 input to a float32 layer works too (peft's OFT casts it)."""
+    monkeypatch.setenv(sk.dispatch.ENV_BACKEND, backend)
     config = AUTOCAST_CONFIGS[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
