@@ -13,12 +13,17 @@ import torch
 
 def function(name, forward, setup_context, backward):
     """An autograd.Function class with the custom op's body, setup_context and backward; its contexts are
-    marked so that ``backward_call`` runs the backward's body directly."""
-    def setup(ctx, inputs, output):
+    marked so that ``backward_call`` runs the backward's body directly. Its forward takes the context
+    and calls setup_context itself: with a separate setup_context, Function.apply binds the arguments
+    through inspect.signature on every call: a FourierFT layer step (64 x 64, 4 tokens) took 583 us with
+    it, 505 us without, on the 2-core CPU."""
+    def forward_with_context(ctx, *inputs):
+        output = forward(*inputs)
         setup_context(ctx, inputs, output)
         ctx.eager = True
+        return output
 
-    methods = {"forward": staticmethod(forward), "setup_context": staticmethod(setup), "backward": staticmethod(backward)}
+    methods = {"forward": staticmethod(forward_with_context), "backward": staticmethod(backward)}
     return type(name, (torch.autograd.Function,), methods)
 
 
