@@ -85,7 +85,8 @@ def test_matches_reference_large(device, backend, path, m, n, nf, dtype):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_matches_reference_many_tokens(device, backend, path, dtype):
-    """135 tokens: several of the CPU reduction's 32-token tiles, a partial one, split over threads."""
+    """135 tokens: several of the CPU kernels' token tiles (32 for the reduction, 8 for the mix), a partial
+    one, split over threads."""
     check(device, backend, path, 40, 26, 300, (3, 45), dtype)
 
 

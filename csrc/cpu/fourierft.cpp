@@ -179,58 +179,6 @@ struct Gather {
   }
 };
 
-// The mix per token: out[t, scatter bins] += w_k X^[t, gather_k], kept Hermitian. Each
-// coefficient becomes one or two branch-free terms (source bin, destination bin,
-// weights of the real and imaginary parts), resolved once per call: 10-20% faster than
-// branching on the folding in the token loop (2-core AMD EPYC, n=1000, 512^2 to 4096^2).
-template <typename scalar_t>
-struct MixTerm {
-  int32_t src, dst;
-  scalar_t w_re, w_im;
-};
-
-at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
-                             const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
-  check_indices(coef_in, gather_in, scatter_in);
-  TORCH_CHECK(xf_in.dim() == 2 && xf_in.size(1) == n_in / 2 + 1 && xf_in.is_complex(),
-              "fourierft_mix: xf must be complex (T, n_in/2+1)");
-  const auto xf = xf_in.contiguous();
-  const auto coef = coef_in.contiguous().to(c10::toRealValueType(xf.scalar_type()));
-  const auto scatter = scatter_in.contiguous();
-  const int64_t tokens = xf.size(0), nnz = coef.numel();
-  const int64_t in_stride = n_in / 2 + 1, out_stride = n_out / 2 + 1;
-  const Gather src(gather_in.contiguous().data_ptr<int64_t>(), nnz, n_in);
-  auto out = at::empty({tokens, out_stride}, xf.options());
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_mix_cpu", [&] {
-    const scalar_t* c = coef.data_ptr<scalar_t>();
-    const scalar_t* x = reinterpret_cast<const scalar_t*>(xf.data_ptr());
-    scalar_t* y = reinterpret_cast<scalar_t*>(out.data_ptr());
-    const scalar_t s = static_cast<scalar_t>(scale) / 2;
-    std::vector<MixTerm<scalar_t>> terms;
-    terms.reserve(2 * nnz);
-    for (int64_t k = 0; k < nnz; ++k) {
-      int64_t first, second;
-      hermitian_bins(scatter.data_ptr<int64_t>()[k], n_out, first, second);
-      const scalar_t w = s * c[k], w_im = w * src.im_sign[k];
-      if (first >= 0) terms.push_back({src.bin[k], static_cast<int32_t>(first), w, w_im});
-      if (second >= 0) terms.push_back({src.bin[k], static_cast<int32_t>(second), w, -w_im});
-    }
-    // Tokens are independent; each thread owns whole output rows, zeroes and fills them.
-    at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const scalar_t* xt = x + 2 * t * in_stride;
-        scalar_t* yt = y + 2 * t * out_stride;
-        std::fill(yt, yt + 2 * out_stride, scalar_t(0));
-        for (const auto& e : terms) {
-          yt[2 * e.dst] += e.w_re * xt[2 * e.src];
-          yt[2 * e.dst + 1] += e.w_im * xt[2 * e.src + 1];
-        }
-      }
-    });
-  });
-  return out;
-}
-
 // The sampled reduction works on tiles of kTile tokens whose spectra are first
 // transposed into (bin, token) planes of real and imaginary parts, holding only the
 // bins some coefficient reads. Every coefficient is then two contiguous dot products
@@ -257,23 +205,144 @@ struct Planes {
   }
 };
 
-// re/im planes (rows x kTile) of `tokens` (<= kTile) rows of a half spectrum, zero past
-// `tokens`. Row by row: consecutive rows read the same cache lines of the kTile spectra.
+// re/im planes (rows x width) of `tokens` (<= width) rows of a half spectrum, zero past
+// `tokens`. Row by row: consecutive rows read the same cache lines of the spectra.
 template <typename scalar_t>
-void transpose_tile(const scalar_t* spectra, int64_t stride, int64_t tokens, const Planes& p, scalar_t* re,
-                    scalar_t* im) {
+void transpose_tile(const scalar_t* spectra, int64_t stride, int64_t tokens, const Planes& p, int64_t width,
+                    scalar_t* re, scalar_t* im) {
   const int64_t rows = static_cast<int64_t>(p.bin.size());
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = spectra + 2 * p.bin[r];
-    scalar_t* dr = re + r * kTile;
-    scalar_t* di = im + r * kTile;
+    scalar_t* dr = re + r * width;
+    scalar_t* di = im + r * width;
     for (int64_t t = 0; t < tokens; ++t) {
       dr[t] = src[2 * t * stride];
       di[t] = src[2 * t * stride + 1];
     }
-    std::fill(dr + tokens, dr + kTile, scalar_t(0));
-    std::fill(di + tokens, di + kTile, scalar_t(0));
+    std::fill(dr + tokens, dr + width, scalar_t(0));
+    std::fill(di + tokens, di + width, scalar_t(0));
   }
+}
+
+// The mix, out[t, scatter bins] += w_k X^[t, gather_k] kept Hermitian, works on tiles
+// of kMixTile tokens (one SIMD vector of floats), transposed into planes as above. Each
+// coefficient becomes one or two terms (plane row read, output bin written, weights of
+// the real and imaginary parts), grouped by output bin, so that each used output bin
+// sums its terms for the tile in registers and is written once. Against a per-token
+// loop that added each term into its output bin in memory, on the 2-core AMD EPYC with
+// n=1000 (2 threads): 512 x 512, 62 against 127 us at T=128, 34 against 58 at T=32,
+// 22 against 21 at T=1; 4096 x 4096 (as many bins as terms, so the transposes weigh
+// more), 180 against 192 us at T=128, 67 against 62 at T=32, 35 against 24 at T=1.
+// Tiles of 32 tokens were no faster and leave a thread idle at T <= 32.
+constexpr int64_t kMixTile = 8;
+
+template <typename scalar_t>
+struct MixTerm {
+  int32_t src;  // plane row
+  scalar_t w_re, w_im;
+};
+
+template <typename scalar_t>
+struct MixPlan {
+  std::vector<int32_t> bin;  // output row -> output bin, ascending
+  std::vector<int32_t> ptr;  // output row -> its terms [ptr[r], ptr[r + 1])
+  std::vector<MixTerm<scalar_t>> terms;
+};
+
+// (out_re, out_im)[r, :] = sum over r's terms of (w_re re[src, :], w_im im[src, :]) over a tile.
+#define SK_MIX_TILE(T)                                                                                            \
+  SK_CPU_CLONES void mix_tile(const T* __restrict__ re, const T* __restrict__ im, const int32_t* __restrict__ ptr, \
+                              const MixTerm<T>* __restrict__ terms, int64_t rows, T* __restrict__ out_re,         \
+                              T* __restrict__ out_im) {                                                           \
+    typedef T V __attribute__((vector_size(32)));                                                                 \
+    constexpr int64_t kLanes = 32 / sizeof(T), kVecs = kMixTile / kLanes;                                           \
+    for (int64_t r = 0; r < rows; ++r) {                                                                          \
+      V acc_re[kVecs] = {}, acc_im[kVecs] = {};                                                                   \
+      for (int32_t e = ptr[r]; e < ptr[r + 1]; ++e) {                                                             \
+        const MixTerm<T> term = terms[e];                                                                         \
+        for (int64_t v = 0; v < kVecs; ++v) {                                                                     \
+          V a, b;                                                                                                 \
+          load_vec(a, re + term.src * kMixTile + v * kLanes);                                                       \
+          load_vec(b, im + term.src * kMixTile + v * kLanes);                                                       \
+          acc_re[v] += term.w_re * a;                                                                             \
+          acc_im[v] += term.w_im * b;                                                                             \
+        }                                                                                                         \
+      }                                                                                                           \
+      for (int64_t v = 0; v < kVecs; ++v) {                                                                       \
+        store_vec(out_re + r * kMixTile + v * kLanes, acc_re[v]);                                                   \
+        store_vec(out_im + r * kMixTile + v * kLanes, acc_im[v]);                                                   \
+      }                                                                                                           \
+    }                                                                                                             \
+  }
+SK_MIX_TILE(float)
+SK_MIX_TILE(double)
+#undef SK_MIX_TILE
+
+at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
+                             const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
+  check_indices(coef_in, gather_in, scatter_in);
+  TORCH_CHECK(xf_in.dim() == 2 && xf_in.size(1) == n_in / 2 + 1 && xf_in.is_complex(),
+              "fourierft_mix: xf must be complex (T, n_in/2+1)");
+  const auto xf = xf_in.contiguous();
+  const auto coef = coef_in.contiguous().to(c10::toRealValueType(xf.scalar_type()));
+  const auto scatter = scatter_in.contiguous();
+  const int64_t tokens = xf.size(0), nnz = coef.numel();
+  const int64_t in_stride = n_in / 2 + 1, out_stride = n_out / 2 + 1;
+  const Gather src(gather_in.contiguous().data_ptr<int64_t>(), nnz, n_in);
+  const Planes planes(src, n_in);
+  auto out = at::empty({tokens, out_stride}, xf.options());
+  if (tokens == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_mix_cpu", [&] {
+    const scalar_t* c = coef.data_ptr<scalar_t>();
+    const int64_t* dst = scatter.data_ptr<int64_t>();
+    const scalar_t s = static_cast<scalar_t>(scale) / 2;
+    // The terms with their output bins, then placed in bin order (a counting sort).
+    std::vector<std::pair<int32_t, MixTerm<scalar_t>>> unsorted;
+    unsorted.reserve(2 * nnz);
+    std::vector<int32_t> count(out_stride, 0);
+    for (int64_t k = 0; k < nnz; ++k) {
+      int64_t first, second;
+      hermitian_bins(dst[k], n_out, first, second);
+      const scalar_t w = s * c[k], w_im = w * src.im_sign[k];
+      if (first >= 0) unsorted.push_back({static_cast<int32_t>(first), {planes.row[k], w, w_im}});
+      if (second >= 0) unsorted.push_back({static_cast<int32_t>(second), {planes.row[k], w, -w_im}});
+    }
+    for (const auto& term : unsorted) ++count[term.first];
+    MixPlan<scalar_t> plan;
+    std::vector<int32_t> row_of(out_stride, -1);  // output bin -> output row
+    plan.ptr.push_back(0);
+    for (int64_t bin = 0; bin < out_stride; ++bin) {
+      if (count[bin] == 0) continue;
+      row_of[bin] = static_cast<int32_t>(plan.bin.size());
+      plan.bin.push_back(static_cast<int32_t>(bin));
+      plan.ptr.push_back(plan.ptr.back() + count[bin]);
+    }
+    std::vector<int32_t> next(plan.ptr.begin(), plan.ptr.end() - 1);
+    plan.terms.resize(unsorted.size());
+    for (const auto& term : unsorted) plan.terms[next[row_of[term.first]]++] = term.second;
+    const int64_t in_rows = static_cast<int64_t>(planes.bin.size()), out_rows = static_cast<int64_t>(plan.bin.size());
+    const scalar_t* x = reinterpret_cast<const scalar_t*>(xf.data_ptr());
+    scalar_t* y = reinterpret_cast<scalar_t*>(out.data_ptr());
+    at::parallel_for(0, (tokens + kMixTile - 1) / kMixTile, 1, [&](int64_t tile0, int64_t tile1) {
+      scalar_t* re = scratch<scalar_t>(0, 2 * kMixTile * (in_rows + out_rows));
+      scalar_t *im = re + in_rows * kMixTile, *out_re = im + in_rows * kMixTile, *out_im = out_re + out_rows * kMixTile;
+      for (int64_t tile = tile0; tile < tile1; ++tile) {
+        const int64_t t0 = tile * kMixTile, rows = std::min(kMixTile, tokens - t0);
+        transpose_tile(x + 2 * t0 * in_stride, in_stride, rows, planes, kMixTile, re, im);
+        mix_tile(re, im, plan.ptr.data(), plan.terms.data(), out_rows, out_re, out_im);
+        // Back to token-major: the tile's rows zeroed, then each used bin written for its tokens.
+        std::fill(y + 2 * t0 * out_stride, y + 2 * (t0 + rows) * out_stride, scalar_t(0));
+        for (int64_t r = 0; r < out_rows; ++r) {
+          scalar_t* yb = y + 2 * (t0 * out_stride + plan.bin[r]);
+          for (int64_t t = 0; t < rows; ++t) {
+            yb[2 * t * out_stride] = out_re[r * kMixTile + t];
+            yb[2 * t * out_stride + 1] = out_im[r * kMixTile + t];
+          }
+        }
+      }
+    });
+  });
+  return out;
 }
 
 // acc[k] += sum over the tile of Re(X^[a_k] Y^[b_k]) = xr.yr - sign_k xi.yi, in
@@ -340,8 +409,8 @@ at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf_in, const at::Tensor& yf
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         for (int64_t tile = chunk * tiles / chunks; tile < (chunk + 1) * tiles / chunks; ++tile) {
           const int64_t t0 = tile * kTile, rows = std::min(kTile, tokens - t0);
-          transpose_tile(x + 2 * t0 * x_stride, x_stride, rows, pa, xr, xi);
-          transpose_tile(y + 2 * t0 * y_stride, y_stride, rows, pb, yr, yi);
+          transpose_tile(x + 2 * t0 * x_stride, x_stride, rows, pa, kTile, xr, xi);
+          transpose_tile(y + 2 * t0 * y_stride, y_stride, rows, pb, kTile, yr, yi);
           reduce_tile(xr, xi, yr, yi, pa.row.data(), pb.row.data(), sign.data(), partial.data() + chunk * nnz, nnz);
         }
       }
