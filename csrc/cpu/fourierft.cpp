@@ -250,29 +250,29 @@ struct MixPlan {
 };
 
 // (out_re, out_im)[r, :] = sum over r's terms of (w_re re[src, :], w_im im[src, :]) over a tile.
-#define SK_MIX_TILE(T)                                                                                            \
+#define SK_MIX_TILE(T)                                                                                             \
   SK_CPU_CLONES void mix_tile(const T* __restrict__ re, const T* __restrict__ im, const int32_t* __restrict__ ptr, \
-                              const MixTerm<T>* __restrict__ terms, int64_t rows, T* __restrict__ out_re,         \
-                              T* __restrict__ out_im) {                                                           \
-    typedef T V __attribute__((vector_size(32)));                                                                 \
-    constexpr int64_t kLanes = 32 / sizeof(T), kVecs = kMixTile / kLanes;                                           \
-    for (int64_t r = 0; r < rows; ++r) {                                                                          \
-      V acc_re[kVecs] = {}, acc_im[kVecs] = {};                                                                   \
-      for (int32_t e = ptr[r]; e < ptr[r + 1]; ++e) {                                                             \
-        const MixTerm<T> term = terms[e];                                                                         \
-        for (int64_t v = 0; v < kVecs; ++v) {                                                                     \
-          V a, b;                                                                                                 \
-          load_vec(a, re + term.src * kMixTile + v * kLanes);                                                       \
-          load_vec(b, im + term.src * kMixTile + v * kLanes);                                                       \
-          acc_re[v] += term.w_re * a;                                                                             \
-          acc_im[v] += term.w_im * b;                                                                             \
-        }                                                                                                         \
-      }                                                                                                           \
-      for (int64_t v = 0; v < kVecs; ++v) {                                                                       \
-        store_vec(out_re + r * kMixTile + v * kLanes, acc_re[v]);                                                   \
-        store_vec(out_im + r * kMixTile + v * kLanes, acc_im[v]);                                                   \
-      }                                                                                                           \
-    }                                                                                                             \
+                              const MixTerm<T>* __restrict__ terms, int64_t rows, T* __restrict__ out_re,          \
+                              T* __restrict__ out_im) {                                                            \
+    typedef T V __attribute__((vector_size(32)));                                                                  \
+    constexpr int64_t kLanes = 32 / sizeof(T), kVecs = kMixTile / kLanes;                                          \
+    for (int64_t r = 0; r < rows; ++r) {                                                                           \
+      V acc_re[kVecs] = {}, acc_im[kVecs] = {};                                                                    \
+      for (int32_t e = ptr[r]; e < ptr[r + 1]; ++e) {                                                              \
+        const MixTerm<T> term = terms[e];                                                                          \
+        for (int64_t v = 0; v < kVecs; ++v) {                                                                      \
+          V a, b;                                                                                                  \
+          load_vec(a, re + term.src * kMixTile + v * kLanes);                                                      \
+          load_vec(b, im + term.src * kMixTile + v * kLanes);                                                      \
+          acc_re[v] += term.w_re * a;                                                                              \
+          acc_im[v] += term.w_im * b;                                                                              \
+        }                                                                                                          \
+      }                                                                                                            \
+      for (int64_t v = 0; v < kVecs; ++v) {                                                                        \
+        store_vec(out_re + r * kMixTile + v * kLanes, acc_re[v]);                                                  \
+        store_vec(out_im + r * kMixTile + v * kLanes, acc_im[v]);                                                  \
+      }                                                                                                            \
+    }                                                                                                              \
   }
 SK_MIX_TILE(float)
 SK_MIX_TILE(double)
