@@ -68,5 +68,23 @@ def run(custom_op, eager_function, body, needs_grad, *args):
 
 def backward_call(ctx, custom_op, body, *args):
     """A backward's inner op: its ``body`` under the eager autograd.Function, else ``custom_op`` (traced
-    graphs, opcheck and torch.compile, must see the op)."""
-    return body(*args) if getattr(ctx, "eager", False) else custom_op(*args)
+    graphs, opcheck and torch.compile, must see the op; so must autograd when the backward itself is
+    recorded, with create_graph=True, so that ``first_order`` can refuse to differentiate it)."""
+    eager = getattr(ctx, "eager", False) and not torch.is_grad_enabled()
+    return body(*args) if eager else custom_op(*args)
+
+
+def first_order(backward_op):
+    """Give ``backward_op``, a custom op computing a fused op's gradients, an autograd formula that raises.
+
+    The kernels' gradients are not differentiable themselves. Without a formula, torch
+    only warns when a graph recorded with create_graph=True runs through the op, and
+    second derivatives come out silently wrong; with it, differentiating them raises
+    (recording them still works, as with torch's own once_differentiable).
+    """
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{backward_op._qualname}: the fused kernels' gradients are not differentiable (double "
+                           "backward, e.g. create_graph=True); use backend='reference' for higher derivatives")
+
+    backward_op.register_autograd(backward)
+    return backward_op

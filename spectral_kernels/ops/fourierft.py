@@ -131,6 +131,7 @@ def _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend,
     return dx.reshape(x.shape) if need_dx else dx, dw, db, dc.to(spectrum.dtype)
 
 
+@_autograd.first_order
 @torch.library.custom_op("spectral_kernels::fourierft_linear_bwd", mutates_args=())
 def _fourierft_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor,
                    rows: torch.Tensor, cols: torch.Tensor, state: torch.Tensor, scaling: float, backend: str,

@@ -130,6 +130,7 @@ def _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, 
     return dx, dlam, ds, db
 
 
+@_autograd.first_order
 @torch.library.custom_op("spectral_kernels::frod_linear_bwd", mutates_args=())
 def _frod_bwd(dy: torch.Tensor, x: torch.Tensor | None, state: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
               lam: torch.Tensor, s_values: torch.Tensor, s_indices: torch.Tensor, backend: str, path: str,

@@ -32,6 +32,7 @@ Kernels accumulate in float32 (float64 for float64 inputs) for every input dtype
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from . import _autograd
@@ -89,6 +90,7 @@ def _linear_backward_body(dy, x, weight, rot, backend, needs):
     return dx, dw, db, drot
 
 
+@_autograd.first_order
 @torch.library.custom_op("spectral_kernels::oft_linear_bwd", mutates_args=())
 def _oft_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rot: torch.Tensor, backend: str,
                     needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,6 +151,7 @@ def _rotate_backward_body(dy, x, rot, backend, needs):
     return (dx.reshape(x.shape) if needs[0] else dx), drot
 
 
+@_autograd.first_order
 @torch.library.custom_op("spectral_kernels::oft_rotate_bwd", mutates_args=())
 def _oft_rotate_bwd(dy: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, backend: str,
                     needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +231,7 @@ class _NativeNeumann(torch.autograd.Function):
         return _kernels("cpu").neumann(params, block_size, coef)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (params,) = ctx.saved_tensors
         return _kernels("cpu").neumann_backward(params, grad.contiguous(), ctx.block_size, ctx.coef), None, None

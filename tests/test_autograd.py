@@ -1,0 +1,69 @@
+"""Second derivatives: the fused ops' gradients are first-order only, and say so.
+
+A graph recorded with create_graph=True must give the same first-order gradients as
+without it; differentiating those gradients once more must raise (the kernels'
+backward is not differentiable), never return silently wrong numbers.
+"""
+import pytest
+import torch
+
+import spectral_kernels as sk
+from spectral_kernels import dispatch
+from spectral_kernels.layers.fourierft import fourierft_indices
+
+from conftest import assert_close, device_backends
+
+D_IN, D_OUT, TOKENS, BLOCK = 12, 10, 5, 4
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def fourierft(backend, path, device, g):
+    weight, bias, indices = on(device, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_OUT, generator=g),
+                               fourierft_indices(D_OUT, D_IN, 30, 777))
+    return [torch.randn(30, generator=g)], lambda x, spectrum: sk.fourierft_linear(x, weight, bias, spectrum, indices, 150.0, backend,
+                                                               path)
+
+
+def oft(backend, path, device, g):
+    weight, bias = on(device, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_OUT, generator=g))
+    params = 0.1 * torch.randn(D_IN // BLOCK, BLOCK * (BLOCK - 1) // 2, generator=g)
+
+    def fn(x, params):  # the Neumann rotation runs in its own C++ op on the cpu backend
+        return sk.oft_linear(x, weight, bias, sk.oft_rotation(params, BLOCK, backend=backend), backend, path)
+
+    return [params], fn
+
+
+def oft_rotate(backend, path, device, g):
+    rot = torch.linalg.matrix_exp(torch.randn(D_IN // BLOCK, BLOCK, BLOCK, generator=g))
+    return [rot], lambda x, rot: sk.oft_rotate(x, rot, backend)
+
+
+def frod(backend, path, device, g):
+    u, v, s_indices = on(device, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_IN, D_IN, generator=g),
+                         torch.tensor([[0, 3, 7], [5, 1, 2]]))
+    lam, s_values = torch.randn(D_IN, generator=g), torch.randn(3, generator=g)
+    return [lam, s_values], lambda x, lam, s: sk.frod_linear(x, u, v, lam, s, s_indices, None, backend, path)
+
+
+CASES = [pytest.param(fourierft, path, id=f"fourierft-{path}") for path in dispatch.FOURIERFT_PATHS] + \
+        [pytest.param(oft, path, id=f"oft-{path}") for path in dispatch.OFT_PATHS] + \
+        [pytest.param(oft_rotate, None, id="oft_rotate")] + \
+        [pytest.param(frod, path, id=f"frod-{path}") for path in dispatch.FROD_PATHS]
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("make,path", CASES)
+def test_first_order_only(device, backend, make, path):
+    g = torch.Generator().manual_seed(0)
+    params, fn = make(backend, path, device, g)
+    inputs = [t.to(device).requires_grad_() for t in (torch.randn(TOKENS, D_IN, generator=g), *params)]
+    plain = torch.autograd.grad(fn(*inputs).square().sum(), inputs)
+    recorded = torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
+    for got, expected in zip(recorded, plain):
+        assert_close(got.detach(), expected, torch.float32)
+    with pytest.raises(RuntimeError, match="not differentiable|differentiate twice"):
+        torch.autograd.grad(sum(g.square().sum() for g in recorded), inputs)
