@@ -144,6 +144,10 @@ def _check_frod_adapters(model, config):
 def _prepare_frod(model, targets, adapter_name, config):
     """peft's FRoD set-up: per module category one projection and sparse pattern, from the category's weights
     in block order, kept on the model under peft's names; {category: (V, s_indices) BufferDicts}."""
+    if isinstance(model, nn.Sequential):
+        raise TypeError("FRoD keeps the projections of each module category on the model it adapts (where peft's "
+                        "FrodModel keeps them), and an nn.Sequential would run them as layers: inject into a module "
+                        "that holds the Sequential")
     _check_frod_adapters(model, config)
     blocks = {}
     for fallback, (key, module) in enumerate(targets.items()):

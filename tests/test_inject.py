@@ -6,6 +6,7 @@ import warnings
 import peft
 import pytest
 import torch
+from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
                                   TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING,
@@ -156,6 +157,12 @@ def test_bad_targets_and_configs():
         sk.set_adapter(model, "other")
     with pytest.raises(ValueError, match="call spectral_kernels.inject first"):
         sk.set_adapter(llama(), "default")
+    sequential = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="nn.Sequential would run them as layers"):
+        sk.inject(sequential, sk.FrodConfig(target_modules=["0"], progressbar=False))
+    assert list(sequential._modules) == ["0"] and isinstance(sequential[0], nn.Linear)
+    model = sk.inject(nn.Sequential(nn.Linear(8, 8)), sk.OFTConfig(oft_block_size=4, target_modules=["0"]))
+    assert isinstance(model[0], sk.OFTLinear) and model(torch.randn(2, 8)).shape == (2, 8)
 
 
 def load_peft_weights(ours, theirs):
