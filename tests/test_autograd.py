@@ -15,38 +15,48 @@ from conftest import assert_close, device_backends
 
 D_IN, D_OUT, TOKENS, BLOCK = 12, 10, 5, 4
 
-
-def on(device, *tensors):
-    return [t.to(device) for t in tensors]
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # FRoD's reference (peft's)
 
 
-def fourierft(backend, path, device, g):
-    weight, bias, indices = on(device, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_OUT, generator=g),
+def on(device, dtype, *tensors):
+    return [t.to(device, dtype if t.is_floating_point() else t.dtype) for t in tensors]
+
+# Each case builder returns (the trainable tensors, the op as a function of x and them), its fixed tensors on
+# ``device`` in ``dtype``.
+
+
+def fourierft(backend, path, device, dtype, g):
+    weight, bias, indices = on(device, dtype, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_OUT, generator=g),
                                fourierft_indices(D_OUT, D_IN, 30, 777))
-    return [torch.randn(30, generator=g)], lambda x, spectrum: sk.fourierft_linear(x, weight, bias, spectrum, indices, 150.0, backend,
-                                                               path)
+
+    def fn(x, spectrum):
+        return sk.fourierft_linear(x, weight, bias, spectrum, indices, 150.0, backend, path)
+
+    return [torch.randn(30, generator=g)], fn
 
 
-def oft(backend, path, device, g):
-    weight, bias = on(device, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_OUT, generator=g))
-    params = 0.1 * torch.randn(D_IN // BLOCK, BLOCK * (BLOCK - 1) // 2, generator=g)
+def oft(backend, path, device, dtype, g):
+    weight, bias = on(device, dtype, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_OUT, generator=g))
 
     def fn(x, params):  # the Neumann rotation runs in its own C++ op on the cpu backend
         return sk.oft_linear(x, weight, bias, sk.oft_rotation(params, BLOCK, backend=backend), backend, path)
 
-    return [params], fn
+    return [0.1 * torch.randn(D_IN // BLOCK, BLOCK * (BLOCK - 1) // 2, generator=g)], fn
 
 
-def oft_rotate(backend, path, device, g):
+def oft_rotate(backend, path, device, dtype, g):
     rot = torch.linalg.matrix_exp(torch.randn(D_IN // BLOCK, BLOCK, BLOCK, generator=g))
     return [rot], lambda x, rot: sk.oft_rotate(x, rot, backend)
 
 
-def frod(backend, path, device, g):
-    u, v, s_indices = on(device, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_IN, D_IN, generator=g),
+def frod(backend, path, device, dtype, g):
+    u, v, s_indices = on(device, dtype, torch.randn(D_OUT, D_IN, generator=g), torch.randn(D_IN, D_IN, generator=g),
                          torch.tensor([[0, 3, 7], [5, 1, 2]]))
-    lam, s_values = torch.randn(D_IN, generator=g), torch.randn(3, generator=g)
-    return [lam, s_values], lambda x, lam, s: sk.frod_linear(x, u, v, lam, s, s_indices, None, backend, path)
+
+    def fn(x, lam, s_values):
+        return sk.frod_linear(x, u, v, lam, s_values, s_indices, None, backend, path)
+
+    return [torch.randn(D_IN, generator=g), torch.randn(3, generator=g)], fn
 
 
 CASES = [pytest.param(fourierft, path, id=f"fourierft-{path}") for path in dispatch.FOURIERFT_PATHS] + \
@@ -59,7 +69,7 @@ CASES = [pytest.param(fourierft, path, id=f"fourierft-{path}") for path in dispa
 @pytest.mark.parametrize("make,path", CASES)
 def test_first_order_only(device, backend, make, path):
     g = torch.Generator().manual_seed(0)
-    params, fn = make(backend, path, device, g)
+    params, fn = make(backend, path, device, torch.float32, g)
     inputs = [t.to(device).requires_grad_() for t in (torch.randn(TOKENS, D_IN, generator=g), *params)]
     plain = torch.autograd.grad(fn(*inputs).square().sum(), inputs)
     recorded = torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
@@ -67,3 +77,12 @@ def test_first_order_only(device, backend, make, path):
         assert_close(got.detach(), expected, torch.float32)
     with pytest.raises(RuntimeError, match="not differentiable|differentiate twice"):
         torch.autograd.grad(sum(g.square().sum() for g in recorded), inputs)
+
+
+@pytest.mark.parametrize("make,path", CASES)
+def test_reference_has_second_derivatives(make, path):
+    """The alternative the error names: the reference backend's gradients are differentiable (float64)."""
+    params, fn = make("reference", path, "cpu", torch.float64, torch.Generator().manual_seed(0))
+    x = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(1))
+    inputs = [t.double().requires_grad_() for t in (x, *params)]
+    assert torch.autograd.gradgradcheck(lambda *args: fn(*args).pow(3).sum(), inputs)

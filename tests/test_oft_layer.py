@@ -209,6 +209,7 @@ def bad_inputs():
         ("rotation blocks for", (x, w, b, sk.oft_rotation(torch.zeros(2, 6), 4)), ValueError),
         ("rotation blocks", (x, w, b, torch.zeros(3, 4, 5)), ValueError),
         ("same dtype", (x, w.double(), b, rot), TypeError),
+        ("same dtype", (x, w, b.double(), rot), TypeError),
         ("bias", (x, w, b[:4], rot), ValueError),
         ("different devices", (x.to("meta"), w, b, rot), RuntimeError),
         ("different devices", (x, w, b, rot.to("meta")), RuntimeError),

@@ -229,6 +229,9 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
         with torch.autocast(x.device.type, enabled=False):
             return _apply(x.to(dtype), weight.to(dtype), _autograd.cast(bias, dtype), spectrum, indices, scaling,
                           backend, path)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"fourierft_linear: x ({x.dtype}), weight ({weight.dtype}) and bias "
+                        f"({None if bias is None else bias.dtype}) must have the same dtype")
     backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
         return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)

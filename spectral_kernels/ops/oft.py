@@ -211,8 +211,9 @@ def _check_linear(x, weight, bias, rot):
         raise ValueError(f"oft_linear: weight must be 2-D (out_features, in_features), "
                          f"got {tuple(getattr(weight, 'shape', ()))}")
     _check_rotation("oft_linear", x, rot, weight.shape[1])
-    if weight.dtype != x.dtype:
-        raise TypeError(f"oft_linear: x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"oft_linear: x ({x.dtype}), weight ({weight.dtype}) and bias "
+                        f"({None if bias is None else bias.dtype}) must have the same dtype")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"oft_linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     _check_devices("oft_linear", x=x, weight=weight, bias=bias, rot=rot)
