@@ -76,7 +76,7 @@ def test_first_order_only(device, backend, make, path):
     for got, expected in zip(recorded, plain):
         assert_close(got.detach(), expected, torch.float32)
     with pytest.raises(RuntimeError, match="not differentiable|differentiate twice"):
-        torch.autograd.grad(sum(g.square().sum() for g in recorded), inputs)
+        torch.autograd.grad(sum(grad.square().sum() for grad in recorded), inputs)
 
 
 @pytest.mark.parametrize("make,path", CASES)
