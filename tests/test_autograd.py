@@ -65,16 +65,17 @@ CASES = [pytest.param(fourierft, path, id=f"fourierft-{path}") for path in dispa
         [pytest.param(frod, path, id=f"frod-{path}") for path in dispatch.FROD_PATHS]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make,path", CASES)
-def test_first_order_only(device, backend, make, path):
+def test_first_order_only(device, backend, make, path, dtype):
     g = torch.Generator().manual_seed(0)
-    params, fn = make(backend, path, device, torch.float32, g)
-    inputs = [t.to(device).requires_grad_() for t in (torch.randn(TOKENS, D_IN, generator=g), *params)]
+    params, fn = make(backend, path, device, dtype, g)
+    inputs = [t.to(device, dtype).requires_grad_() for t in (torch.randn(TOKENS, D_IN, generator=g), *params)]
     plain = torch.autograd.grad(fn(*inputs).square().sum(), inputs)
     recorded = torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
     for got, expected in zip(recorded, plain):
-        assert_close(got.detach(), expected, torch.float32)
+        assert_close(got.detach(), expected, dtype)
     with pytest.raises(RuntimeError, match="not differentiable|differentiate twice"):
         torch.autograd.grad(sum(grad.square().sum() for grad in recorded), inputs)
 
