@@ -131,14 +131,25 @@ def test_delta_weight(device, backend):
         assert_close(sk.fourierft_delta_weight(c, indices, m, n, 150.0, backend=backend), expected, torch.float64)
 
 
+@pytest.mark.parametrize("device,backend", device_backends() + [pytest.param("cpu", "reference", id="reference")])
 @pytest.mark.parametrize("path", PATHS)
-def test_duplicate_positions_accumulate(path):
-    """Several adapters folded into one call may share positions: contributions add."""
-    (x, w, b, c), _, indices = make_case(9, 14, 20, (4,), torch.float64, "cpu")
-    doubled = sk.fourierft_linear(x, w, b, torch.cat([c, c]), torch.cat([indices, indices], 1), 1.0,
-                                  backend="cpu", path=path)
-    once = sk.fourierft_linear(x, w, b, c, indices, 2.0, backend="cpu", path=path)
-    assert_close(doubled, once, torch.float64)
+def test_duplicate_positions_accumulate(device, backend, path):
+    """Several adapters folded into one call may share positions: contributions add, on every backend (the
+    reference too: peft's assignment is undefined for repeated positions), gradients included."""
+    (x, w, b, c), _, indices = make_case(9, 14, 20, (4,), torch.float64, device)
+    partner = torch.randn(20, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+
+    def call(spectrum, idx, scaling):
+        return sk.fourierft_linear(x, w, b, spectrum, idx, scaling, backend=backend, path=path)
+
+    both = torch.cat([c, partner]).requires_grad_()
+    doubled = call(both, torch.cat([indices, indices], 1), 1.0)
+    summed = call(c + partner, indices, 1.0)
+    assert_close(doubled, summed, torch.float64)
+    (grad,) = torch.autograd.grad(doubled.sum(), both)
+    single = c.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(call(single, indices, 1.0).sum(), single)
+    assert_close(grad, torch.cat([expected, expected]), torch.float64)
 
 
 @pytest.mark.parametrize("device,backend", device_backends())

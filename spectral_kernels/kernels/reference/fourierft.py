@@ -7,10 +7,14 @@ import torch.nn.functional as F
 
 
 def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling):
-    """peft's FourierFTLayer.get_delta_weight: scaling * Re(ifft2(S)), in spectrum.dtype."""
+    """peft's FourierFTLayer.get_delta_weight: scaling * Re(ifft2(S)), in spectrum.dtype.
+
+    peft assigns S[indices] = spectrum; for repeated positions (which its random indices
+    never have) that assignment is undefined in torch, so here they add, as in the
+    fused kernels. For distinct positions the two are the same, bit for bit."""
     dense = torch.zeros(out_features, in_features, device=spectrum.device,
                         dtype=torch.float64 if spectrum.dtype == torch.float64 else torch.float32)
-    dense[indices[0, :], indices[1, :]] = spectrum.to(dense.dtype)
+    dense.index_put_((indices[0, :], indices[1, :]), spectrum.to(dense.dtype), accumulate=True)
     return (torch.fft.ifft2(dense).real * scaling).to(spectrum.dtype)
 
 
