@@ -147,6 +147,26 @@ def test_bad_input(match, args, error):
         sk.fourierft_linear(*args, 1.0, backend="cpu")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_delta_weight_bad_input(backend):
+    """The public dW function checks its indices before any kernel reads them (a negative index used to corrupt
+    the heap in the cpu kernel, one past the rows gave zeros)."""
+    c, ind = torch.randn(4), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    for match, args, error in [
+        ("out of range", (c, torch.tensor([[0, 1, 2, 6], [0, 1, 2, 3]]), 6, 5), ValueError),
+        ("out of range", (c, torch.tensor([[0, -1, 2, 3], [0, 1, 2, 3]]), 6, 5), ValueError),
+        ("out of range", (c, torch.tensor([[0, 1, 2, 3], [0, 1, 2, 5]]), 6, 5), ValueError),
+        ("shape", (c, ind[:, :3], 6, 5), ValueError),
+        ("int64", (c, ind.int(), 6, 5), TypeError),
+        ("1-D floating-point", (c.long(), ind, 6, 5), ValueError),
+        ("n_frequency", (c, ind, 2, 1), ValueError),
+        ("positive", (c, ind, 0, 5), ValueError),
+        ("indices on meta", (c, ind.to("meta"), 6, 5), RuntimeError),
+    ]:
+        with pytest.raises(error, match=match):
+            sk.fourierft_delta_weight(*args, 1.0, backend=backend)
+
+
 def test_bad_layer_and_hyperparameters():
     with pytest.raises(TypeError, match="Unsupported layer type"):
         sk.FourierFTLinear(torch.nn.Conv2d(3, 3, 1))

@@ -168,6 +168,26 @@ def test_bad_input():
         sk.frod_linear(x, u.detach(), v, lam, s, indices, bias, backend="fast")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_effective_weight_bad_input(backend):
+    """The public W' function checks its arguments before any kernel reads them (an index past n used to give
+    an answer: peft's sparse tensor is built without invariant checks)."""
+    (_, u, v, lam, s, _), _, indices = make_case(8, 5, 6, (3,), torch.float32, "cpu")
+    u = u.detach()
+    for match, args, error in [
+        ("out of range", (u, v, lam, s, indices + 8), ValueError),
+        ("out of range", (u, v, lam, s, indices - 8), ValueError),
+        ("int64", (u, v, lam, s, indices.int()), ValueError),
+        ("values", (u, v, lam, s[:-1], indices), ValueError),
+        ("lambda must have shape", (u, v, lam[:-1], s, indices), ValueError),
+        ("U must be", (u, v[:, :5], lam, s, indices), ValueError),
+        ("floating point", (u, v, lam, s.long(), indices), TypeError),
+        ("different devices", (u, v, lam, s, indices.to("meta")), RuntimeError),
+    ]:
+        with pytest.raises(error, match=match):
+            sk.frod_effective_weight(*args, backend=backend)
+
+
 @pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 12), tokens=st.integers(0, 70), entries=st.integers(0, 40), need_dz=st.booleans(),

@@ -183,15 +183,7 @@ def _check(x, weight, bias, spectrum, indices):
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"fourierft_linear: x has {x.shape[-1] if x.dim() else 0} features, "
                          f"the layer expects in_features={n}")
-    if spectrum.dim() != 1 or not spectrum.is_floating_point():
-        raise ValueError("fourierft_linear: spectrum must be a 1-D floating-point tensor")
-    if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != spectrum.numel():
-        raise ValueError(f"fourierft_linear: indices must have shape (2, {spectrum.numel()}), "
-                         f"got {tuple(indices.shape)}")
-    if indices.dtype != torch.int64:
-        raise TypeError(f"fourierft_linear: indices must be int64, got {indices.dtype}")
-    if not 0 < spectrum.numel() <= m * n:
-        raise ValueError(f"fourierft_linear: n_frequency must be in [1, {m * n}], got {spectrum.numel()}")
+    _check_spectrum("fourierft_linear", spectrum, indices, m, n)
     device = x.device
     if (weight.device != device or spectrum.device != device or indices.device != device
             or (bias is not None and bias.device != device)):
@@ -200,11 +192,24 @@ def _check(x, weight, bias, spectrum, indices):
         raise RuntimeError(f"fourierft_linear: tensors on different devices: {devices}")
 
 
-def _check_index_values(indices, m, n):
-    # Reads the indices (a device sync on GPU): done by the public function, and once
+def _check_spectrum(name, spectrum, indices, m, n):
+    if not isinstance(spectrum, torch.Tensor) or spectrum.dim() != 1 or not spectrum.is_floating_point():
+        raise ValueError(f"{name}: spectrum must be a 1-D floating-point tensor")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != 2 \
+            or indices.shape[1] != spectrum.numel():
+        raise ValueError(f"{name}: indices must have shape (2, {spectrum.numel()}), "
+                         f"got {tuple(getattr(indices, 'shape', ()))}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"{name}: indices must be int64, got {indices.dtype}")
+    if not 0 < spectrum.numel() <= m * n:
+        raise ValueError(f"{name}: n_frequency must be in [1, {m * n}], got {spectrum.numel()}")
+
+
+def _check_index_values(indices, m, n, name="fourierft_linear"):
+    # Reads the indices (a device sync on GPU): done by the public functions, and once
     # by the layers, which build their indices themselves.
     if indices.numel() and (indices.min() < 0 or indices[0].max() >= m or indices[1].max() >= n):
-        raise ValueError(f"fourierft_linear: indices out of range for a ({m}, {n}) spectrum")
+        raise ValueError(f"{name}: indices out of range for a ({m}, {n}) spectrum")
 
 
 def fourierft_linear(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):
@@ -243,6 +248,13 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
 
 def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling, backend=None):
     """dW (out_features, in_features) in spectrum.dtype, as peft's get_delta_weight returns it."""
+    name = "fourierft_delta_weight"
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"{name}: out_features and in_features must be positive, got {out_features} x {in_features}")
+    _check_spectrum(name, spectrum, indices, out_features, in_features)
+    if indices.device != spectrum.device:
+        raise RuntimeError(f"{name}: spectrum on {spectrum.device}, indices on {indices.device}")
+    _check_index_values(indices, out_features, in_features, name)
     backend = dispatch.select_backend(spectrum.device, backend)
     if backend == "reference":
         return reference.fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling)

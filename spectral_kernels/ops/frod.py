@@ -174,40 +174,49 @@ _frod_fwd.register_autograd(_backward, setup_context=_setup_context)
 _FrodFunction = _autograd.function("_FrodFunction", _forward, _setup_context, _backward)
 
 
+def _check_adapter(name, u, v, lam, s_values, s_indices):
+    """The shapes, dtypes and devices of U, V, lambda and S (the ones every FRoD op takes)."""
+    if u.dim() != 2 or v.dim() != 2 or v.shape[0] != v.shape[1] or u.shape[1] != v.shape[0]:
+        raise ValueError(f"{name}: U must be (out_features, n) and V (n, n), got {tuple(u.shape)} and "
+                         f"{tuple(v.shape)}")
+    n = v.shape[0]
+    if lam.shape != (n,):
+        raise ValueError(f"{name}: lambda must have shape ({n},), got {tuple(lam.shape)}")
+    if s_indices.dtype != torch.long or s_indices.dim() != 2 or s_indices.shape[0] != 2 \
+            or s_values.shape != (s_indices.shape[1],):
+        raise ValueError(f"{name}: S needs int64 indices (2, nnz) and values (nnz,), got "
+                         f"{s_indices.dtype} {tuple(s_indices.shape)} and {tuple(s_values.shape)}")
+    for label, t in (("U", u), ("V", v), ("lambda", lam), ("S values", s_values)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {label} must be floating point, got {t.dtype}")
+    devices = {label: t.device for label, t in (("U", u), ("V", v), ("lambda", lam), ("S values", s_values),
+                                                ("S indices", s_indices))}
+    if len(set(devices.values())) > 1:
+        raise RuntimeError(f"{name}: tensors on different devices: {devices}")
+
+
 def _check(x, u, v, lam, s_values, s_indices, bias):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"frod_linear: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if u.dim() != 2 or v.dim() != 2 or v.shape[0] != v.shape[1] or u.shape[1] != v.shape[0]:
-        raise ValueError(f"frod_linear: U must be (out_features, n) and V (n, n), got {tuple(u.shape)} and "
-                         f"{tuple(v.shape)}")
+    _check_adapter("frod_linear", u, v, lam, s_values, s_indices)
     n = v.shape[0]
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"frod_linear: x has {x.shape[-1] if x.dim() else 0} features, the layer expects "
                          f"in_features={n}")
-    if lam.shape != (n,):
-        raise ValueError(f"frod_linear: lambda must have shape ({n},), got {tuple(lam.shape)}")
-    if s_indices.dtype != torch.long or s_indices.dim() != 2 or s_indices.shape[0] != 2 \
-            or s_values.shape != (s_indices.shape[1],):
-        raise ValueError(f"frod_linear: S needs int64 indices (2, nnz) and values (nnz,), got "
-                         f"{s_indices.dtype} {tuple(s_indices.shape)} and {tuple(s_values.shape)}")
-    for name, t in (("U", u), ("V", v), ("lambda", lam), ("S values", s_values)):
-        if not t.is_floating_point():
-            raise TypeError(f"frod_linear: {name} must be floating point, got {t.dtype}")
     if u.requires_grad or v.requires_grad:
         raise ValueError("frod_linear: U and V are fixed projections; gradients with respect to them are not "
                          "supported (detach them)")
     if bias is not None and bias.shape != (u.shape[0],):
         raise ValueError(f"frod_linear: bias must have shape ({u.shape[0]},), got {tuple(bias.shape)}")
-    devices = {name: t.device for name, t in (("x", x), ("U", u), ("V", v), ("lambda", lam), ("S values", s_values),
-                                              ("S indices", s_indices), ("bias", bias)) if t is not None}
+    devices = {name: t.device for name, t in (("x", x), ("U", u), ("bias", bias)) if t is not None}
     if len(set(devices.values())) > 1:
         raise RuntimeError(f"frod_linear: tensors on different devices: {devices}")
 
 
-def _check_index_values(s_indices, n):
-    # Reads the indices (a device sync on GPU): done by the public function, once by the layers.
+def _check_index_values(s_indices, n, name="frod_linear"):
+    # Reads the indices (a device sync on GPU): done by the public functions, once by the layers.
     if s_indices.numel() and (s_indices.min() < 0 or s_indices.max() >= n):
-        raise ValueError(f"frod_linear: S indices out of range for a ({n}, {n}) matrix")
+        raise ValueError(f"{name}: S indices out of range for a ({n}, {n}) matrix")
 
 
 def frod_linear(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None):
@@ -244,6 +253,8 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
 
 def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
     """W' = U (diag(lam) + S) V^T (out_features, in_features) in U's dtype, without autograd."""
+    _check_adapter("frod_effective_weight", u, v, lam, s_values, s_indices)
+    _check_index_values(s_indices, v.shape[0], "frod_effective_weight")
     backend = dispatch.select_backend(u.device, backend)
     u, v, lam, s_values = (t.detach() for t in (u, v, lam, s_values))
     if backend == "reference":
