@@ -206,6 +206,28 @@ def test_opcheck(path, chunks, monkeypatch):
 
 
 @pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
+def test_cpu_kernels_reject_out_of_range_indices():
+    """The C++ kernels check indices before addressing memory with them (the torch ops are callable directly,
+    not only through the checked public functions)."""
+    k = dispatch.kernels("fourierft", "cpu")
+    c, ok, xf = torch.randn(3), torch.tensor([0, 1, 2]), torch.randn(2, 4, dtype=torch.complex64)
+    for bad in (torch.tensor([0, 6, 1]), torch.tensor([0, -1, 1])):
+        with pytest.raises(RuntimeError, match="out of range"):
+            k.spectrum_rows(c, bad, ok, 6, 6, 1.0)
+        with pytest.raises(RuntimeError, match="out of range"):
+            k.spectrum_rows(c, ok, bad, 6, 6, 1.0)
+        with pytest.raises(RuntimeError, match="out of range"):
+            k.mix(xf, c, bad, ok, 6, 6, 1.0)
+        with pytest.raises(RuntimeError, match="out of range"):
+            k.mix(xf, c, ok, bad, 6, 6, 1.0)
+        with pytest.raises(RuntimeError, match="out of range"):
+            k.coef_grad(xf, xf, bad, ok, 6, 6, 1.0)
+        with pytest.raises(RuntimeError, match="out of range"):
+            k.coef_grad(xf, xf, ok, bad, 6, 6, 1.0)
+    assert k.mix(xf, c, ok, ok, 6, 6, 1.0).shape == (2, 4)
+
+
+@pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 12), n=st.integers(1, 12), tokens=st.integers(1, 3), data=st.data(),
        path=st.sampled_from(PATHS))

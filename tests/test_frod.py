@@ -218,3 +218,23 @@ def test_cpu_kernels_any_plan(rows, tokens, entries, need_dz, dtype):
             assert_close(dx, (dense.t() @ grad).to(dtype), dtype)
     if entries:
         assert_close(dcoef, (grad @ x.t())[written, read].to(dtype), dtype)
+
+
+@pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
+def test_cpu_kernels_reject_bad_plans():
+    """The C++ kernels check the plan's values before addressing memory with them (the torch ops are callable
+    directly, not only through frod_linear, which builds valid plans)."""
+    from spectral_kernels.kernels.native import frod as native
+
+    x, coef = torch.randn(5, 4), torch.randn(6)
+    ptr, src, perm = torch.tensor([0, 2, 3, 5, 6]), torch.tensor([0, 1, 2, 3, 0, 4]), torch.arange(6)
+    assert native.mix(x, coef, ptr, src, perm).shape == (4, 4)
+    for match, plan in [("src 5 out of range", (ptr, torch.tensor([0, 1, 2, 3, 0, 5]), perm)),
+                        ("src -1 out of range", (ptr, torch.tensor([0, 1, 2, 3, 0, -1]), perm)),
+                        ("perm 7 out of range", (ptr, src, torch.tensor([0, 1, 2, 3, 4, 7]))),
+                        ("ptr decreases", (torch.tensor([0, 3, 2, 5, 6]), src, perm)),
+                        ("ptr must run from 0 to 6", (torch.tensor([0, 2, 3, 5, 5]), src, perm))]:
+        with pytest.raises(RuntimeError, match=match):
+            native.mix(x, coef, *plan)
+        with pytest.raises(RuntimeError, match=match):
+            native.mix_backward(torch.randn(5, 4), torch.randn(4, 4), coef, *plan, True)

@@ -23,6 +23,14 @@ void check_indices(const at::Tensor& coef, const at::Tensor& a, const at::Tensor
   TORCH_CHECK(a.scalar_type() == at::kLong && b.scalar_type() == at::kLong, "fourierft: int64 indices expected");
 }
 
+// Every index in [0, n): the kernels address memory with them (O(nnz), next to O(T nnz) work).
+void check_range(const at::Tensor& idx, int64_t n, const char* what) {
+  const auto contiguous = idx.contiguous();
+  const int64_t* p = contiguous.data_ptr<int64_t>();
+  for (int64_t k = 0; k < contiguous.numel(); ++k)
+    TORCH_CHECK(p[k] >= 0 && p[k] < n, "fourierft: ", what, " index ", p[k], " out of range [0, ", n, ")");
+}
+
 }  // namespace
 
 // out[2q], out[2q+1] += w exp(-2 pi i v q / n) for q in [q0, q1): one coefficient
@@ -73,6 +81,8 @@ at::Tensor fourierft_spectrum_rows_cpu(const at::Tensor& coef_in, const at::Tens
                                       int64_t m, int64_t n, double scale) {
   check_indices(coef_in, rows_in, cols_in);
   TORCH_CHECK(coef_in.is_floating_point(), "fourierft_spectrum_rows: floating-point coefficients expected");
+  check_range(rows_in, m, "row");
+  check_range(cols_in, n, "column");
   const auto coef = coef_in.contiguous();
   const auto rows = rows_in.contiguous();
   const auto cols = cols_in.contiguous();
@@ -284,6 +294,8 @@ at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in,
   check_indices(coef_in, gather_in, scatter_in);
   TORCH_CHECK(xf_in.dim() == 2 && xf_in.size(1) == n_in / 2 + 1 && xf_in.is_complex(),
               "fourierft_mix: xf must be complex (T, n_in/2+1)");
+  check_range(gather_in, n_in, "gather");
+  check_range(scatter_in, n_out, "scatter");
   const auto xf = xf_in.contiguous();
   const auto coef = coef_in.contiguous().to(c10::toRealValueType(xf.scalar_type()));
   const auto scatter = scatter_in.contiguous();
@@ -384,6 +396,8 @@ at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf_in, const at::Tensor& yf
   TORCH_CHECK(xf_in.is_complex() && yf_in.is_complex() && xf_in.dim() == 2 && yf_in.dim() == 2 &&
                   xf_in.size(0) == yf_in.size(0) && xf_in.size(1) == n_x / 2 + 1 && yf_in.size(1) == n_y / 2 + 1,
               "fourierft_coef_grad: xf (T, n_x/2+1) and yf (T, n_y/2+1) complex expected");
+  check_range(x_idx_in, n_x, "x");
+  check_range(y_idx_in, n_y, "y");
   const auto xf = xf_in.contiguous();
   const auto yf = yf_in.contiguous().to(xf.scalar_type());
   const int64_t tokens = xf.size(0), nnz = x_idx_in.numel();

@@ -135,6 +135,37 @@ SK_ROWS(at::Half, float)
 SK_ROWS(double, double)
 #undef SK_ROWS
 
+// Whether ptr never decreases and every src and perm is below its bound, in branch-free
+// vectorized passes (unsigned compares catch negatives too).
+SK_CPU_CLONES bool plan_in_range(const int64_t* pp, int64_t rows, const int64_t* sp, const int64_t* mp,
+                                 int64_t entries, int64_t in_rows, int64_t coefs) {
+  int64_t ok = 1;
+  for (int64_t i = 0; i < rows; ++i) ok &= pp[i] <= pp[i + 1];
+  for (int64_t e = 0; e < entries; ++e)
+    ok &= (static_cast<uint64_t>(sp[e]) < static_cast<uint64_t>(in_rows)) &
+          (static_cast<uint64_t>(mp[e]) < static_cast<uint64_t>(coefs));
+  return ok;
+}
+
+// The plan's values, which the kernels address memory with (O(rows + entries), next to
+// O(T entries) work): ptr runs from 0 to the entry count without decreasing, every src
+// is a row of the input (`in_rows` of them), every perm a coefficient.
+void check_plan_values(const at::Tensor& ptr, const at::Tensor& src, const at::Tensor& perm, int64_t in_rows,
+                       int64_t coefs, const char* name) {
+  const int64_t* pp = ptr.const_data_ptr<int64_t>();
+  const int64_t* sp = src.const_data_ptr<int64_t>();
+  const int64_t* mp = perm.const_data_ptr<int64_t>();
+  const int64_t rows = ptr.size(0) - 1, entries = src.size(0);
+  TORCH_CHECK(pp[0] == 0 && pp[rows] == entries, name, ": ptr must run from 0 to ", entries, ", got ", pp[0], " to ",
+              pp[rows]);
+  if (plan_in_range(pp, rows, sp, mp, entries, in_rows, coefs)) return;  // else find the culprit for the message
+  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(pp[i] <= pp[i + 1], name, ": ptr decreases at row ", i);
+  for (int64_t e = 0; e < entries; ++e) {
+    TORCH_CHECK(sp[e] >= 0 && sp[e] < in_rows, name, ": src ", sp[e], " out of range [0, ", in_rows, ")");
+    TORCH_CHECK(mp[e] >= 0 && mp[e] < coefs, name, ": perm ", mp[e], " out of range [0, ", coefs, ")");
+  }
+}
+
 // coef in entry order (coef[perm[e]]), in the accumulation type.
 template <typename Acc>
 std::vector<Acc> entry_coefficients(const at::Tensor& coef, const at::Tensor& perm) {
@@ -154,6 +185,7 @@ at::Tensor frod_mix_cpu(const at::Tensor& in_, const at::Tensor& coef, const at:
   const auto in = in_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
   const int64_t rows_out = ptr.size(0) - 1, tokens = in.size(1);
+  check_plan_values(ptr, src, perm, in.size(0), coef.numel(), "frod_mix");
   auto out = at::empty({rows_out, tokens}, in.options());
   if (rows_out == 0 || tokens == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "frod_mix_cpu", [&] {
@@ -178,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cpu(const at::Tensor& g_, c
   const auto g = g_.contiguous(), z = z_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
   const int64_t rows = z.size(0), tokens = z.size(1), entries = src.size(0);
+  check_plan_values(ptr, src, perm, g.size(0), std::min(coef.numel(), entries), "frod_mix_backward");
   const auto acc_type = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto dcoef = at::zeros({entries}, g.options().dtype(acc_type));
   auto dz = need_dz ? at::empty({rows, tokens}, g.options()) : at::empty({0}, g.options());
