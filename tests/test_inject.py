@@ -327,3 +327,30 @@ def test_frod_adapters_must_agree(field, value):
     model = sk.inject(llama(1), sk.FrodConfig(target_modules=["q_proj"], progressbar=False))
     with pytest.raises(ValueError, match=f"must share {field}"):
         sk.inject(model, sk.FrodConfig(target_modules=["q_proj"], progressbar=False, **{field: value}), "other")
+
+
+@pytest.mark.parametrize("config", [
+    sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"], init_weights=False),
+    sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"], init_weights=False),
+    sk.FrodConfig(target_modules=["query", "value", "dense"], init_weights=False, progressbar=False),
+], ids=["fourierft", "oft", "frod"])
+def test_built_and_run_in_inference_mode(config):
+    """A model adapted inside torch.inference_mode (inference tensors have no version counter, so nothing made
+    from them is cached): the logits of the same weights in a model built normally, also after an in-place
+    change of the adapter's parameters."""
+    with torch.inference_mode():
+        served = sk.inject(bert(), config).eval()
+    model = sk.inject(bert(), config).eval()
+    model.load_state_dict(served.state_dict())
+    ids = tokens(model)
+    for _ in range(2):
+        with torch.inference_mode():
+            got = served(ids).logits
+            assert_close(served(ids).logits, got, torch.float32)
+            with torch.no_grad():
+                expected = model(ids).logits
+            assert_close(got, expected, torch.float32)
+            for (name, p), q in zip(served.named_parameters(), model.parameters()):
+                if any(key in name for key in ("fourierft_", "oft_", "frod_")):
+                    p.add_(0.1)
+                    q.add_(0.1)

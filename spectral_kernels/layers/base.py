@@ -8,6 +8,8 @@ import warnings
 import torch
 from torch import nn
 
+from .._cache import version_key
+
 
 def base_weight_and_layout(base_layer):
     """(in_features, out_features, fan_in_fan_out) of an nn.Linear or transformers Conv1D."""
@@ -91,8 +93,13 @@ class AdapterLayer(nn.Module):
     def _eval_cache_applies(self, x):
         return self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim()
 
-    def _cached_weight(self, key, build):
-        """The eval cache's effective weight for ``key``; ``build()`` makes it when the key changed."""
+    def _cached_weight(self, tensors, extra, build):
+        """The eval cache's effective weight; ``build()`` makes it when one of ``tensors`` (those it is
+        computed from) was replaced or modified in place, or ``extra`` changed (not kept for inference tensors)."""
+        key = version_key(*tensors)
+        if key is None:
+            return build()
+        key += (extra,)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # drop the old one before building the new one
             self._cache = (key, build())

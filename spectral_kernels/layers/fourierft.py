@@ -90,9 +90,8 @@ class FourierFTLinear(AdapterLayer):
         spectrum, indices, scaling = terms
         weight, bias = self._weight(), base_layer.bias
         if self._eval_cache_applies(x):
-            key = (spectrum.data_ptr(), spectrum._version, weight.data_ptr(), weight._version, scaling,
-                   indices.data_ptr())
-            weight = self._cached_weight(key, lambda: self._effective_weight(weight, spectrum, indices, scaling))
+            weight = self._cached_weight((spectrum, weight, indices), scaling,
+                                         lambda: self._effective_weight(weight, spectrum, indices, scaling))
             return nn.functional.linear(x, weight, bias)
         return fourierft_apply(x, weight, bias, spectrum, indices, scaling, self.backend)
 

@@ -9,8 +9,8 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
+from .._cache import TensorCache
 from ..config import FrodConfig
 from ..ops.frod import frod_apply, frod_effective_weight
 from .base import AdapterLayer
@@ -93,18 +93,15 @@ def frod_projections(weights, config, progressbar=None):
     return result
 
 
-_lu_cache = WeakIdKeyDictionary()
+_lu_cache = TensorCache()
 
 
 def frod_u_and_lambda(v, weight):
     """U (out, in) and lambda (in,) with W = U diag(lambda) V^T: lambda the column norms of W V^-T (float64, as
     peft), U those columns normalised. V's LU factorisation is kept for the other layers of its category."""
     w = weight.detach().to(torch.float64)
-    cached = _lu_cache.get(v)
-    if cached is None or cached[0] != (v._version, w.device):
-        lu = torch.linalg.lu_factor_ex(v.detach().to(w.device, torch.float64))
-        cached = _lu_cache[v] = ((v._version, w.device), lu)
-    lu, pivots, info = cached[1]
+    lu, pivots, info = _lu_cache.get(v, w.device, lambda: torch.linalg.lu_factor_ex(v.detach().to(w.device,
+                                                                                                torch.float64)))
     if info.item() == 0:
         bi = torch.linalg.lu_solve(lu, pivots, w.T).T
     else:  # singular V
@@ -264,8 +261,7 @@ class FrodLinear(AdapterLayer):
         u, v, lam, s_values, s_indices = tensors
         if self._eval_cache_applies(x):
             # Keyed by the adapter's own tensors (not by their copies cast to x's dtype).
-            key = tuple((t.data_ptr(), t._version) for t in tensors) + (x.dtype,)
-            weight = self._cached_weight(key, lambda: frod_effective_weight(
+            weight = self._cached_weight(tensors, x.dtype, lambda: frod_effective_weight(
                 u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, self.backend))
             return nn.functional.linear(x, weight, bias)
         return frod_apply(x, u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, bias, self.backend)

@@ -4,6 +4,7 @@ import warnings
 import torch
 from torch import nn
 
+from .._cache import version_key
 from ..config import OFTConfig
 from ..kernels.reference import oft as reference
 from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
@@ -111,7 +112,10 @@ class OFTLinear(AdapterLayer):
         if torch.is_grad_enabled() or module.coft:
             return None, module.rotation(backend=self.backend)
         params = module.weight
-        key = (name, params.data_ptr(), params._version, params.dtype, params.device)
+        versions = version_key(params)
+        if versions is None:
+            return None, module.rotation(backend=self.backend)
+        key = (name, versions, params.dtype, params.device)
         cached = self._rotations.get(name)
         if cached is None or cached[0] != key:
             self._rotations[name] = cached = (key, module.rotation(backend=self.backend))
@@ -183,7 +187,7 @@ class OFTLinear(AdapterLayer):
         key, rot = rotations[-1]
         weight, bias = self._weight(), self.base_layer.bias
         if key is not None and self._eval_cache_applies(x):
-            weight = self._cached_weight((key, weight.data_ptr(), weight._version), lambda: self._rotate_weight(rot))
+            weight = self._cached_weight((weight,), key, lambda: self._rotate_weight(rot))
             return nn.functional.linear(x, weight, bias)
         return oft_linear(x, weight, bias, rot, self.backend)
 

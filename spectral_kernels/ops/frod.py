@@ -27,9 +27,9 @@ accumulate in float32 (float64 for float64).
 """
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import dispatch
+from .._cache import TensorCache
 from . import _autograd
 from ..kernels.reference import frod as reference
 
@@ -38,14 +38,13 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_plans = WeakIdKeyDictionary()
+_plans = TensorCache()
 
 
 def _plan(s_indices, n, transpose):
     """CSR order of M's entries (the diagonal first, then S): (ptr, src, perm), grouped by row of M (of M^T
     with ``transpose``). Cached per indices tensor (layers share theirs) until it is modified in place."""
-    cached = _plans.get(s_indices)
-    if cached is None or cached[0] != (s_indices._version, n):
+    def build():
         diag = torch.arange(n, device=s_indices.device)
         rows, cols = torch.cat([diag, s_indices[0]]), torch.cat([diag, s_indices[1]])
         plans = []
@@ -54,20 +53,18 @@ def _plan(s_indices, n, transpose):
             ptr = torch.zeros(n + 1, dtype=torch.long, device=s_indices.device)
             torch.cumsum(torch.bincount(out_rows, minlength=n), 0, out=ptr[1:])
             plans.append((ptr, in_rows[perm].contiguous(), perm))
-        cached = _plans[s_indices] = ((s_indices._version, n), plans)
-    return cached[1][1 if transpose else 0]
+        return plans
+
+    return _plans.get(s_indices, n, build)[1 if transpose else 0]
 
 
-_transposes = WeakIdKeyDictionary()
+_transposes = TensorCache()
 
 
 def _v_t(v, dtype):
     """V^T contiguous in ``dtype``, the rows the weight path mixes; kept per projection (shared by its layers)
     until V is modified in place."""
-    cached = _transposes.get(v)
-    if cached is None or cached[0] != (v._version, dtype):
-        cached = _transposes[v] = ((v._version, dtype), v.t().to(dtype).contiguous())
-    return cached[1]
+    return _transposes.get(v, dtype, lambda: v.t().to(dtype).contiguous())
 
 
 def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):

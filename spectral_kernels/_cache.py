@@ -1,0 +1,31 @@
+"""Caches keyed on tensor versions: what the ops and layers keep between calls (FRoD's sparse plans, V^T and
+LU factors, the layers' eval-mode weights) is rebuilt when a tensor it came from is replaced or modified in
+place (optimizer steps included)."""
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+def version_key(*tensors):
+    """(data_ptr, version) of each tensor, or None where one is an inference tensor: those have no version
+    counter, so nothing computed from them is cached. As for autograd, writes that bypass the version counter
+    (through ``.data`` or a numpy view) are not seen."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class TensorCache:
+    """Values computed from one tensor (held weakly, by identity), rebuilt when its version key or ``extra``
+    changes."""
+
+    def __init__(self):
+        self._entries = WeakIdKeyDictionary()
+
+    def get(self, tensor, extra, build):
+        key = version_key(tensor)
+        if key is None:
+            return build()
+        key += (extra,)
+        cached = self._entries.get(tensor)
+        if cached is None or cached[0] != key:
+            cached = self._entries[tensor] = (key, build())
+        return cached[1]
