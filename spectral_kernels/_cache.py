@@ -1,14 +1,15 @@
 """Caches keyed on tensor versions: what the ops and layers keep between calls (FRoD's sparse plans, V^T and
 LU factors, the layers' eval-mode weights) is rebuilt when a tensor it came from is replaced or modified in
 place (optimizer steps included)."""
+import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 
 def version_key(*tensors):
-    """(data_ptr, version) of each tensor, or None where one is an inference tensor: those have no version
-    counter, so nothing computed from them is cached. As for autograd, writes that bypass the version counter
-    (through ``.data`` or a numpy view) are not seen."""
-    if any(t.is_inference() for t in tensors):
+    """(data_ptr, version) of each tensor, or None (nothing is cached) where one is an inference tensor, which
+    has no version counter, and while torch.compile traces, as a graph cannot keep Python-side caches. As for
+    autograd, writes that bypass the version counter (through ``.data`` or a numpy view) are not seen."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
         return None
     return tuple((t.data_ptr(), t._version) for t in tensors)
 

@@ -44,7 +44,8 @@ def assert_close(actual, expected, dtype):
 def assert_compiled_matches_eager(layer, x):
     """torch.compile of ``layer`` (it traces the ops' custom ops) and eager autograd (their autograd.Functions)
     give the same output and the same gradients for x and every trainable parameter (None for both where a
-    parameter is unused, as FRoD's base weight)."""
+    parameter is unused, as FRoD's base weight); in eval mode without autograd, the same output."""
+    torch._dynamo.reset()  # each case compiles afresh: the layers' forward would hit the recompile limit
     params = [p for p in layer.parameters() if p.requires_grad]
     results = []
     for module in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
@@ -58,6 +59,12 @@ def assert_compiled_matches_eager(layer, x):
         assert (compiled is None) == (eager is None)
         if eager is not None:
             assert_close(compiled, eager, torch.float32)
+    # Eval mode without autograd: eager runs the cached effective weight, the traced graph the fused op.
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad():
+        assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), layer(x), torch.float32)
+    layer.train(was_training)
 
 
 def assert_low_precision_close(actual, reference_lowp, exact):

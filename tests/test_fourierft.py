@@ -191,6 +191,16 @@ def test_compile_fullgraph(tokens):
     assert_compiled_matches_eager(layer, torch.randn(tokens, 20))
 
 
+def test_compile_fullgraph_public_op():
+    """The public op checks its index values with an assert inside the traced graph (it cannot branch on them)."""
+    (x, w, b, c), _, indices = make_case(12, 20, 30, (5,), torch.float32, "cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(sk.fourierft_linear, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x, w, b, c, indices, 2.0), sk.fourierft_linear(x, w, b, c, indices, 2.0), torch.float32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        compiled(x, w, b, c, indices.flip(0), 2.0)  # rows past out_features
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_opcheck(path, chunks, monkeypatch):

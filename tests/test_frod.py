@@ -129,6 +129,17 @@ def test_compile_fullgraph(tokens):
     assert_compiled_matches_eager(layer, torch.randn(tokens, 24))
 
 
+def test_compile_fullgraph_public_op():
+    """The public op checks its index values with an assert inside the traced graph (it cannot branch on them)."""
+    (x, u, v, lam, s, bias), _, indices = make_case(10, 7, 15, (4,), torch.float32, "cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(sk.frod_linear, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x, u, v, lam, s, indices, bias), sk.frod_linear(x, u, v, lam, s, indices, bias),
+                 torch.float32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        compiled(x, u, v, lam, s, indices + 10, bias)
+
+
 def test_path_choice():
     assert dispatch.frod_path(2047, 1024, 1024, True) == "factored"
     assert dispatch.frod_path(2048, 1024, 1024, True) == "weight"

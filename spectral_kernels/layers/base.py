@@ -91,7 +91,9 @@ class AdapterLayer(nn.Module):
         return self._forward(x, *args, **kwargs).to(x.dtype)
 
     def _eval_cache_applies(self, x):
-        return self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim()
+        # Not in traced graphs, which run the fused op instead (they cannot keep the cache between calls).
+        return (self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim()
+                and not torch.compiler.is_compiling())
 
     def _cached_weight(self, tensors, extra, build):
         """The eval cache's effective weight; ``build()`` makes it when one of ``tensors`` (those it is

@@ -51,6 +51,15 @@ def tracing():
     return torch.compiler.is_compiling()
 
 
+def check_values(ok, message):
+    """Raise ValueError(message) unless the boolean tensor ``ok`` holds: read at once in eager mode (a device
+    sync on GPU), an asynchronous assert in traced graphs, which cannot branch on tensor values."""
+    if tracing():
+        torch._assert_async(ok, message)
+    elif not ok:
+        raise ValueError(message)
+
+
 def needs_grad(*tensors):
     """Whether autograd records a call on ``tensors`` (None entries allowed)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -206,10 +206,10 @@ def _check_spectrum(name, spectrum, indices, m, n):
 
 
 def _check_index_values(indices, m, n, name="fourierft_linear"):
-    # Reads the indices (a device sync on GPU): done by the public functions, and once
-    # by the layers, which build their indices themselves.
-    if indices.numel() and (indices.min() < 0 or indices[0].max() >= m or indices[1].max() >= n):
-        raise ValueError(f"{name}: indices out of range for a ({m}, {n}) spectrum")
+    # Done by the public functions, and once by the layers, which build their indices themselves.
+    if indices.numel():
+        _autograd.check_values((indices.min() >= 0) & (indices[0].max() < m) & (indices[1].max() < n),
+                               f"{name}: indices out of range for a ({m}, {n}) spectrum")
 
 
 def fourierft_linear(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):

@@ -211,9 +211,10 @@ def _check(x, u, v, lam, s_values, s_indices, bias):
 
 
 def _check_index_values(s_indices, n, name="frod_linear"):
-    # Reads the indices (a device sync on GPU): done by the public functions, once by the layers.
-    if s_indices.numel() and (s_indices.min() < 0 or s_indices.max() >= n):
-        raise ValueError(f"{name}: S indices out of range for a ({n}, {n}) matrix")
+    # Done by the public functions, once by the layers.
+    if s_indices.numel():
+        _autograd.check_values((s_indices.min() >= 0) & (s_indices.max() < n),
+                               f"{name}: S indices out of range for a ({n}, {n}) matrix")
 
 
 def frod_linear(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None):
