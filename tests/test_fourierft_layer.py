@@ -138,13 +138,24 @@ def bad_inputs():
         ("in_features", (torch.tensor(1.0), w, b, c, ind), ValueError),
         ("same dtype", (x, w.double(), b, c, ind), TypeError),
         ("same dtype", (x, w, b.double(), c, ind), TypeError),
+        ("bias must have shape", (x, w, b[None], c, ind), ValueError),
     ]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("match,args,error", bad_inputs(), ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input(match, args, error):
+def test_bad_input(match, args, error, backend):
     with pytest.raises(error, match=match):
-        sk.fourierft_linear(*args, 1.0, backend="cpu")
+        sk.fourierft_linear(*args, 1.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_scaling_and_path(backend):
+    x, w, c, ind = torch.randn(3, 5), torch.randn(6, 5), torch.randn(4), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    with pytest.raises(TypeError, match="scaling is a fixed hyper-parameter"):
+        sk.fourierft_linear(x, w, None, c, ind, torch.tensor(2.0, requires_grad=True), backend=backend)
+    with pytest.raises(ValueError, match="unknown FourierFT path"):  # the reference too, though it has one
+        sk.fourierft_linear(x, w, None, c, ind, 2.0, backend=backend, path="slow")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -151,8 +151,15 @@ def test_path_choice():
         dispatch.frod_path(1, 8, 8, True, "dense")
 
 
-def test_bad_input():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_input(backend):
     (x, u, v, lam, s, bias), _, indices = make_case(8, 5, 6, (3,), torch.float32, "cpu")
+    with pytest.raises(TypeError, match="same dtype"):
+        sk.frod_linear(x, u, v, lam, s, indices, bias.double(), backend=backend)
+    with pytest.raises(ValueError, match="both sizes positive"):
+        sk.frod_linear(x, u[:0], v, lam, s, indices, None, backend=backend)
+    with pytest.raises(ValueError, match="unknown FRoD path"):  # the reference too, though it has one
+        sk.frod_linear(x, u, v, lam, s, indices, bias, backend=backend, path="dense")
     with pytest.raises(ValueError, match="in_features=8"):
         sk.frod_linear(torch.randn(3, 7), u, v, lam, s, indices, bias)
     with pytest.raises(TypeError, match="floating-point"):

@@ -177,6 +177,24 @@ def test_eval_caches_follow_inplace_updates(tokens):
     assert_close(after, expected, torch.float32)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_caches_off_sees_data_writes(training):
+    """With cache_effective_weight = False nothing is kept without autograd (not even the rotations), so writes
+    through .data, which version counters do not see, are seen."""
+    ours, _ = pair(torch.nn.Linear(40, 30))
+    ours.cache_effective_weight = False
+    ours.train(training)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        first = ours(x)
+        ours.oft_R["default"].weight.data.mul_(3)
+        rot = sk.oft_rotation(ours.oft_R["default"].weight, 8)
+        expected = sk.oft_linear(x, ours.base_layer.weight, ours.base_layer.bias, rot, backend="reference")
+        after = ours(x)
+    assert not torch.equal(after, first)
+    assert_close(after, expected, torch.float32)
+
+
 @pytest.mark.parametrize("in_features", [48, 7, 30])
 @pytest.mark.parametrize("block_size", [7, 64, 5])
 def test_block_size_adjusted_as_peft(in_features, block_size):
@@ -213,13 +231,23 @@ def bad_inputs():
         ("bias", (x, w, b[:4], rot), ValueError),
         ("different devices", (x.to("meta"), w, b, rot), RuntimeError),
         ("different devices", (x, w, b, rot.to("meta")), RuntimeError),
+        ("both positive", (x, w[:0], b[:0], rot), ValueError),
+        ("both positive", (x[:, :0], w[:, :0], b, rot[:0, :0, :0]), ValueError),
     ]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("match,args,error", bad_inputs(), ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input(match, args, error):
+def test_bad_input(match, args, error, backend):
     with pytest.raises(error, match=match):
-        sk.oft_linear(*args, backend="cpu")
+        sk.oft_linear(*args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_path(backend):
+    rot = sk.oft_rotation(torch.zeros(3, 6), 4)
+    with pytest.raises(ValueError, match="unknown OFT path"):  # the reference too, though it has one
+        sk.oft_linear(torch.randn(3, 12), torch.randn(6, 12), None, rot, backend=backend, path="slow")
 
 
 def test_bad_layer_and_hyperparameters():

@@ -174,7 +174,7 @@ _fourierft_fwd.register_autograd(_backward, setup_context=_setup_context)
 _FourierFTFunction = _autograd.function("_FourierFTFunction", _forward, _setup_context, _backward)
 
 
-def _check(x, weight, bias, spectrum, indices):
+def _check(x, weight, bias, spectrum, indices, scaling):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"fourierft_linear: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if weight.dim() != 2:
@@ -183,7 +183,9 @@ def _check(x, weight, bias, spectrum, indices):
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"fourierft_linear: x has {x.shape[-1] if x.dim() else 0} features, "
                          f"the layer expects in_features={n}")
-    _check_spectrum("fourierft_linear", spectrum, indices, m, n)
+    _check_spectrum("fourierft_linear", spectrum, indices, m, n, scaling)
+    if bias is not None and bias.shape != (m,):
+        raise ValueError(f"fourierft_linear: bias must have shape ({m},), got {tuple(bias.shape)}")
     device = x.device
     if (weight.device != device or spectrum.device != device or indices.device != device
             or (bias is not None and bias.device != device)):
@@ -192,7 +194,10 @@ def _check(x, weight, bias, spectrum, indices):
         raise RuntimeError(f"fourierft_linear: tensors on different devices: {devices}")
 
 
-def _check_spectrum(name, spectrum, indices, m, n):
+def _check_spectrum(name, spectrum, indices, m, n, scaling):
+    if isinstance(scaling, torch.Tensor) and scaling.requires_grad:
+        raise TypeError(f"{name}: scaling is a fixed hyper-parameter; gradients with respect to it are not "
+                        "supported (pass a float)")
     if not isinstance(spectrum, torch.Tensor) or spectrum.dim() != 1 or not spectrum.is_floating_point():
         raise ValueError(f"{name}: spectrum must be a 1-D floating-point tensor")
     if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != 2 \
@@ -217,14 +222,14 @@ def fourierft_linear(x, weight, bias, spectrum, indices, scaling, backend=None, 
 
     ``backend`` and ``path`` override the automatic choice (see spectral_kernels.dispatch).
     """
-    _check(x, weight, bias, spectrum, indices)
+    _check(x, weight, bias, spectrum, indices, scaling)
     _check_index_values(indices, *weight.shape)
     return _apply(x, weight, bias, spectrum, indices, scaling, backend, path)
 
 
 def fourierft_apply(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):
     """fourierft_linear for indices already known to be in range (the layers' own)."""
-    _check(x, weight, bias, spectrum, indices)
+    _check(x, weight, bias, spectrum, indices, scaling)
     return _apply(x, weight, bias, spectrum, indices, scaling, backend, path)
 
 
@@ -238,9 +243,9 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
         raise TypeError(f"fourierft_linear: x ({x.dtype}), weight ({weight.dtype}) and bias "
                         f"({None if bias is None else bias.dtype}) must have the same dtype")
     backend = dispatch.select_backend(x.device, backend)
-    if backend == "reference":
-        return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)
     path = dispatch.fourierft_path(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], path)
+    if backend == "reference":  # one algorithm, peft's: any valid path gives it
+        return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)
     args = (x, weight, bias, spectrum, indices[0], indices[1], float(scaling), backend, path)
     needs_grad = _autograd.needs_grad(x, weight, spectrum, bias)
     return _autograd.run(_fourierft_fwd, _FourierFTFunction, _forward, needs_grad, *args)[0]
@@ -251,7 +256,7 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
     name = "fourierft_delta_weight"
     if out_features < 1 or in_features < 1:
         raise ValueError(f"{name}: out_features and in_features must be positive, got {out_features} x {in_features}")
-    _check_spectrum(name, spectrum, indices, out_features, in_features)
+    _check_spectrum(name, spectrum, indices, out_features, in_features, scaling)
     if indices.device != spectrum.device:
         raise RuntimeError(f"{name}: spectrum on {spectrum.device}, indices on {indices.device}")
     _check_index_values(indices, out_features, in_features, name)

@@ -173,9 +173,9 @@ _FrodFunction = _autograd.function("_FrodFunction", _forward, _setup_context, _b
 
 def _check_adapter(name, u, v, lam, s_values, s_indices):
     """The shapes, dtypes and devices of U, V, lambda and S (the ones every FRoD op takes)."""
-    if u.dim() != 2 or v.dim() != 2 or v.shape[0] != v.shape[1] or u.shape[1] != v.shape[0]:
-        raise ValueError(f"{name}: U must be (out_features, n) and V (n, n), got {tuple(u.shape)} and "
-                         f"{tuple(v.shape)}")
+    if u.dim() != 2 or v.dim() != 2 or v.shape[0] != v.shape[1] or u.shape[1] != v.shape[0] or 0 in u.shape:
+        raise ValueError(f"{name}: U must be (out_features, n) and V (n, n), both sizes positive, got "
+                         f"{tuple(u.shape)} and {tuple(v.shape)}")
     n = v.shape[0]
     if lam.shape != (n,):
         raise ValueError(f"{name}: lambda must have shape ({n},), got {tuple(lam.shape)}")
@@ -239,12 +239,14 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
     if dtype is not None:  # U and V go in x's dtype in any case
         with torch.autocast(x.device.type, enabled=False):
             return _apply(x.to(dtype), u, v, lam, s_values, s_indices, _autograd.cast(bias, dtype), backend, path)
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"frod_linear: x ({x.dtype}) and bias ({bias.dtype}) must have the same dtype")
     backend = dispatch.select_backend(x.device, backend)
-    if backend == "reference":
-        return reference.frod_linear(x, u, v, lam, s_values, s_indices, bias)
     m, n = u.shape
     needs_grad = _autograd.needs_grad(x, lam, s_values, bias)
     path = dispatch.frod_path(x.numel() // n, m, n, needs_grad, path)
+    if backend == "reference":  # one algorithm, peft's: any valid path gives it
+        return reference.frod_linear(x, u, v, lam, s_values, s_indices, bias)
     args = (x, u, v, lam, s_values, s_indices, bias, backend, path)
     return _autograd.run(_frod_fwd, _FrodFunction, _forward, needs_grad, *args)[0]
 

@@ -207,8 +207,8 @@ def _check_devices(name, **tensors):
 
 
 def _check_linear(x, weight, bias, rot):
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"oft_linear: weight must be 2-D (out_features, in_features), "
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or 0 in weight.shape:
+        raise ValueError(f"oft_linear: weight must be 2-D (out_features, in_features), both positive, "
                          f"got {tuple(getattr(weight, 'shape', ()))}")
     _check_rotation("oft_linear", x, rot, weight.shape[1])
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
@@ -267,9 +267,9 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
             return oft_linear(x.to(dtype), weight.to(dtype), _autograd.cast(bias, dtype), rot, backend, path)
     _check_linear(x, weight, bias, rot)
     backend = dispatch.select_backend(x.device, backend)
-    if backend == "reference":
-        return reference.oft_linear(x, weight, bias, rot)
     path = dispatch.oft_path(x.numel() // x.shape[-1], weight.shape[0], path)
+    if backend == "reference":  # one algorithm, peft's: any valid path gives it
+        return reference.oft_linear(x, weight, bias, rot)
     needs_grad = _autograd.needs_grad(x, weight, bias, rot)
     return _autograd.run(_oft_linear_fwd, _OFTLinearFunction, _linear_forward, needs_grad,
                          x, weight, bias, rot, backend, path)
