@@ -30,7 +30,7 @@ class FourierFTConfig:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and not self.layers_to_transform:
+        if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
 
 
@@ -93,7 +93,6 @@ class FrodConfig:
     init_weights: bool = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
     sparse_rate: float = 0.01
     regularization_alpha: float = 1e-3
     progressbar: bool = True

@@ -103,11 +103,12 @@ def register_method(config_class, method):
 
 
 def _pattern_value(patterns, key, default):
-    """peft's FourierFT n_frequency_pattern rule: the first pattern p with ``re.match(rf".*\\.{p}$", key)``."""
+    """peft's FourierFT n_frequency_pattern rule: the first pattern p with ``re.match(rf".*\\.{p}$", key)``, else
+    the entry for the full key."""
     for pattern, value in patterns.items():
         if re.match(rf".*\.{pattern}$", key):
             return value
-    return default
+    return patterns.get(key, default)
 
 
 def _adapt_fourierft(module, key, adapter_name, config, shared):
@@ -273,7 +274,7 @@ def _layer_index(key, layers_pattern):
 
 
 def _is_excluded(config, key):
-    exclude = config.exclude_modules
+    exclude = getattr(config, "exclude_modules", None)  # peft's FrodConfig has none
     if exclude:
         if isinstance(exclude, str):
             if re.fullmatch(exclude, key):
@@ -324,7 +325,7 @@ def _resolve_target_modules(model, config, method, skip):
 def _no_match_error(model, config, target_modules, excluded, skip):
     if excluded:
         return NoTargetModulesError(f"every module that target_modules={target_modules!r} selects is excluded "
-                                    f"(exclude_modules={config.exclude_modules!r}, "
+                                    f"(exclude_modules={getattr(config, 'exclude_modules', None)!r}, "
                                     f"modules_to_save={config.modules_to_save!r}): {sorted(excluded)}")
     names = [name for name, _ in model.named_modules() if name and not name.startswith(skip)]
     if isinstance(target_modules, str):
@@ -397,6 +398,19 @@ def _adapter_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, layer_classes)]
 
 
+def _upcast_adapter(model, adapter_name):
+    """peft's cast_adapter_dtype: the float16/bfloat16 parameters of ``adapter_name`` in float32."""
+    for _, layer in _adapter_layers(model):
+        for dict_name in layer.adapter_layer_names:
+            entries = getattr(layer, dict_name)
+            entry = entries[adapter_name] if adapter_name in entries else None
+            if isinstance(entry, nn.Parameter) and entry.dtype in (torch.float16, torch.bfloat16):
+                entries[adapter_name] = nn.Parameter(entry.detach().float(), requires_grad=entry.requires_grad)
+            elif isinstance(entry, nn.Module) and any(p.dtype in (torch.float16, torch.bfloat16)
+                                                      for p in entry.parameters()):
+                entry.float()
+
+
 def _wrappers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
@@ -418,12 +432,15 @@ def _add_modules_to_save(model, config, adapter_name):
         raise NoTargetModulesError(f"no module of the model matches modules_to_save={config.modules_to_save!r}")
 
 
-def inject(model, config, adapter_name="default"):
+def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
     """Adapt the modules ``config`` targets with the fused layers, in place; returns ``model``.
 
     The first adapter becomes the active one; a further adapter (another ``inject`` with
     a new name) is added inactive and frozen, as in peft. Only the active adapters'
-    parameters (and biases as ``config.bias`` says) stay trainable.
+    parameters (and biases as ``config.bias`` says) stay trainable. With
+    ``autocast_adapter_dtype`` (peft's get_peft_model default) the adapter's float16 and
+    bfloat16 parameters are made float32, so that small updates do not round away; the
+    fused ops take them so (they accumulate in float32 whatever their dtype).
     """
     method = _method(config)
     state = getattr(model, STATE_ATTRIBUTE, None) or InjectedAdapters()
@@ -436,6 +453,8 @@ def inject(model, config, adapter_name="default"):
         layer = method.adapt(module, key, adapter_name, config, shared)
         if layer is not module:
             _set_submodule(model, key, layer)
+    if autocast_adapter_dtype:
+        _upcast_adapter(model, adapter_name)
     _add_modules_to_save(model, config, adapter_name)
     state.configs[adapter_name] = config
     state.active = state.active or [adapter_name]
@@ -642,12 +661,13 @@ def _read_adapter(directory):
     return config, weights
 
 
-def load_adapter(model, directory, adapter_name="default", is_trainable=False):
+def load_adapter(model, directory, adapter_name="default", is_trainable=False, autocast_adapter_dtype=True):
     """Inject the adapter saved in peft's format in ``directory`` (by peft or ``save_adapter``) and load its
-    weights; frozen unless ``is_trainable``, as peft's from_pretrained. Returns ``model``."""
+    weights; frozen unless ``is_trainable``, as peft's from_pretrained (``autocast_adapter_dtype`` as for
+    ``inject``). Returns ``model``."""
     config, weights = _read_adapter(directory)
     config.inference_mode = not is_trainable
-    inject(model, config, adapter_name)
+    inject(model, config, adapter_name, autocast_adapter_dtype)
     layers, wrappers = dict(_adapter_layers(model)), dict(_wrappers(model))
     attributes = _model_attributes(model)
     state = {_model_key(k, adapter_name, layers, wrappers, attributes): v for k, v in weights.items()}

@@ -87,6 +87,7 @@ TARGETING = {
     "layers-list": dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2]),
     "layers-int-pattern": dict(target_modules=["q_proj"], layers_to_transform=1, layers_pattern="layers"),
     "layers-list-pattern": dict(target_modules=["v_proj"], layers_to_transform=[1, 2], layers_pattern=["layers"]),
+    "layers-zero-pattern": dict(target_modules=["q_proj"], layers_to_transform=0, layers_pattern="layers"),
     "full-name-ignores-layers": dict(target_modules=["model.layers.1.mlp.up_proj"], layers_to_transform=[0]),
     "exclude-list": dict(target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
     "exclude-suffix": dict(target_modules="all-linear", exclude_modules=["gate_proj", "self_attn.k_proj"]),
@@ -118,12 +119,25 @@ def test_targets_like_peft_other_models(make, config):
 
 def test_n_frequency_pattern_like_peft():
     config = sk.FourierFTConfig(n_frequency=16, target_modules=["q_proj", "v_proj"],
-                                n_frequency_pattern={"q_proj": 30, "layers.1.self_attn.v_proj": 40, "v": 50})
+                                n_frequency_pattern={"q_proj": 30, "layers.1.self_attn.v_proj": 40, "v": 50,
+                                                     "model.layers.2.self_attn.v_proj": 60})  # a full name
     ours, theirs = sk.inject(llama(), config), peft_injected(llama(), config)
     counts = {n: m.fourierft_n_frequency["default"] for n, m in ours.named_modules() if isinstance(m, AdapterLayer)}
     assert counts == {n: m.fourierft_n_frequency["default"] for n, m in theirs.named_modules()
                       if isinstance(m, BaseTunerLayer)}
-    assert sorted(set(counts.values())) == [16, 30, 40]
+    assert sorted(set(counts.values())) == [16, 30, 40, 60]
+
+
+@pytest.mark.parametrize("ours, theirs", list(PEFT_CONFIG.items()), ids=["fourierft", "oft", "frod"])
+def test_config_fields_are_peft_s(ours, theirs):
+    """The same field names and defaults as peft's config (peft's own PeftConfig fields aside), so that configs
+    and saved adapter_config.json files mean the same thing on both sides."""
+    base = {f.name for f in dataclasses.fields(peft.PeftConfig)} - {"inference_mode"}
+    own = {f.name: f.default for f in dataclasses.fields(ours)}
+    peft_fields = {f.name: f.default for f in dataclasses.fields(theirs) if f.name not in base}
+    assert own.keys() == peft_fields.keys()
+    assert {k: v for k, v in own.items() if not isinstance(v, dataclasses._MISSING_TYPE)} == \
+        {k: v for k, v in peft_fields.items() if not isinstance(v, dataclasses._MISSING_TYPE)}
 
 
 def test_no_match_names_the_patterns():
@@ -354,3 +368,64 @@ def test_built_and_run_in_inference_mode(config):
                 if any(key in name for key in ("fourierft_", "oft_", "frod_")):
                     p.add_(0.1)
                     q.add_(0.1)
+
+
+@pytest.mark.parametrize("config", [
+    sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"]),
+    sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"]),
+    sk.FrodConfig(target_modules=["query", "value"], progressbar=False),
+], ids=["fourierft", "oft", "frod"])
+def test_half_precision_models_get_float32_adapters_like_peft(tmp_path, config):
+    """peft's get_peft_model and from_pretrained upcast a bf16/fp16 model's adapter parameters to float32
+    (autocast_adapter_dtype); so do inject and load_adapter, and the model's logits stay as peft's."""
+    half = lambda: bert().to(torch.bfloat16)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(half(), peft_config(config))
+    ours = sk.inject(half(), config)
+    trainable = lambda m: {p.dtype for p in m.parameters() if p.requires_grad}  # noqa: E731
+    assert trainable(ours) == trainable(theirs) == {torch.float32}
+    assert {p.dtype for p in sk.inject(half(), config, autocast_adapter_dtype=False).parameters()
+            if p.requires_grad} == {torch.bfloat16}
+    ours.load_state_dict(theirs.base_model.model.state_dict(), strict=False)  # FRoD's projections: same values
+    ids = tokens(ours)
+    assert (ours(ids).logits.float() - theirs(ids).logits.float()).abs().max() <= 0.05  # bfloat16 rounding
+    sk.save_adapter(ours, tmp_path)
+    loaded = sk.load_adapter(half(), tmp_path, is_trainable=True)
+    assert trainable(loaded) == {torch.float32}
+
+
+def test_fourierft_draws_peft_s_random_numbers():
+    """With init_weights=True peft still draws the spectrum before zeroing it: so do we, and the global RNG
+    stream after the injection is the same (dropout masks and later initialisations match peft's run)."""
+    config = sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"], init_weights=True)
+    model, reference = bert(), bert()
+    torch.manual_seed(5)
+    sk.inject(model, config)
+    ours = torch.rand(3)
+    torch.manual_seed(5)
+    peft_injected(reference, config)
+    assert torch.equal(ours, torch.rand(3))
+    assert all(not p.any() for n, p in model.named_parameters() if "fourierft_spectrum" in n)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj = nn.Linear(16, 12), nn.Linear(12, 16)
+
+    def forward(self, x):
+        return self.v_proj(self.q_proj(x))
+
+
+def test_fourierft_on_the_meta_device():
+    """Built on 'meta' (low-memory loading), then materialised and loaded: the spectrum positions were kept on
+    the CPU, as in peft, so the model computes what the same adapter built on the CPU does."""
+    config = sk.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"], init_weights=False)
+    source = sk.inject(TwoLayers(), config)
+    with torch.device("meta"):
+        model = sk.inject(TwoLayers(), config)
+    model.to_empty(device="cpu")
+    model.load_state_dict(source.state_dict())
+    x = torch.randn(3, 16)
+    assert_close(model(x), source(x), torch.float32)

@@ -28,9 +28,10 @@ class AdapterLayer(nn.Module):
     Eval cache: in eval mode without autograd a layer runs one GEMM with its effective
     weight (base and adapters folded together), built on the first call and reused
     until a tensor it was built from changes (its key holds their versions, so in-place
-    optimizer steps count). It holds one more copy of the base weight, is dropped when
-    the layer goes back to training, and ``cache_effective_weight = False`` turns it off
-    (eval calls then run the fused op).
+    optimizer steps count; writes through ``.data`` bypass versions, as for autograd). It
+    holds one more copy of the base weight, is dropped when the layer goes back to
+    training, and ``cache_effective_weight = False`` turns it off (eval calls then run the
+    fused op, and OFT rebuilds its rotations without autograd too).
     """
 
     adapter_layer_names: tuple = ()

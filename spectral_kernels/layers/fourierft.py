@@ -9,8 +9,8 @@ from .base import AdapterLayer
 
 def fourierft_indices(out_features, in_features, n_frequency, random_loc_seed):
     """peft's spectrum positions: (2, n) int64 rows/cols of a seeded randperm."""
-    flat = torch.randperm(out_features * in_features,
-                          generator=torch.Generator().manual_seed(random_loc_seed))[:n_frequency]
+    flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(random_loc_seed),
+                          device="cpu")[:n_frequency]  # on the CPU whatever the default device
     return torch.stack([flat // in_features, flat % in_features], dim=0)
 
 
@@ -44,9 +44,12 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_n_frequency[adapter_name] = n_frequency
         self.fourierft_scaling[adapter_name] = config.scaling
         self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
-        self.indices[adapter_name] = fourierft_indices(self.out_features, self.in_features, n_frequency,
-                                                       config.random_loc_seed).to(weight.device)
-        spectrum = torch.zeros(n_frequency) if config.init_weights else torch.randn(n_frequency)
+        # On the CPU while the weight is on 'meta' (as peft): they move with the spectrum once it is materialised.
+        indices = fourierft_indices(self.out_features, self.in_features, n_frequency, config.random_loc_seed)
+        self.indices[adapter_name] = indices if weight.device.type == "meta" else indices.to(weight.device)
+        spectrum = torch.randn(n_frequency)  # drawn even when zeroed below, as peft does (same global RNG stream)
+        if config.init_weights:
+            spectrum.zero_()
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.fourierft_spectrum[adapter_name] = nn.Parameter(spectrum.to(weight.device, dtype))
         self.set_adapter(self.active_adapters or [adapter_name])

@@ -109,7 +109,7 @@ class OFTLinear(AdapterLayer):
         """(key, R) of adapter ``name``: R differentiable with autograd on (key None), else cached
         under the parameters' version."""
         module = self.oft_R[name]
-        if torch.is_grad_enabled() or module.coft:
+        if torch.is_grad_enabled() or module.coft or not self.cache_effective_weight:
             return None, module.rotation(backend=self.backend)
         params = module.weight
         versions = version_key(params)
