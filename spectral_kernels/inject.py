@@ -164,10 +164,10 @@ def _prepare_frod(model, targets, adapter_name, config):
     for attribute in FROD_MODEL_ATTRIBUTES:
         if attribute not in model._modules:
             setattr(model, attribute, nn.ModuleDict())
-    known = model.frod_V
-    # A category some adapter already has keeps its projection and pattern (peft's layers share them across
-    # adapters); new categories get this config's, drawn as peft draws them for all the config's categories.
-    computed = frod_projections(weights, config) if any(c not in known for c in weights) else {}
+    # peft's FrodModel: an adapter that brings a category no adapter has yet gets projections and patterns of
+    # its own for all its categories (drawn as peft draws them, with its sparse_rate and regularization_alpha);
+    # one whose categories all exist shares the first adapter's, as peft's layers then do.
+    computed = frod_projections(weights, config) if any(c not in model.frod_V for c in weights) else None
     shared = {}
     for category in weights:
         holders = []
@@ -176,7 +176,7 @@ def _prepare_frod(model, targets, adapter_name, config):
                 getattr(model, attribute)[category] = BufferDict(persistent=config.save_projection)
             holders.append(getattr(model, attribute)[category])
         first = next(iter(holders[0]), None)
-        v, s_indices = computed[category] if first is None else (holders[0][first], holders[1][first])
+        v, s_indices = computed[category] if computed else (holders[0][first], holders[1][first])
         holders[0][adapter_name], holders[1][adapter_name] = v, s_indices
         holders[2][adapter_name] = torch.tensor(v.shape, dtype=torch.long)
         shared[category] = holders[:2]

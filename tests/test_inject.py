@@ -295,11 +295,17 @@ def test_peft_format_round_trip(tmp_path, config):
     assert_close(saved(ids).logits, expected, torch.float32)
 
 
-def test_frod_projections_like_peft():
+@pytest.mark.parametrize("first_targets, second_targets, second_rate, categories", [
+    # no new category: the first adapter's projections are shared
+    (["q_proj", "v_proj", "down_proj"], ["v_proj"], 0.05, ["mlp_down_proj", "self_attn_q_proj", "self_attn_v_proj"]),
+    # a new category: the second adapter's own, with its sparse_rate
+    (["v_proj"], ["k_proj", "v_proj"], 0.1, ["self_attn_k_proj", "self_attn_v_proj"]),
+], ids=["shared", "own"])
+def test_frod_projections_like_peft(first_targets, second_targets, second_rate, categories):
     """Per-category projections, patterns, U and lambda as peft's FrodModel builds them, for two adapters."""
-    first = sk.FrodConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, sparse_rate=0.05,
-                          progressbar=False)
-    second = sk.FrodConfig(target_modules=["v_proj"], init_weights=False, sparse_rate=0.05, progressbar=False)
+    first = sk.FrodConfig(target_modules=first_targets, init_weights=False, sparse_rate=0.05, progressbar=False)
+    second = sk.FrodConfig(target_modules=second_targets, init_weights=False, sparse_rate=second_rate,
+                           progressbar=False)
     torch.manual_seed(0)
     ours = sk.inject(sk.inject(llama(), first), second, "other")
     torch.manual_seed(0)
@@ -316,7 +322,7 @@ def test_frod_projections_like_peft():
     layer = ours.model.layers[1].self_attn.v_proj
     assert_close(layer.frod_U["other"], theirs.base_model.model.model.layers[1].self_attn.v_proj.frod_U["other"],
                  torch.float32)
-    assert sorted(ours.frod_V) == ["mlp_down_proj", "self_attn_q_proj", "self_attn_v_proj"]
+    assert sorted(ours.frod_V) == categories
     assert layer.frod_V is ours.frod_V["self_attn_v_proj"]  # shared by the category's layers, owned by the model
     ids = tokens(ours)
     assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
