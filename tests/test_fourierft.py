@@ -133,11 +133,12 @@ def test_delta_weight(device, backend):
 
 @pytest.mark.parametrize("device,backend", device_backends() + [pytest.param("cpu", "reference", id="reference")])
 @pytest.mark.parametrize("path", PATHS)
-def test_duplicate_positions_accumulate(device, backend, path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_duplicate_positions_accumulate(device, backend, path, dtype):
     """Several adapters folded into one call may share positions: contributions add, on every backend (the
     reference too: peft's assignment is undefined for repeated positions), gradients included."""
-    (x, w, b, c), _, indices = make_case(9, 14, 20, (4,), torch.float64, device)
-    partner = torch.randn(20, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    (x, w, b, c), _, indices = make_case(9, 14, 20, (4,), dtype, device)
+    partner = torch.randn(20, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device, dtype)
 
     def call(spectrum, idx, scaling):
         return sk.fourierft_linear(x, w, b, spectrum, idx, scaling, backend=backend, path=path)
@@ -145,11 +146,11 @@ def test_duplicate_positions_accumulate(device, backend, path):
     both = torch.cat([c, partner]).requires_grad_()
     doubled = call(both, torch.cat([indices, indices], 1), 1.0)
     summed = call(c + partner, indices, 1.0)
-    assert_close(doubled, summed, torch.float64)
+    assert_close(doubled, summed, dtype)
     (grad,) = torch.autograd.grad(doubled.sum(), both)
     single = c.clone().requires_grad_()
     (expected,) = torch.autograd.grad(call(single, indices, 1.0).sum(), single)
-    assert_close(grad, torch.cat([expected, expected]), torch.float64)
+    assert_close(grad, torch.cat([expected, expected]), dtype)
 
 
 @pytest.mark.parametrize("device,backend", device_backends())

@@ -188,22 +188,23 @@ def test_bad_input(backend):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("path", PATHS)
-def test_inference_tensors(device, backend, path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_inference_tensors(device, backend, path, dtype):
     """Projections and indices made under torch.inference_mode have no version counter: the plan and V^T
     caches do not keep them (they used to raise), inside inference mode and after it, and follow their
     in-place changes."""
     with torch.inference_mode():
-        (x, u, v, lam, s, bias), _, indices = make_case(8, 5, 6, (3,), torch.float64, device)
+        (x, u, v, lam, s, bias), _, indices = make_case(8, 5, 6, (3,), dtype, device)
         for _ in range(2):
             expected = reference.frod_linear(x, u, v, lam, s, indices, bias)
             assert_close(sk.frod_linear(x, u, v, lam, s, indices, bias, backend=backend, path=path), expected,
-                         torch.float64)
+                         dtype)
             assert_close(sk.frod_effective_weight(u, v, lam, s, indices, backend=backend),
-                         reference.effective_weight(u, v, lam, s, indices), torch.float64)
+                         reference.effective_weight(u, v, lam, s, indices), dtype)
             v.mul_(-1)
             indices.copy_(indices.flip(1))
     assert_close(sk.frod_linear(x, u, v, lam, s, indices, bias, backend=backend, path=path),
-                 reference.frod_linear(x, u, v, lam, s, indices, bias), torch.float64)
+                 reference.frod_linear(x, u, v, lam, s, indices, bias), dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
