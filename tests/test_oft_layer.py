@@ -244,6 +244,16 @@ def test_bad_input(match, args, error, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_features_rejected(backend):
+    """The rotation ops refuse zero-width inputs (the reference's block-diagonal matrix came out (1, 1) there)."""
+    rot = sk.oft_rotation(torch.zeros(1, 6), 4)
+    with pytest.raises(ValueError, match="positive"):
+        sk.oft_effective_weight(torch.randn(5, 0), rot, backend=backend)
+    with pytest.raises(ValueError, match="positive"):
+        sk.oft_rotate(torch.randn(3, 0), rot, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bad_path(backend):
     rot = sk.oft_rotation(torch.zeros(3, 6), 4)
     with pytest.raises(ValueError, match="unknown OFT path"):  # the reference too, though it has one
