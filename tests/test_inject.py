@@ -384,15 +384,18 @@ def test_built_and_run_in_inference_mode(config):
 def test_half_precision_models_get_float32_adapters_like_peft(tmp_path, config):
     """peft's get_peft_model and from_pretrained upcast a bf16/fp16 model's adapter parameters to float32
     (autocast_adapter_dtype); so do inject and load_adapter, and the model's logits stay as peft's."""
-    half = lambda: bert().to(torch.bfloat16)  # noqa: E731
+    def half():
+        return bert().to(torch.bfloat16)
+
+    def trainable(model):
+        return {p.dtype for p in model.parameters() if p.requires_grad}
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(half(), peft_config(config))
     ours = sk.inject(half(), config)
-    trainable = lambda m: {p.dtype for p in m.parameters() if p.requires_grad}  # noqa: E731
     assert trainable(ours) == trainable(theirs) == {torch.float32}
-    assert {p.dtype for p in sk.inject(half(), config, autocast_adapter_dtype=False).parameters()
-            if p.requires_grad} == {torch.bfloat16}
+    assert trainable(sk.inject(half(), config, autocast_adapter_dtype=False)) == {torch.bfloat16}
     ours.load_state_dict(theirs.base_model.model.state_dict(), strict=False)  # FRoD's projections: same values
     ids = tokens(ours)
     assert (ours(ids).logits.float() - theirs(ids).logits.float()).abs().max() <= 0.05  # bfloat16 rounding
