@@ -92,6 +92,9 @@ def parse_args(argv):
                         help="what to run: layers (the layer cases), train (the training step; needs peft), "
                              "frod_init (FRoD's projection set-up against peft's, when frod is among the methods; "
                              "needs peft) (default: all)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (by default a CPU run makes it keep freed memory, "
+                             "see bench/timing.py: keep_freed_memory)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results directory")
     args = parser.parse_args(argv)
     for option, known in (("method", METHODS), ("part", PARTS)):
@@ -236,9 +239,12 @@ def print_table(run):
 def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
+    malloc = None
     if args.device.type == "cpu":
         torch.set_num_threads(args.threads)
+        malloc = None if args.default_malloc else timing.keep_freed_memory()
     run = environment(args)
+    run["malloc"] = malloc
     sweeps = [(method, fields, *sweep(method, args, quick)) for method in args.methods
               for fields, quick in variants(method, args)]
     total = sum(2 * sum(map(len, by_shape.values())) + len(eval_shapes) for _, _, by_shape, eval_shapes in sweeps)

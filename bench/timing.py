@@ -1,6 +1,9 @@
 """Timing primitives: one timed call, interleaved repetitions and their statistics, CUDA peak memory."""
+import ctypes
+import ctypes.util
 import math
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -12,21 +15,27 @@ MIN_REPS = 3
 
 
 def time_call(fn, cuda):
-    """Milliseconds taken by one ``fn()``."""
+    """(milliseconds taken by one ``fn()``, minor page faults during it: 0 on CUDA)."""
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         result = fn()  # noqa: F841 -- freed after the clock stops, like below
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
-    start = time.perf_counter()
+        return start.elapsed_time(end), 0
+    faults, start = minor_faults(), time.perf_counter()
     result = fn()  # noqa: F841 -- kept alive so that freeing the output and its graph is not timed
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, minor_faults() - faults
+
+
+def minor_faults():
+    """Minor page faults of this process so far: first touches of memory the allocator got afresh from
+    the kernel (about 1-2 us each on the 2-core CPU, a 4 KiB page at a time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def interleaved(calls, budget_s, max_reps, cuda, warmup=WARMUP, min_reps=MIN_REPS):
-    """``{name: [ms, ...]}`` for ``calls = {name: (fn, reset)}``.
+    """``{name: [(ms, faults), ...]}`` for ``calls = {name: (fn, reset)}``.
 
     After WARMUP calls each, every implementation gets enough repetitions for about
     ``budget_s`` seconds of timed calls (at least MIN_REPS, at most ``max_reps``),
@@ -38,7 +47,7 @@ def interleaved(calls, budget_s, max_reps, cuda, warmup=WARMUP, min_reps=MIN_REP
         warmup_ms = []
         for _ in range(warmup):
             reset()
-            warmup_ms.append(time_call(fn, cuda))
+            warmup_ms.append(time_call(fn, cuda)[0])
         # The fastest warm-up call estimates the cost: one preempted call must not cut the repetitions.
         estimate = min(warmup_ms, default=0.0)
         reps[name] = max(min_reps, min(max_reps, math.ceil(budget_s * 1e3 / max(estimate, 1e-3))))
@@ -62,13 +71,46 @@ def measure(calls, budget_s, max_reps, cuda, baseline, **counts):
     times = interleaved(calls, budget_s, max_reps, cuda, **counts)
     elapsed = time.perf_counter() - started
     other_load = max(0.0, (other_cpu_seconds() - others) / elapsed)
-    base = statistics.median(times[baseline])
+    base = statistics.median(ms for ms, _ in times[baseline])
     stats = {}
-    for name, ms in times.items():
+    for name, calls_ in times.items():
+        ms = [t for t, _ in calls_]
         median = statistics.median(ms)
         stats[name] = {"median_ms": median, "min_ms": min(ms), "max_ms": max(ms), "ratio": median / base,
-                       "reps": len(ms), "times_ms": [round(t, 5) for t in ms]}
+                       "reps": len(ms), "times_ms": [round(t, 5) for t in ms],
+                       "page_faults": statistics.median(f for _, f in calls_)}
     return stats, elapsed, other_load
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep and reuse what the process frees; returns the settings, or None without glibc.
+
+    By default glibc hands memory back to the kernel: a free that leaves more than a
+    threshold unused at the top of the heap trims it (the threshold adapts to earlier
+    frees), and blocks over 32 MiB are mapped and unmapped each time. The next call
+    then faults every page in again, 1-2 us per 4 KiB page on the 2-core CPU. Whether
+    a timed call hits that depends on the sizes and order of everything freed before
+    it, so it came and went between runs of one implementation: the OFT layer at
+    T=2048, 1024 x 1024 took 0 or 4064 faults per training step (8 ms of system time,
+    a sixth of the step) depending on the run, peft's FourierFT at 4096 x 4096 196616.
+    Kept memory is reused instead, for every implementation alike: the timings then
+    measure the kernels, not the allocator's trimming.
+    """
+    libc = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(libc).mallopt if libc else None
+    except (OSError, AttributeError):
+        mallopt = None
+    settings = {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_MAX": 0}
+    if mallopt is None or not all(mallopt(option, value) for option, value in
+                                  ((M_TRIM_THRESHOLD, settings["M_TRIM_THRESHOLD"]),
+                                   (M_MMAP_MAX, settings["M_MMAP_MAX"]))):
+        return None
+    return settings
 
 
 def other_cpu_seconds():
