@@ -64,19 +64,25 @@ def measure(calls, budget_s, max_reps, cuda, baseline, **counts):
     """Time ``calls`` with ``interleaved`` (``counts``: its warmup and min_reps); returns (stats, seconds taken,
     other_load).
 
-    stats: per name, the raw times, median/min/max and the ratio of its median to
-    ``baseline``'s; other_load: the cores other processes kept busy meanwhile.
+    stats: per name, the raw times, median/min/max, the minor page faults of its median
+    call, and its ratio to ``baseline``: the median over the rounds both ran of its time
+    over the baseline's in the same round. Paired so that a disturbance late in the
+    timings, when only the faster implementations still have rounds to run, does not
+    count for them alone (one such run gave the FRoD layer 1.44x where its undisturbed
+    runs give 2.1x: the base's median had risen from 47 to 88 ms). other_load: the cores
+    other processes kept busy meanwhile.
     """
     started, others = time.perf_counter(), other_cpu_seconds()
     times = interleaved(calls, budget_s, max_reps, cuda, **counts)
     elapsed = time.perf_counter() - started
     other_load = max(0.0, (other_cpu_seconds() - others) / elapsed)
-    base = statistics.median(ms for ms, _ in times[baseline])
+    base = [t for t, _ in times[baseline]]
     stats = {}
     for name, calls_ in times.items():
         ms = [t for t, _ in calls_]
         median = statistics.median(ms)
-        stats[name] = {"median_ms": median, "min_ms": min(ms), "max_ms": max(ms), "ratio": median / base,
+        ratio = statistics.median(t / b for t, b in zip(ms, base))
+        stats[name] = {"median_ms": median, "min_ms": min(ms), "max_ms": max(ms), "ratio": ratio,
                        "reps": len(ms), "times_ms": [round(t, 5) for t in ms],
                        "page_faults": statistics.median(f for _, f in calls_)}
     return stats, elapsed, other_load
