@@ -68,9 +68,10 @@ def measure(calls, budget_s, max_reps, cuda, baseline, **counts):
     call, and its ratio to ``baseline``: the median over the rounds both ran of its time
     over the baseline's in the same round. Paired so that a disturbance late in the
     timings, when only the faster implementations still have rounds to run, does not
-    count for them alone (one such run gave the FRoD layer 1.44x where its undisturbed
-    runs give 2.1x: the base's median had risen from 47 to 88 ms). other_load: the cores
-    other processes kept busy meanwhile.
+    count for them alone (bench/results/cpu-20261124-151319.json, in commit 760f5e3, gave
+    the FRoD layer 1.44x where its undisturbed runs give about 2.1x: the base's median
+    there is 88.5 ms, its fastest call 46.9 ms). other_load: the cores other processes
+    kept busy meanwhile.
     """
     started, others = time.perf_counter(), other_cpu_seconds()
     times = interleaved(calls, budget_s, max_reps, cuda, **counts)
@@ -100,23 +101,23 @@ def keep_freed_memory():
     frees), and blocks over 32 MiB are mapped and unmapped each time. The next call
     then faults every page in again, 1-2 us per 4 KiB page on the 2-core CPU. Whether
     a timed call hits that depends on the sizes and order of everything freed before
-    it, so it came and went between runs of one implementation: the OFT layer at
-    T=2048, 1024 x 1024 took 0 or 4064 faults per training step (8 ms of system time,
-    a sixth of the step) depending on the run, peft's FourierFT at 4096 x 4096 196616.
+    it, so it came and went between runs of one implementation (the OFT layer's training
+    step at T=2048, 1024 x 1024 faulted in all of its outputs in some runs, none in
+    others), and peft's dense temporaries over 32 MiB were faulted in on every call.
     Kept memory is reused instead, for every implementation alike: the timings then
-    measure the kernels, not the allocator's trimming.
+    measure the kernels, not the allocator's trimming. Results files record each
+    implementation's faults per call.
     """
     libc = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(libc).mallopt if libc else None
     except (OSError, AttributeError):
         mallopt = None
-    settings = {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_MAX": 0}
-    if mallopt is None or not all(mallopt(option, value) for option, value in
-                                  ((M_TRIM_THRESHOLD, settings["M_TRIM_THRESHOLD"]),
-                                   (M_MMAP_MAX, settings["M_MMAP_MAX"]))):
+    if mallopt is None:
         return None
-    return settings
+    settings = {"M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 2**31 - 1), "M_MMAP_MAX": (M_MMAP_MAX, 0)}
+    applied = [mallopt(option, value) for option, value in settings.values()]  # both, even if one fails
+    return {name: value for name, (_, value) in settings.items()} if all(applied) else None
 
 
 def other_cpu_seconds():
