@@ -34,6 +34,18 @@ def device_backends():
     return params
 
 
+def native_device_backends():
+    """The (device, backend) pairs of the C++ kernels: ("cpu", "cpu") and ("cuda", "cuda")."""
+    return [p for p in device_backends() if p.id in ("cpu-cpu", "cuda-cuda")]
+
+
+def assert_raises_all(cases):
+    """Each (message pattern, call) of ``cases`` raises a RuntimeError matching its pattern."""
+    for match, call in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
 def assert_close(actual, expected, dtype):
     """fp32/fp64: |actual - expected| <= tol * max|expected| (expected in the same dtype)."""
     scale = max(1.0, expected.abs().max().item())

@@ -9,7 +9,8 @@ from spectral_kernels import dispatch
 from spectral_kernels.kernels.reference import fourierft as reference
 from spectral_kernels.layers.fourierft import fourierft_indices
 
-from conftest import assert_close, assert_compiled_matches_eager, assert_low_precision_close, device_backends
+from conftest import (assert_close, assert_compiled_matches_eager, assert_low_precision_close, assert_raises_all,
+                      device_backends, native_device_backends)
 
 PATHS = ["token", "weight"]
 # (out_features, in_features, n_frequency): odd, non-square, n from 1 to out*in.
@@ -236,6 +237,31 @@ def test_cpu_kernels_reject_out_of_range_indices():
         with pytest.raises(RuntimeError, match="out of range"):
             k.coef_grad(xf, xf, ok, bad, 6, 6, 1.0)
     assert k.mix(xf, c, ok, ok, 6, 6, 1.0).shape == (2, 4)
+
+
+@pytest.mark.parametrize("device,backend", native_device_backends())
+def test_native_kernels_reject_bad_arguments(device, backend):
+    """Shapes, dtypes and devices, checked by the entry points of both C++ backends (shared checks; the CUDA
+    kernels assert index values on the device, where a failure cannot be tested without losing the context)."""
+    k = dispatch.kernels("fourierft", backend)
+    c, idx = torch.randn(3, device=device), torch.tensor([0, 1, 2], device=device)
+    xf = torch.randn(2, 4, dtype=torch.complex64, device=device)  # half spectra of length-6 signals
+    cases = [("3 coefficients but 2 and 3 indices", lambda: k.mix(xf, c, idx[:2], idx, 6, 6, 1.0)),
+             ("int64 indices", lambda: k.mix(xf, c, idx.int(), idx.int(), 6, 6, 1.0)),
+             ("xf must be complex", lambda: k.mix(xf, c, idx, idx, 8, 6, 1.0)),
+             ("n_out >= 1", lambda: k.mix(xf, c, idx, idx, 6, 0, 1.0)),
+             ("same length", lambda: k.coef_grad(xf, xf, idx, idx[:2], 6, 6, 1.0)),
+             ("yf must be complex", lambda: k.coef_grad(xf, xf.real, idx, idx, 6, 6, 1.0)),
+             ("2 and 1 tokens", lambda: k.coef_grad(xf, xf[:1], idx, idx, 6, 6, 1.0)),
+             ("n >= 1", lambda: k.spectrum_rows(c, idx, idx, 6, 0, 1.0)),
+             ("floating-point coefficients", lambda: k.spectrum_rows(idx, idx, idx, 6, 6, 1.0))]
+    if device == "cuda":
+        cases += [("different devices", lambda: k.mix(xf, c, idx.cpu(), idx, 6, 6, 1.0)),
+                  ("different devices", lambda: k.mix(xf, c.cpu(), idx, idx, 6, 6, 1.0)),
+                  ("different devices", lambda: k.coef_grad(xf, xf, idx, idx.cpu(), 6, 6, 1.0)),
+                  ("different devices", lambda: k.spectrum_rows(c, idx, idx.cpu(), 6, 6, 1.0)),
+                  ("different devices", lambda: k.real_mirror(xf.t(), torch.randn(2, 6), 6))]
+    assert_raises_all(cases)
 
 
 @pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))

@@ -8,7 +8,8 @@ import spectral_kernels as sk
 from spectral_kernels import dispatch
 from spectral_kernels.kernels.reference import frod as reference
 
-from conftest import assert_close, assert_compiled_matches_eager, assert_low_precision_close, device_backends
+from conftest import (assert_close, assert_compiled_matches_eager, assert_low_precision_close, assert_raises_all,
+                      device_backends, native_device_backends)
 
 PATHS = ["factored", "weight"]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
@@ -277,3 +278,26 @@ def test_cpu_kernels_reject_bad_plans():
             native.mix(x, coef, *plan)
         with pytest.raises(RuntimeError, match=match):
             native.mix_backward(torch.randn(5, 4), torch.randn(4, 4), coef, *plan, True)
+
+
+@pytest.mark.parametrize("device,backend", native_device_backends())
+def test_native_kernels_reject_bad_arguments(device, backend):
+    """Shapes, dtypes and devices, checked by the entry points of both C++ backends (shared checks; the CUDA
+    kernels assert the plan's values on the device, where a failure cannot be tested without losing the context)."""
+    from spectral_kernels.kernels.native import frod as native
+
+    x, coef = torch.randn(5, 4, device=device), torch.randn(6, device=device)
+    ptr, src, perm = (torch.tensor(v, device=device) for v in ([0, 2, 3, 5, 6], [0, 1, 2, 3, 0, 4], range(6)))
+    g = torch.randn(5, 4, device=device)
+    cases = [("activations must be", lambda: native.mix(x[0], coef, ptr, src, perm)),
+             ("ptr must be a non-empty int64", lambda: native.mix(x, coef, ptr.int(), src, perm)),
+             ("src and perm must be int64 vectors of the same length", lambda: native.mix(x, coef, ptr, src, perm[:5])),
+             ("coefficients must be", lambda: native.mix(x, src, ptr, src, perm)),
+             ("same dtype and token count", lambda: native.mix_backward(g[:, :3], x[:4], coef, ptr, src, perm, True)),
+             ("ptr has 4 rows, z has 5", lambda: native.mix_backward(g, x, coef, ptr, src, perm, True))]
+    if device == "cuda":
+        cases += [("different devices", lambda: native.mix(x, coef, ptr.cpu(), src, perm)),
+                  ("different devices", lambda: native.mix(x, coef.cpu(), ptr, src, perm)),
+                  ("different devices", lambda: native.mix_backward(g.cpu(), x[:4], coef, ptr, src, perm, True)),
+                  ("different devices", lambda: native.mix_backward(g, x[:4], coef, ptr, src, perm.cpu(), True))]
+    assert_raises_all(cases)

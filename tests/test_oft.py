@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 import spectral_kernels as sk
 from spectral_kernels.kernels.reference import oft as reference
 
-from conftest import assert_close, assert_compiled_matches_eager, assert_low_precision_close, device_backends
+from conftest import (assert_close, assert_compiled_matches_eager, assert_low_precision_close, assert_raises_all,
+                      device_backends, native_device_backends)
 
 PATHS = ["token", "weight"]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
@@ -245,3 +246,21 @@ def test_cpu_kernels_any_shape(b, blocks, tokens, shared, transpose, dtype):
             assert_close(drot, expected_drot.to(dtype), dtype)
         if not need_dx:
             assert torch.equal(g, grad.to(dtype))  # untouched
+
+
+@pytest.mark.parametrize("device,backend", native_device_backends())
+def test_native_kernels_reject_bad_arguments(device, backend):
+    """Shapes, dtypes and devices, checked by the entry points of both C++ backends (shared checks)."""
+    k = sk.dispatch.kernels("oft", backend)
+    x, rot = torch.randn(3, 8, device=device), torch.randn(2, 4, 4, device=device)
+    cases = [("rotation blocks must be floating-point", lambda: k.rotate(x, rot.int(), False)),
+             ("rotation blocks must be", lambda: k.rotate(x, rot[:, :3], False)),
+             ("x must be floating-point", lambda: k.rotate(x.long(), rot, False)),
+             ("block size 4 does not divide 6 features", lambda: k.rotate(x[:, :6], rot, False)),
+             ("2 rotation blocks for 4 blocks", lambda: k.rotate(torch.randn(3, 16, device=device), rot, False)),
+             ("g .* differ", lambda: k.rotate_backward(x[:2].clone(), x, rot, True, True)),
+             ("g must be contiguous", lambda: k.rotate_backward(x.t().contiguous().t(), x, rot, True, True))]
+    if device == "cuda":
+        cases += [("different devices", lambda: k.rotate(x, rot.cpu(), False)),
+                  ("different devices", lambda: k.rotate_backward(x.clone(), x, rot.cpu(), True, True))]
+    assert_raises_all(cases)

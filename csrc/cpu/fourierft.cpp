@@ -16,13 +16,6 @@
 namespace spectral_kernels {
 namespace {
 
-void check_indices(const at::Tensor& coef, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(coef.dim() == 1 && a.dim() == 1 && b.dim() == 1, "fourierft: 1-D coefficients and indices expected");
-  TORCH_CHECK(a.numel() == coef.numel() && b.numel() == coef.numel(), "fourierft: ", coef.numel(),
-              " coefficients but ", a.numel(), " and ", b.numel(), " indices");
-  TORCH_CHECK(a.scalar_type() == at::kLong && b.scalar_type() == at::kLong, "fourierft: int64 indices expected");
-}
-
 // Every index in [0, n): the kernels address memory with them (O(nnz), next to O(T nnz) work).
 void check_range(const at::Tensor& idx, int64_t n, const char* what) {
   const auto contiguous = idx.contiguous();
@@ -79,8 +72,7 @@ SK_ROW_TERMS(double)
 
 at::Tensor fourierft_spectrum_rows_cpu(const at::Tensor& coef_in, const at::Tensor& rows_in, const at::Tensor& cols_in,
                                       int64_t m, int64_t n, double scale) {
-  check_indices(coef_in, rows_in, cols_in);
-  TORCH_CHECK(coef_in.is_floating_point(), "fourierft_spectrum_rows: floating-point coefficients expected");
+  check_spectrum_rows_args(coef_in, rows_in, cols_in, m, n);
   check_range(rows_in, m, "row");
   check_range(cols_in, n, "column");
   const auto coef = coef_in.contiguous();
@@ -291,9 +283,7 @@ SK_MIX_TILE(double)
 
 at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
                              const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
-  check_indices(coef_in, gather_in, scatter_in);
-  TORCH_CHECK(xf_in.dim() == 2 && xf_in.size(1) == n_in / 2 + 1 && xf_in.is_complex(),
-              "fourierft_mix: xf must be complex (T, n_in/2+1)");
+  check_mix_args(xf_in, coef_in, gather_in, scatter_in, n_in, n_out);
   check_range(gather_in, n_in, "gather");
   check_range(scatter_in, n_out, "scatter");
   const auto xf = xf_in.contiguous();
@@ -392,10 +382,7 @@ SK_REDUCE_TILE(double)
 
 at::Tensor fourierft_coef_grad_cpu(const at::Tensor& xf_in, const at::Tensor& yf_in, const at::Tensor& x_idx_in,
                                    const at::Tensor& y_idx_in, int64_t n_x, int64_t n_y, double scale) {
-  TORCH_CHECK(x_idx_in.dim() == 1 && x_idx_in.sizes() == y_idx_in.sizes(), "fourierft_coef_grad: index shapes differ");
-  TORCH_CHECK(xf_in.is_complex() && yf_in.is_complex() && xf_in.dim() == 2 && yf_in.dim() == 2 &&
-                  xf_in.size(0) == yf_in.size(0) && xf_in.size(1) == n_x / 2 + 1 && yf_in.size(1) == n_y / 2 + 1,
-              "fourierft_coef_grad: xf (T, n_x/2+1) and yf (T, n_y/2+1) complex expected");
+  check_coef_grad_args(xf_in, yf_in, x_idx_in, y_idx_in, n_x, n_y);
   check_range(x_idx_in, n_x, "x");
   check_range(y_idx_in, n_y, "y");
   const auto xf = xf_in.contiguous();

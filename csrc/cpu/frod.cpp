@@ -181,7 +181,7 @@ std::vector<Acc> entry_coefficients(const at::Tensor& coef, const at::Tensor& pe
 
 at::Tensor frod_mix_cpu(const at::Tensor& in_, const at::Tensor& coef, const at::Tensor& ptr_,
                         const at::Tensor& src_, const at::Tensor& perm_) {
-  check_frod_plan(in_, ptr_, src_, perm_, "frod_mix");
+  check_frod_plan(in_, coef, ptr_, src_, perm_, "frod_mix");
   const auto in = in_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
   const int64_t rows_out = ptr.size(0) - 1, tokens = in.size(1);
@@ -206,7 +206,7 @@ at::Tensor frod_mix_cpu(const at::Tensor& in_, const at::Tensor& coef, const at:
 std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cpu(const at::Tensor& g_, const at::Tensor& z_,
                                                         const at::Tensor& coef, const at::Tensor& ptr_,
                                                         const at::Tensor& src_, const at::Tensor& perm_, bool need_dz) {
-  check_frod_backward(g_, z_, ptr_, src_, perm_);
+  check_frod_backward(g_, z_, coef, ptr_, src_, perm_);
   const auto g = g_.contiguous(), z = z_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
   const int64_t rows = z.size(0), tokens = z.size(1), entries = src.size(0);

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../oft_blocks.h"
 #include "../ops.h"
 #include "simd.h"
 
@@ -378,19 +379,6 @@ const Entry<T, Acc>& entry() {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// (blocks, b) of x for rotation blocks rot (n, b, b), n = blocks or 1.
-std::pair<int64_t, int64_t> check_blocks(const at::Tensor& x, const at::Tensor& rot, const char* op) {
-  TORCH_CHECK(rot.dim() == 3 && rot.size(1) == rot.size(2), op, ": rotation blocks must be (n, b, b), got ",
-              rot.sizes());
-  const int64_t b = rot.size(1);
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, features), got ", x.sizes());
-  TORCH_CHECK(b >= 1 && x.size(1) % b == 0, op, ": block size ", b, " does not divide ", x.size(1), " features");
-  const int64_t blocks = x.size(1) / b;
-  TORCH_CHECK(rot.size(0) == 1 || rot.size(0) == blocks, op, ": ", rot.size(0), " rotation blocks for ", blocks,
-              " blocks");
-  return {blocks, b};
-}
-
 // M_j = R_j or R_j^T in the accumulation type, zero-padded to bp columns so that
 // every SIMD load of a row is whole. R itself when it already is that (at T=1 the
 // copy would cost as much as the rotation).
@@ -428,10 +416,7 @@ at::Tensor oft_rotate_cpu(const at::Tensor& x_in, const at::Tensor& rot_in, bool
 
 at::Tensor oft_rotate_backward_cpu(at::Tensor& g, const at::Tensor& x_in, const at::Tensor& rot_in, bool need_dx,
                                    bool need_drot) {
-  const auto [blocks, b] = check_blocks(x_in, rot_in, "oft_rotate_backward_");
-  TORCH_CHECK(g.sizes() == x_in.sizes() && g.scalar_type() == x_in.scalar_type(), "oft_rotate_backward_: g ",
-              g.sizes(), " ", g.scalar_type(), " and x ", x_in.sizes(), " ", x_in.scalar_type(), " differ");
-  TORCH_CHECK(g.is_contiguous(), "oft_rotate_backward_: g must be contiguous (it is overwritten with dx)");
+  const auto [blocks, b] = check_rotate_backward(g, x_in, rot_in);
   const auto x = x_in.contiguous();
   const auto acc = acc_type(x.scalar_type());
   const int64_t tokens = x.size(0), n_rot = rot_in.size(0);

@@ -1,5 +1,7 @@
 // FourierFT CUDA kernels: the same primitives as csrc/cpu/fourierft.cpp, with
-// float32 (or float64) accumulation through atomics on zeroed outputs.
+// float32 (or float64) accumulation through atomics on zeroed outputs. Index values
+// are checked by device-side asserts where they are read (the host checks of the CPU
+// kernels would synchronise with the device).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -23,15 +25,17 @@ __device__ __forceinline__ void sincos_pi(double x, double* s, double* c) { sinc
 // to bin q of that coefficient's row: out[r_k, q] += w_k exp(-2 pi i v_k q / n).
 template <typename T>
 __global__ void spectrum_rows_kernel(const T* __restrict__ c, const int64_t* __restrict__ rows,
-                                     const int64_t* __restrict__ cols, int64_t nnz, int64_t n, int64_t bins, T scale,
-                                     T* __restrict__ out) {
+                                     const int64_t* __restrict__ cols, int64_t nnz, int64_t m, int64_t n, int64_t bins,
+                                     T scale, T* __restrict__ out) {
   const int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (q >= bins) return;
   for (int64_t k = blockIdx.y; k < nnz; k += gridDim.y) {
+    const int64_t r = rows[k], v = cols[k];
+    CUDA_KERNEL_ASSERT(r >= 0 && r < m && v >= 0 && v < n);
     T s, co;
-    sincos_pi(T(-2) * static_cast<T>(cols[k] * q % n) / static_cast<T>(n), &s, &co);
+    sincos_pi(T(-2) * static_cast<T>(v * q % n) / static_cast<T>(n), &s, &co);
     const T w = scale * c[k];
-    T* dst = out + 2 * (rows[k] * bins + q);
+    T* dst = out + 2 * (r * bins + q);
     atomicAdd(dst, w * co);
     atomicAdd(dst + 1, w * s);
   }
@@ -63,9 +67,10 @@ __global__ void mix_kernel(const T* __restrict__ xf, const T* __restrict__ c, co
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= nnz) return;
   const T w = scale * c[k];
+  const int64_t gk = gather[k], sk = scatter[k];
+  CUDA_KERNEL_ASSERT(gk >= 0 && gk < n_in && sk >= 0 && sk < n_out);
   int64_t first, second;
-  hermitian_bins(scatter[k], n_out, first, second);
-  const int64_t gk = gather[k];
+  hermitian_bins(sk, n_out, first, second);
   for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {
     T re, im;
     plus_transform_at(xf + 2 * t * (n_in / 2 + 1), gk, n_in, re, im);
@@ -92,6 +97,7 @@ __global__ void coef_grad_kernel(const T* __restrict__ xf, const T* __restrict__
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= nnz) return;
   const int64_t ak = a[k], bk = b[k];
+  CUDA_KERNEL_ASSERT(ak >= 0 && ak < n_x && bk >= 0 && bk < n_y);
   T acc = 0;
   for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {
     T xr, xi, yr, yi;
@@ -113,8 +119,7 @@ T* real_ptr(const at::Tensor& t) {
 
 at::Tensor fourierft_spectrum_rows_cuda(const at::Tensor& coef_in, const at::Tensor& rows_in, const at::Tensor& cols_in,
                                        int64_t m, int64_t n, double scale) {
-  TORCH_CHECK(coef_in.numel() == rows_in.numel() && coef_in.numel() == cols_in.numel(),
-              "fourierft: coefficient and index counts differ");
+  check_spectrum_rows_args(coef_in, rows_in, cols_in, m, n);
   const c10::cuda::CUDAGuard guard(coef_in.device());
   const auto coef = coef_in.contiguous();
   const auto rows = rows_in.contiguous();
@@ -125,7 +130,7 @@ at::Tensor fourierft_spectrum_rows_cuda(const at::Tensor& coef_in, const at::Ten
   AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "fourierft_spectrum_rows_cuda", [&] {
     const dim3 grid(blocks_for(bins), static_cast<unsigned>(std::min<int64_t>(nnz, 65535)));
     spectrum_rows_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        coef.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), nnz, n, bins,
+        coef.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), cols.data_ptr<int64_t>(), nnz, m, n, bins,
         static_cast<scalar_t>(scale), real_ptr<scalar_t>(out));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -160,8 +165,7 @@ at::Tensor fourierft_real_mirror_cuda(const at::Tensor& ft, const std::optional<
 
 at::Tensor fourierft_mix_cuda(const at::Tensor& xf_in, const at::Tensor& coef_in, const at::Tensor& gather_in,
                               const at::Tensor& scatter_in, int64_t n_in, int64_t n_out, double scale) {
-  TORCH_CHECK(xf_in.dim() == 2 && xf_in.size(1) == n_in / 2 + 1 && xf_in.is_complex(),
-              "fourierft_mix: xf must be complex (T, n_in/2+1)");
+  check_mix_args(xf_in, coef_in, gather_in, scatter_in, n_in, n_out);
   const c10::cuda::CUDAGuard guard(xf_in.device());
   const auto xf = xf_in.contiguous();
   const auto coef = coef_in.contiguous().to(c10::toRealValueType(xf.scalar_type()));
@@ -182,8 +186,7 @@ at::Tensor fourierft_mix_cuda(const at::Tensor& xf_in, const at::Tensor& coef_in
 
 at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf_in, const at::Tensor& yf_in, const at::Tensor& x_idx_in,
                                     const at::Tensor& y_idx_in, int64_t n_x, int64_t n_y, double scale) {
-  TORCH_CHECK(xf_in.is_complex() && yf_in.is_complex() && xf_in.size(0) == yf_in.size(0),
-              "fourierft_coef_grad: complex half spectra with equal token counts expected");
+  check_coef_grad_args(xf_in, yf_in, x_idx_in, y_idx_in, n_x, n_y);
   const c10::cuda::CUDAGuard guard(xf_in.device());
   const auto xf = xf_in.contiguous();
   const auto yf = yf_in.contiguous().to(xf.scalar_type());

@@ -7,7 +7,10 @@
 //                 row a block reduction of its sampled gradient into
 //                 partial[tile, entry], summed over tiles by the host
 //                 (deterministic, no atomics).
-// Accumulation is in float (double for double inputs).
+// Accumulation is in float (double for double inputs). The plan's values are checked
+// by device-side asserts where they are read (check_plan_values of the CPU kernels
+// would synchronise with the device): each row's entries within [0, entries), the
+// first row starting at 0 and the last ending at entries, src and perm in range.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,14 +30,31 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
+// The entries [begin, end) of written row i, asserted to lie within the plan.
+struct RowEntries {
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ RowEntries row_entries(const int64_t* ptr, int64_t i, int64_t entries) {
+  const RowEntries r{ptr[i], ptr[i + 1]};
+  CUDA_KERNEL_ASSERT(0 <= r.begin && r.begin <= r.end && r.end <= entries && (i > 0 || r.begin == 0) &&
+                     (i + 1 < gridDim.x || r.end == entries));
+  return r;
+}
+
 template <typename T, typename Acc>
 __global__ void mix_kernel(const T* __restrict__ in, const Acc* __restrict__ coef, const int64_t* __restrict__ ptr,
                            const int64_t* __restrict__ src, const int64_t* __restrict__ perm, T* __restrict__ out,
-                           int64_t tokens) {
+                           int64_t tokens, int64_t in_rows, int64_t coefs, int64_t entries) {
   const int64_t i = blockIdx.x, t = blockIdx.y * int64_t(kThreads) + threadIdx.x;
   if (t >= tokens) return;
+  const RowEntries row = row_entries(ptr, i, entries);
   Acc acc = 0;
-  for (int64_t e = ptr[i]; e < ptr[i + 1]; ++e) acc += coef[perm[e]] * static_cast<Acc>(in[src[e] * tokens + t]);
+  for (int64_t e = row.begin; e < row.end; ++e) {
+    const int64_t s = src[e], p = perm[e];
+    CUDA_KERNEL_ASSERT(0 <= s && s < in_rows && 0 <= p && p < coefs);
+    acc += coef[p] * static_cast<Acc>(in[s * tokens + t]);
+  }
   out[i * tokens + t] = static_cast<T>(acc);
 }
 
@@ -44,7 +64,7 @@ template <typename T, typename Acc>
 __global__ void mix_backward_kernel(const T* __restrict__ g, const T* __restrict__ z, const Acc* __restrict__ coef,
                                     const int64_t* __restrict__ ptr, const int64_t* __restrict__ src,
                                     const int64_t* __restrict__ perm, T* __restrict__ dz, Acc* __restrict__ partial,
-                                    int64_t tokens, int64_t entries, bool need_dz) {
+                                    int64_t tokens, int64_t g_rows, int64_t coefs, int64_t entries, bool need_dz) {
   __shared__ Acc sums[kWarps];
   const int64_t j = blockIdx.x, tile = blockIdx.y;
   const int64_t t0 = tile * int64_t(kThreads * kTokens) + threadIdx.x;
@@ -55,10 +75,12 @@ __global__ void mix_backward_kernel(const T* __restrict__ g, const T* __restrict
     zr[k] = t < tokens ? static_cast<Acc>(z[j * tokens + t]) : Acc(0);
     acc[k] = 0;
   }
-  for (int64_t e = ptr[j]; e < ptr[j + 1]; ++e) {
-    const int64_t index = perm[e];
+  const RowEntries row = row_entries(ptr, j, entries);
+  for (int64_t e = row.begin; e < row.end; ++e) {
+    const int64_t index = perm[e], s_row = src[e];
+    CUDA_KERNEL_ASSERT(0 <= s_row && s_row < g_rows && 0 <= index && index < coefs && index < entries);
     const Acc c = coef[index];
-    const T* ge = g + src[e] * tokens;
+    const T* ge = g + s_row * tokens;
     Acc s = 0;
 #pragma unroll
     for (int k = 0; k < kTokens; ++k) {
@@ -93,7 +115,7 @@ int64_t tiles(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
 at::Tensor frod_mix_cuda(const at::Tensor& in_, const at::Tensor& coef_, const at::Tensor& ptr_,
                          const at::Tensor& src_, const at::Tensor& perm_) {
-  check_frod_plan(in_, ptr_, src_, perm_, "frod_mix");
+  check_frod_plan(in_, coef_, ptr_, src_, perm_, "frod_mix");
   const c10::cuda::CUDAGuard guard(in_.device());
   const auto in = in_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
@@ -107,7 +129,8 @@ at::Tensor frod_mix_cuda(const at::Tensor& in_, const at::Tensor& coef_, const a
     using Acc = at::opmath_type<scalar_t>;
     mix_kernel<scalar_t, Acc><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         in.const_data_ptr<scalar_t>(), coef.const_data_ptr<Acc>(), ptr.const_data_ptr<int64_t>(),
-        src.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), tokens);
+        src.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), tokens,
+        in.size(0), coef.numel(), src.size(0));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -117,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cuda(const at::Tensor& g_, 
                                                          const at::Tensor& coef_, const at::Tensor& ptr_,
                                                          const at::Tensor& src_, const at::Tensor& perm_,
                                                          bool need_dz) {
-  check_frod_backward(g_, z_, ptr_, src_, perm_);
+  check_frod_backward(g_, z_, coef_, ptr_, src_, perm_);
   const c10::cuda::CUDAGuard guard(g_.device());
   const auto g = g_.contiguous(), z = z_.contiguous();
   const auto ptr = ptr_.contiguous(), src = src_.contiguous(), perm = perm_.contiguous();
@@ -135,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cuda(const at::Tensor& g_, 
       mix_backward_kernel<scalar_t, Acc><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), coef.const_data_ptr<Acc>(),
           ptr.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
-          need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<Acc>(), tokens, entries,
-          need_dz);
+          need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<Acc>(), tokens, g.size(0),
+          coef.numel(), entries, need_dz);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 
+#include "../oft_blocks.h"
 #include "../ops.h"
 
 namespace spectral_kernels {
@@ -98,22 +99,10 @@ int64_t tiles_for(int64_t n) { return (n + kTile - 1) / kTile; }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-}  // namespace
-
-namespace {
-
-// (blocks, b) of x for rotation blocks rot (n, b, b), n = blocks or 1.
-std::pair<int64_t, int64_t> check_blocks(const at::Tensor& x, const at::Tensor& rot, const char* op) {
-  TORCH_CHECK(rot.dim() == 3 && rot.size(1) == rot.size(2), op, ": rotation blocks must be (n, b, b), got ",
-              rot.sizes());
-  const int64_t b = rot.size(1);
-  TORCH_CHECK(x.dim() == 2 && b >= 1 && x.size(1) % b == 0, op, ": block size ", b,
-              " does not divide the features of x ", x.sizes());
-  const int64_t blocks = x.size(1) / b;
-  TORCH_CHECK(rot.size(0) == 1 || rot.size(0) == blocks, op, ": ", rot.size(0), " rotation blocks for ", blocks,
-              " blocks");
-  TORCH_CHECK(tiles_for(b) <= 65535 && blocks <= 65535, op, ": too many blocks for one launch");
-  return {blocks, b};
+// check_blocks, within the limits of one launch.
+std::pair<int64_t, int64_t> launchable(std::pair<int64_t, int64_t> blocks_b, const char* op) {
+  TORCH_CHECK(tiles_for(blocks_b.second) <= 65535 && blocks_b.first <= 65535, op, ": too many blocks for one launch");
+  return blocks_b;
 }
 
 void launch_rotate(const at::Tensor& x, const at::Tensor& rot, bool transpose, at::Tensor& out, int64_t blocks,
@@ -138,10 +127,11 @@ at::Tensor rotate_grad(const at::Tensor& x, const at::Tensor& g, int64_t blocks,
   // Enough token splits to give every SM a few thread blocks.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
-  const int64_t splits = std::clamp<int64_t>(4 * sms / programs, 1, std::max<int64_t>(1, tiles_for(tokens)));
+  const int64_t splits =
+      std::clamp<int64_t>(4 * sms / std::max<int64_t>(programs, 1), 1, std::max<int64_t>(1, tiles_for(tokens)));
   const int64_t split_len = (tiles_for(tokens) + splits - 1) / splits * kTile;
   auto partial = at::zeros({splits, blocks, b, b}, x.options().dtype(acc_type(x.scalar_type())));
-  if (tokens > 0) {
+  if (tokens > 0 && programs > 0) {
     TORCH_CHECK(programs <= 2147483647 && splits <= 65535, "oft_rotate_backward_: too many blocks for one launch");
     const dim3 grid(static_cast<unsigned>(programs), static_cast<unsigned>(splits));
     const dim3 threads(kTile, kThreadRows);
@@ -160,7 +150,7 @@ at::Tensor rotate_grad(const at::Tensor& x, const at::Tensor& g, int64_t blocks,
 }  // namespace
 
 at::Tensor oft_rotate_cuda(const at::Tensor& x_in, const at::Tensor& rot_in, bool transpose) {
-  const auto [blocks, b] = check_blocks(x_in, rot_in, "oft_rotate");
+  const auto [blocks, b] = launchable(check_blocks(x_in, rot_in, "oft_rotate"), "oft_rotate");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   auto out = at::empty_like(x);
@@ -170,10 +160,7 @@ at::Tensor oft_rotate_cuda(const at::Tensor& x_in, const at::Tensor& rot_in, boo
 
 at::Tensor oft_rotate_backward_cuda(at::Tensor& g, const at::Tensor& x_in, const at::Tensor& rot_in, bool need_dx,
                                    bool need_drot) {
-  const auto [blocks, b] = check_blocks(x_in, rot_in, "oft_rotate_backward_");
-  TORCH_CHECK(g.sizes() == x_in.sizes() && g.scalar_type() == x_in.scalar_type(), "oft_rotate_backward_: g ",
-              g.sizes(), " ", g.scalar_type(), " and x ", x_in.sizes(), " ", x_in.scalar_type(), " differ");
-  TORCH_CHECK(g.is_contiguous(), "oft_rotate_backward_: g must be contiguous (it is overwritten with dx)");
+  const auto [blocks, b] = launchable(check_rotate_backward(g, x_in, rot_in), "oft_rotate_backward_");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   auto drot = need_drot ? rotate_grad(x, g, blocks, b, rot_in.size(0) == 1)
