@@ -44,6 +44,7 @@ SK_HOST_DEVICE void hermitian_bins(int64_t b, int64_t n, int64_t& first, int64_t
 // Argument checks of the entry points: shapes, dtypes and devices. Index values are
 // checked where the kernels read them: on the host by the CPU kernels, by device-side
 // asserts in the CUDA kernels (no synchronisation).
+
 // Floating-point coefficients (nnz) with two int64 index vectors of the same length.
 inline void check_indices(const char* op, const at::Tensor& coef, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(coef.dim() == 1 && a.dim() == 1 && b.dim() == 1 && coef.is_floating_point(), op,
