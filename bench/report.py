@@ -63,6 +63,8 @@ def header(run, source):
     git = run["git"]
     commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
     available = ", ".join(name for name, reason in run["backends"].items() if reason is None)
+    if "ours_backend" in run:  # not in results files older than this key
+        available += f" (ours on {run['ours_backend']})"
     timings = run["cases"] + [run[part] for part in ("train", "frod_init") if part in run]
     busy = max(t["other_load"] for t in timings) if timings and run["device"]["kind"] == "cpu" else None
     return (f"**{run['device']['kind']}**: {run['device']['name']}, {run['threads']} threads, {run['dtype']}  \n"
