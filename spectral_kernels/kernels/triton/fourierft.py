@@ -12,6 +12,7 @@ BLOCK_T = 16
 BLOCK_ROWS_K = 16
 BLOCK_P = 32
 BLOCK_Q = 64
+SPLIT_PROGRAMS = 256  # coef_grad: aim for about this many programs
 
 
 @triton.jit
@@ -70,9 +71,11 @@ def _mix_kernel(xf_ptr, c_ptr, g_ptr, b_ptr, out_ptr, tokens, nnz, n_in, n_out, 
 
 
 @triton.jit
-def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, grad_ptr, tokens, nnz, n_x, n_y, scale,
+def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, part_ptr, tokens, nnz, n_x, n_y, split_len,
                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """partial[split, k] = sum over the split's tokens of Re(X^[t, a_k] Y^[t, b_k])."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
     a = tl.load(a_ptr + k, mask=k < nnz, other=0)
     b = tl.load(b_ptr + k, mask=k < nnz, other=0)
     a_low = 2 * a <= n_x
@@ -82,9 +85,10 @@ def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, grad_ptr, tokens, nnz, n_x, 
     # Re(X^ Y^) = xr*yr - xi*yi with each imaginary part negated on the low half.
     sign = tl.where(a_low == b_low, 1.0, -1.0)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=xf_ptr.dtype.element_ty)
-    for t0 in range(0, tokens, BLOCK_T):
+    t_end = tl.minimum(tokens, (split + 1) * split_len)
+    for t0 in range(split * split_len, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)[:, None]
-        live = (t < tokens) & (k[None, :] < nnz)
+        live = (t < t_end) & (k[None, :] < nnz)
         xs = xf_ptr + 2 * (t * (n_x // 2 + 1) + ja)
         ys = yf_ptr + 2 * (t * (n_y // 2 + 1) + jb)
         xr = tl.load(xs, mask=live, other=0.0)
@@ -92,7 +96,7 @@ def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, grad_ptr, tokens, nnz, n_x, 
         yr = tl.load(ys, mask=live, other=0.0)
         yi = tl.load(ys + 1, mask=live, other=0.0)
         acc += xr * yr - sign * xi * yi
-    tl.store(grad_ptr + k, tl.sum(acc, axis=0) * scale, mask=k < nnz)
+    tl.store(part_ptr + split * nnz + k, tl.sum(acc, axis=0), mask=k < nnz)
 
 
 def spectrum_rows(coef, rows, cols, m, n, scale):
@@ -131,10 +135,15 @@ def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
 def coef_grad(xf, yf, x_idx, y_idx, n_x, n_y, scale):
     xf = xf.contiguous()
     yf = yf.to(xf.dtype).contiguous()
-    nnz = x_idx.numel()
-    grad = torch.empty(nnz, dtype=xf.real.dtype, device=xf.device)
-    if nnz:
-        _coef_grad_kernel[(triton.cdiv(nnz, BLOCK_K),)](
-            torch.view_as_real(xf), torch.view_as_real(yf), x_idx.contiguous(), y_idx.contiguous(), grad,
-            xf.shape[0], nnz, n_x, n_y, scale, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
-    return grad
+    tokens, nnz = xf.shape[0], x_idx.numel()
+    # Tokens split so that there are about SPLIT_PROGRAMS programs (n=1000 makes only 8 coefficient
+    # blocks); the partial sums are added on the host (deterministic, no atomics).
+    blocks = triton.cdiv(nnz, BLOCK_K)
+    splits = max(1, min(triton.cdiv(tokens, BLOCK_T), SPLIT_PROGRAMS // max(blocks, 1)))
+    split_len = triton.cdiv(triton.cdiv(tokens, splits), BLOCK_T) * BLOCK_T
+    partial = torch.zeros(splits, nnz, dtype=xf.real.dtype, device=xf.device)
+    if nnz and tokens:
+        _coef_grad_kernel[(blocks, splits)](torch.view_as_real(xf), torch.view_as_real(yf), x_idx.contiguous(),
+                                            y_idx.contiguous(), partial, tokens, nnz, n_x, n_y, split_len,
+                                            BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
+    return partial.sum(0) * scale
