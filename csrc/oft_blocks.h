@@ -26,12 +26,12 @@ inline std::pair<int64_t, int64_t> check_blocks(const at::Tensor& x, const at::T
 // oft_rotate_backward_: g, overwritten with dx, of x's shape, dtype and device, contiguous.
 inline std::pair<int64_t, int64_t> check_rotate_backward(const at::Tensor& g, const at::Tensor& x,
                                                          const at::Tensor& rot) {
-  const auto blocks = check_blocks(x, rot, "oft_rotate_backward_");
+  const auto blocks_b = check_blocks(x, rot, "oft_rotate_backward_");
   TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(), "oft_rotate_backward_: g ", g.sizes(),
               " ", g.scalar_type(), " and x ", x.sizes(), " ", x.scalar_type(), " differ");
   TORCH_CHECK(g.is_contiguous(), "oft_rotate_backward_: g must be contiguous (it is overwritten with dx)");
   check_devices("oft_rotate_backward_", x, {g});
-  return blocks;
+  return blocks_b;
 }
 
 }  // namespace spectral_kernels
