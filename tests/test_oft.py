@@ -264,3 +264,14 @@ def test_native_kernels_reject_bad_arguments(device, backend):
         cases += [("different devices", lambda: k.rotate(x, rot.cpu(), False)),
                   ("different devices", lambda: k.rotate_backward(x.clone(), x, rot.cpu(), True, True))]
     assert_raises_all(cases)
+
+
+@pytest.mark.parametrize("device,backend", native_device_backends())
+@pytest.mark.parametrize("tokens", [0, 3])
+def test_native_kernels_zero_features(device, backend, tokens):
+    """x with 0 features (0 blocks) is a valid, empty input of the C++ entry points: dR is zero."""
+    k = sk.dispatch.kernels("oft", backend)
+    x, rot = torch.empty(tokens, 0, device=device), torch.randn(1, 4, 4, device=device)
+    assert k.rotate(x, rot, False).shape == (tokens, 0)
+    dx, drot = k.rotate_backward(x.clone(), x, rot, True, True)
+    assert dx.shape == (tokens, 0) and torch.equal(drot, torch.zeros_like(rot))
