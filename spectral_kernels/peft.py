@@ -24,8 +24,8 @@ from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
 
 from .ops._autograd import autocast_dtype
-from .ops.fourierft import fourierft_apply
-from .ops.frod import frod_apply
+from .ops.fourierft import fourierft_linear
+from .ops.frod import frod_linear
 from .ops.oft import oft_linear, oft_rotate, oft_rotation
 
 
@@ -65,7 +65,7 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
             spectrum = torch.cat([s * self.fourierft_scaling[n] for s, n in zip(spectra, names)])
             indices = torch.cat([self._indices(n, x.device) for n in names], dim=1)
             scaling = 1.0
-        return fourierft_apply(x, weight, bias, spectrum, indices, scaling).to(x.dtype)  # as peft under autocast
+        return fourierft_linear(x, weight, bias, spectrum, indices, scaling).to(x.dtype)  # as peft under autocast
 
 
 class SwappedOFTLinear(PeftOFTLinear):
@@ -109,7 +109,7 @@ class SwappedFrodLinear(PeftFrodLinear):
         # peft keeps the category's V and pattern on the CPU and casts U and V to the input's dtype
         u, v = (t[name].to(x.device, x.dtype) for t in (self.frod_U, self.frod_V))
         bias = base[1]
-        return frod_apply(x, u, v, self.frod_lambda_l[name], self.frod_lambda_s_values[name],
+        return frod_linear(x, u, v, self.frod_lambda_l[name], self.frod_lambda_s_values[name],
                           self.frod_s_indices[name].to(x.device),
                           None if bias is None else bias.to(x.dtype)).to(x.dtype)  # as peft under autocast
 

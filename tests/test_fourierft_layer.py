@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 import spectral_kernels as sk
 
-from conftest import assert_close
+from conftest import assert_close, device_backends
 
 
 def pair(base, n_frequency=200, scaling=150.0, init_weights=False, backend=None):
@@ -218,3 +218,22 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("SPECTRAL_KERNELS_FOURIERFT_PATH", "slow")
     with pytest.raises(ValueError, match="unknown FourierFT path"):
         sk.dispatch.fourierft_path(1, 4, 4)
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="reference-cpu")]
+                         + device_backends())
+@pytest.mark.parametrize("bad", [(0, 5), (1, 7), (1, 10**6), (0, -1)])
+def test_indices_written_after_construction_are_checked(device, backend, bad):
+    """Spectrum indices changed in place after set-up are checked again before use, in training and in eval, on
+    every backend: a clear error, never a read or write out of bounds."""
+    layer = sk.FourierFTLinear(torch.nn.Linear(7, 5), config=sk.FourierFTConfig(n_frequency=6),
+                               backend=backend).to(device)
+    x = torch.randn(3, 7, device=device)
+    layer(x)
+    row, value = bad
+    with torch.no_grad():
+        layer.indices["default"][row, 0] = value
+    for train in (True, False):
+        layer.train(train)
+        with pytest.raises(ValueError, match="out of range"):
+            layer(x)

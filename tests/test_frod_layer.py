@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import spectral_kernels as sk
 from spectral_kernels.layers.frod import frod_category, frod_layer_index, frod_projections
 
-from conftest import assert_close
+from conftest import assert_close, device_backends
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 
@@ -206,3 +206,20 @@ def test_bad_input():
         sk.FrodLinear(nn.Linear(6, 4), frod_V=other.frod_V)
     with pytest.raises(ValueError, match="in_features=6"):
         other(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="reference-cpu")]
+                         + device_backends())
+@pytest.mark.parametrize("bad", [6, 10**6, -1])
+def test_indices_written_after_construction_are_checked(device, backend, bad):
+    """S indices changed in place after set-up (as load_state_dict does) are checked again before use, in
+    training and in eval, on every backend: a clear error, never a read out of bounds."""
+    layer = sk.FrodLinear(nn.Linear(6, 4), config=sk.FrodConfig(sparse_rate=0.2), backend=backend).to(device)
+    x = torch.randn(3, 6, device=device)
+    layer(x)
+    with torch.no_grad():
+        layer.frod_s_indices["default"][1, 0] = bad
+    for train in (True, False):
+        layer.train(train)
+        with pytest.raises(ValueError, match="out of range"):
+            layer(x)

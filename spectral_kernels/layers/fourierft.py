@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ..config import FourierFTConfig
-from ..ops.fourierft import fourierft_apply, fourierft_delta_weight
+from ..ops.fourierft import fourierft_linear, fourierft_delta_weight
 from .base import AdapterLayer
 
 
@@ -96,7 +96,7 @@ class FourierFTLinear(AdapterLayer):
             weight = self._cached_weight((spectrum, weight, indices), scaling,
                                          lambda: self._effective_weight(weight, spectrum, indices, scaling))
             return nn.functional.linear(x, weight, bias)
-        return fourierft_apply(x, weight, bias, spectrum, indices, scaling, self.backend)
+        return fourierft_linear(x, weight, bias, spectrum, indices, scaling, self.backend)
 
     def __repr__(self):
         return "spectral_kernels.fourierft." + super().__repr__()

@@ -12,7 +12,7 @@ from torch import nn
 
 from .._cache import TensorCache
 from ..config import FrodConfig
-from ..ops.frod import frod_apply, frod_effective_weight
+from ..ops.frod import frod_linear, frod_effective_weight
 from .base import AdapterLayer
 
 
@@ -264,7 +264,7 @@ class FrodLinear(AdapterLayer):
             weight = self._cached_weight(tensors, x.dtype, lambda: frod_effective_weight(
                 u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, self.backend))
             return nn.functional.linear(x, weight, bias)
-        return frod_apply(x, u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, bias, self.backend)
+        return frod_linear(x, u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, bias, self.backend)
 
     def _forward(self, x, *args, **kwargs):
         if self.disable_adapters or self.merged:

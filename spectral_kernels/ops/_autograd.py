@@ -10,6 +10,8 @@ functions, so the two modes compute the same thing.
 """
 import torch
 
+from .._cache import TensorCache
+
 
 def function(name, forward, setup_context, backward):
     """An autograd.Function class with the custom op's body, setup_context and backward; its contexts are
@@ -58,6 +60,24 @@ def check_values(ok, message):
         torch._assert_async(ok, message)
     elif not ok:
         raise ValueError(message)
+
+
+_checked_indices = TensorCache()
+
+
+def check_index_values(indices, bounds, message):
+    """ValueError(message) unless every index of ``indices`` (one row per entry of ``bounds``) is in [0, bound).
+    The outcome is kept per indices tensor until it is modified in place or replaced, so a layer's index
+    buffers cost one check (a device sync on GPU) per change, e.g. after load_state_dict, not one per call."""
+    def check():
+        if indices.numel():
+            ok = indices.min() >= 0
+            for row, bound in zip(indices, bounds):
+                ok = ok & (row.max() < bound)
+            check_values(ok, message)
+        return True
+
+    _checked_indices.get(indices, tuple(bounds), check)
 
 
 def needs_grad(*tensors):

@@ -211,10 +211,7 @@ def _check_spectrum(name, spectrum, indices, m, n, scaling):
 
 
 def _check_index_values(indices, m, n, name="fourierft_linear"):
-    # Done by the public functions, and once by the layers, which build their indices themselves.
-    if indices.numel():
-        _autograd.check_values((indices.min() >= 0) & (indices[0].max() < m) & (indices[1].max() < n),
-                               f"{name}: indices out of range for a ({m}, {n}) spectrum")
+    _autograd.check_index_values(indices, (m, n), f"{name}: indices out of range for a ({m}, {n}) spectrum")
 
 
 def fourierft_linear(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):
@@ -224,12 +221,6 @@ def fourierft_linear(x, weight, bias, spectrum, indices, scaling, backend=None, 
     """
     _check(x, weight, bias, spectrum, indices, scaling)
     _check_index_values(indices, *weight.shape)
-    return _apply(x, weight, bias, spectrum, indices, scaling, backend, path)
-
-
-def fourierft_apply(x, weight, bias, spectrum, indices, scaling, backend=None, path=None):
-    """fourierft_linear for indices already known to be in range (the layers' own)."""
-    _check(x, weight, bias, spectrum, indices, scaling)
     return _apply(x, weight, bias, spectrum, indices, scaling, backend, path)
 
 

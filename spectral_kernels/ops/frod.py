@@ -211,10 +211,7 @@ def _check(x, u, v, lam, s_values, s_indices, bias):
 
 
 def _check_index_values(s_indices, n, name="frod_linear"):
-    # Done by the public functions, once by the layers.
-    if s_indices.numel():
-        _autograd.check_values((s_indices.min() >= 0) & (s_indices.max() < n),
-                               f"{name}: S indices out of range for a ({n}, {n}) matrix")
+    _autograd.check_index_values(s_indices, (n, n), f"{name}: S indices out of range for a ({n}, {n}) matrix")
 
 
 def frod_linear(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None):
@@ -225,12 +222,6 @@ def frod_linear(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path
     """
     _check(x, u, v, lam, s_values, s_indices, bias)
     _check_index_values(s_indices, v.shape[0])
-    return _apply(x, u, v, lam, s_values, s_indices, bias, backend, path)
-
-
-def frod_apply(x, u, v, lam, s_values, s_indices, bias=None, backend=None, path=None):
-    """frod_linear for indices already known to be in range (the layers' own)."""
-    _check(x, u, v, lam, s_values, s_indices, bias)
     return _apply(x, u, v, lam, s_values, s_indices, bias, backend, path)
 
 
