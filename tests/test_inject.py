@@ -1,6 +1,7 @@
 """spectral_kernels.inject against peft: which modules are adapted, adapter handling, peft's saved format."""
 import copy
 import dataclasses
+import json
 import warnings
 
 import peft
@@ -293,6 +294,19 @@ def test_peft_format_round_trip(tmp_path, config):
     sk.set_adapter(saved, "again")
     assert sk.trainable_parameters(saved)[0] == sk.trainable_parameters(model)[0]
     assert_close(saved(ids).logits, expected, torch.float32)
+
+
+@pytest.mark.parametrize("model, config", [(gpt2, sk.FourierFTConfig(n_frequency=16)),
+                                           (llama, sk.FrodConfig(fan_in_fan_out=True, progressbar=False))],
+                         ids=["conv1d", "linear"])
+def test_saved_config_records_the_layout_as_peft(tmp_path, model, config):
+    """peft sets fan_in_fan_out in the config it saves to the adapted modules' layout (Conv1D or not)."""
+    sk.save_adapter(sk.inject(model(), config), tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(model(), peft_config(config)).save_pretrained(tmp_path / "peft")
+    ours, theirs = (json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "peft"))
+    assert ours["fan_in_fan_out"] is theirs["fan_in_fan_out"] is (model is gpt2)
 
 
 @pytest.mark.parametrize("first_targets, second_targets, second_rate, categories", [
