@@ -1,6 +1,18 @@
 """Adapter configurations with peft's field names and defaults."""
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
+
+
+def is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value, low=-math.inf, high=math.inf):
+    """Whether ``value`` is a finite real number in [low, high] (NaN and bools are not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and low <= value <= high
 
 
 @dataclass
@@ -22,8 +34,10 @@ class FourierFTConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.n_frequency, int) or self.n_frequency <= 0:
+        if not is_integer(self.n_frequency) or self.n_frequency <= 0:
             raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency!r}")
+        if not is_real(self.scaling):
+            raise ValueError(f"scaling must be a finite real number, got {self.scaling!r}")
         if self.bias not in ("none", "all", "fourier_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -69,12 +83,17 @@ class OFTConfig:
         if not (self.r != 0) ^ (self.oft_block_size != 0):
             raise ValueError(f"You can only specify either r ({self.r}) or oft_block_size ({self.oft_block_size}), "
                              "but not both simultaneously, because r x oft_block_size == in_features.")
-        if self.r < 0 or self.oft_block_size < 0:
-            raise ValueError(f"r and oft_block_size must be non-negative, got r={self.r}, "
-                             f"oft_block_size={self.oft_block_size}")
-        if self.use_cayley_neumann and self.num_cayley_neumann_terms < 1:
-            raise ValueError("num_cayley_neumann_terms must be at least 1 with use_cayley_neumann, "
-                             f"got {self.num_cayley_neumann_terms}")
+        if not (is_integer(self.r) and is_integer(self.oft_block_size)) or self.r < 0 or self.oft_block_size < 0:
+            raise ValueError(f"r and oft_block_size must be non-negative integers, got r={self.r!r}, "
+                             f"oft_block_size={self.oft_block_size!r}")
+        if not is_integer(self.num_cayley_neumann_terms) or \
+                (self.use_cayley_neumann and self.num_cayley_neumann_terms < 1):
+            raise ValueError("num_cayley_neumann_terms must be an integer, at least 1 with use_cayley_neumann, "
+                             f"got {self.num_cayley_neumann_terms!r}")
+        if not is_real(self.eps, 0.0):
+            raise ValueError(f"eps must be a finite non-negative number, got {self.eps!r}")
+        if not is_real(self.module_dropout, 0.0, 1.0):
+            raise ValueError(f"module_dropout must be in [0, 1], got {self.module_dropout!r}")
         if self.bias not in ("none", "all", "oft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
 
@@ -106,7 +125,8 @@ class FrodConfig:
             raise ValueError(f"`sparse_rate` should be between 0 and 1, got {self.sparse_rate}.")
         if not 0 <= self.frod_dropout < 1:
             raise ValueError(f"frod_dropout must be in [0, 1), got {self.frod_dropout}")
-        if self.regularization_alpha < 0:
-            raise ValueError(f"regularization_alpha must be non-negative, got {self.regularization_alpha}")
+        if not is_real(self.regularization_alpha, 0.0):
+            raise ValueError(f"regularization_alpha must be a finite non-negative number, got "
+                             f"{self.regularization_alpha!r}")
         if self.bias not in ("none", "all", "frod_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'frod_only', got {self.bias!r}")

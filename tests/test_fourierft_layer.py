@@ -139,6 +139,7 @@ def bad_inputs():
         ("same dtype", (x, w.double(), b, c, ind), TypeError),
         ("same dtype", (x, w, b.double(), c, ind), TypeError),
         ("bias must have shape", (x, w, b[None], c, ind), ValueError),
+        ("weight must be a tensor", (x, None, b, c, ind), TypeError),
     ]
 
 
@@ -154,6 +155,13 @@ def test_bad_scaling_and_path(backend):
     x, w, c, ind = torch.randn(3, 5), torch.randn(6, 5), torch.randn(4), torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
     with pytest.raises(TypeError, match="scaling is a fixed hyper-parameter"):
         sk.fourierft_linear(x, w, None, c, ind, torch.tensor(2.0, requires_grad=True), backend=backend)
+    for scaling in (float("nan"), float("inf"), 1j, "2", torch.ones(3), torch.tensor(1j), True):
+        with pytest.raises(ValueError, match="scaling must be a finite real number"):
+            sk.fourierft_linear(x, w, None, c, ind, scaling, backend=backend)
+        with pytest.raises(ValueError, match="scaling must be a finite real number"):
+            sk.fourierft_delta_weight(c, ind, 6, 5, scaling, backend=backend)
+    assert_close(sk.fourierft_linear(x, w, None, c, ind, torch.tensor(2.0), backend=backend),
+                 sk.fourierft_linear(x, w, None, c, ind, 2, backend=backend), torch.float32)
     with pytest.raises(ValueError, match="unknown FourierFT path"):  # the reference too, though it has one
         sk.fourierft_linear(x, w, None, c, ind, 2.0, backend=backend, path="slow")
 
@@ -185,6 +193,9 @@ def test_bad_layer_and_hyperparameters():
         sk.FourierFTLinear(torch.nn.Linear(4, 3), n_frequency=13)
     with pytest.raises(ValueError, match="positive"):
         sk.FourierFTConfig(n_frequency=0)
+    for scaling in (float("nan"), float("inf"), "150"):
+        with pytest.raises(ValueError, match="scaling must be a finite real number"):
+            sk.FourierFTConfig(scaling=scaling)
     with pytest.raises(ValueError, match="bias"):
         sk.FourierFTConfig(bias="some")
 

@@ -173,6 +173,8 @@ def test_bad_input(backend):
         sk.frod_linear(x, u, v, lam, s[:-1], indices, bias)
     with pytest.raises(ValueError, match="out of range"):
         sk.frod_linear(x, u, v, lam, s, indices + 8, bias)
+    with pytest.raises(TypeError, match="U must be a tensor"):
+        sk.frod_linear(x, None, v, lam, s, indices, bias)
     with pytest.raises(ValueError, match="int64"):
         sk.frod_linear(x, u, v, lam, s, indices.int(), bias)
     with pytest.raises(ValueError, match="U must be"):

@@ -193,6 +193,9 @@ def test_bad_input():
         sk.FrodConfig(sparse_rate=1.5)
     with pytest.raises(ValueError, match="frod_dropout"):
         sk.FrodConfig(frod_dropout=1.0)
+    for alpha in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="regularization_alpha"):
+            sk.FrodConfig(regularization_alpha=alpha)
     with pytest.raises(ValueError, match="bias"):
         sk.FrodConfig(bias="lora_only")
     with pytest.raises(ValueError, match="layers_to_transform"):

@@ -260,6 +260,7 @@ def test_bad_path(backend):
         sk.oft_linear(torch.randn(3, 12), torch.randn(6, 12), None, rot, backend=backend, path="slow")
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_bad_layer_and_hyperparameters():
     with pytest.raises(TypeError, match="Unsupported layer type"):
         sk.OFTLinear(torch.nn.Conv2d(3, 3, 1))
@@ -279,6 +280,29 @@ def test_bad_layer_and_hyperparameters():
         sk.oft_rotation(torch.zeros(2, 5), 4)
     with pytest.raises(ValueError, match="num_cayley_neumann_terms"):
         sk.oft_rotation(torch.zeros(2, 6), 4, num_cayley_neumann_terms=0)
+    with pytest.raises(ValueError, match="OFT needs a layer with in_features >= 1"):
+        sk.OFTLinear(torch.nn.Linear(0, 3))
+    for field, value in [("oft_block_size", 8.5), ("num_cayley_neumann_terms", 2.5), ("eps", float("nan")),
+                         ("eps", -1e-3), ("module_dropout", 2.0), ("module_dropout", float("nan"))]:
+        with pytest.raises(ValueError, match=field):
+            sk.OFTConfig(**{field: value})
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_oft_rotation_bad_input(backend):
+    """Integer parameters gave an integer (wrong) exact Cayley transform; complex ones and block size 0 passed."""
+    for params, b, error, match in [(torch.tensor([[2, 0, 0]]), 3, TypeError, "floating-point"),
+                                    (torch.zeros(2, 3, dtype=torch.complex64), 3, TypeError, "floating-point"),
+                                    (None, 3, TypeError, "floating-point"),
+                                    (torch.zeros(2, 0), 0, ValueError, "positive integer"),
+                                    (torch.zeros(2, 3), 3.0, ValueError, "positive integer"),
+                                    (torch.zeros(2, 0), -1, ValueError, "positive integer")]:
+        for neumann in (True, False):
+            with pytest.raises(error, match=match):
+                sk.oft_rotation(params, b, use_cayley_neumann=neumann, backend=backend)
+    with pytest.raises(ValueError, match="num_cayley_neumann_terms must be an integer"):
+        sk.oft_rotation(torch.zeros(2, 3), 3, num_cayley_neumann_terms=2.5, backend=backend)
+    assert torch.equal(sk.oft_rotation(torch.zeros(2, 0), 1, backend=backend), torch.ones(2, 1, 1))
 
 
 def test_path_selection(monkeypatch):

@@ -26,6 +26,8 @@ def adjust_oft_parameters(in_features, params):
 
 def oft_block_layout(in_features, r, block_size):
     """(r, block_size) with r * block_size == in_features from exactly one of them, adjusted (and warned) as peft."""
+    if in_features < 1:
+        raise ValueError(f"OFT needs a layer with in_features >= 1, got {in_features}")
     if (r == 0) == (block_size == 0):
         raise ValueError(f"OFT needs exactly one of r and oft_block_size to be non-zero, got r={r}, "
                          f"oft_block_size={block_size}")

@@ -80,6 +80,13 @@ def check_index_values(indices, bounds, message):
     _checked_indices.get(indices, tuple(bounds), check)
 
 
+def check_tensors(name, **tensors):
+    """TypeError unless each of ``tensors`` is a torch.Tensor (None where optional is not passed here)."""
+    for label, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {label} must be a tensor, got {type(t).__name__}")
+
+
 def needs_grad(*tensors):
     """Whether autograd records a call on ``tensors`` (None entries allowed)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from ..config import is_real
 from . import _autograd
 from ..kernels.reference import fourierft as reference
 
@@ -177,6 +178,7 @@ _FourierFTFunction = _autograd.function("_FourierFTFunction", _forward, _setup_c
 def _check(x, weight, bias, spectrum, indices, scaling):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"fourierft_linear: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    _autograd.check_tensors("fourierft_linear", weight=weight)
     if weight.dim() != 2:
         raise ValueError(f"fourierft_linear: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
     m, n = weight.shape
@@ -195,9 +197,14 @@ def _check(x, weight, bias, spectrum, indices, scaling):
 
 
 def _check_spectrum(name, spectrum, indices, m, n, scaling):
-    if isinstance(scaling, torch.Tensor) and scaling.requires_grad:
-        raise TypeError(f"{name}: scaling is a fixed hyper-parameter; gradients with respect to it are not "
-                        "supported (pass a float)")
+    if isinstance(scaling, torch.Tensor):
+        if scaling.requires_grad:
+            raise TypeError(f"{name}: scaling is a fixed hyper-parameter; gradients with respect to it are not "
+                            "supported (pass a float)")
+        real = scaling.dim() == 0 and not scaling.is_complex() and scaling.dtype != torch.bool
+        scaling = scaling.item() if real else scaling
+    if not is_real(scaling):
+        raise ValueError(f"{name}: scaling must be a finite real number, got {scaling!r}")
     if not isinstance(spectrum, torch.Tensor) or spectrum.dim() != 1 or not spectrum.is_floating_point():
         raise ValueError(f"{name}: spectrum must be a 1-D floating-point tensor")
     if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != 2 \

@@ -173,6 +173,7 @@ _FrodFunction = _autograd.function("_FrodFunction", _forward, _setup_context, _b
 
 def _check_adapter(name, u, v, lam, s_values, s_indices):
     """The shapes, dtypes and devices of U, V, lambda and S (the ones every FRoD op takes)."""
+    _autograd.check_tensors(name, U=u, V=v, lam=lam, s_values=s_values, s_indices=s_indices)
     if u.dim() != 2 or v.dim() != 2 or v.shape[0] != v.shape[1] or u.shape[1] != v.shape[0] or 0 in u.shape:
         raise ValueError(f"{name}: U must be (out_features, n) and V (n, n), both sizes positive, got "
                          f"{tuple(u.shape)} and {tuple(v.shape)}")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import dispatch
+from ..config import is_integer
 from . import _autograd
 from ..kernels.reference import oft as reference
 
@@ -244,6 +245,13 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
     The Neumann series runs in the C++ kernels with the ``cpu`` backend (same math, float
     rounding of its own), else (and for the exact Cayley transform) as peft's torch code.
     """
+    if not isinstance(params, torch.Tensor) or not params.is_floating_point():
+        raise TypeError(f"oft_rotation: parameters must be a floating-point tensor, got "
+                        f"{getattr(params, 'dtype', type(params))}")
+    if not is_integer(block_size) or block_size < 1:
+        raise ValueError(f"oft_rotation: block_size must be a positive integer, got {block_size!r}")
+    if not is_integer(num_cayley_neumann_terms):
+        raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be an integer, got {num_cayley_neumann_terms!r}")
     if params.dim() != 2 or params.shape[1] != block_size * (block_size - 1) // 2:
         raise ValueError(f"oft_rotation: parameters for block size {block_size} must have shape "
                          f"(n, {block_size * (block_size - 1) // 2}), got {tuple(params.shape)}")
