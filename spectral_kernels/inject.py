@@ -451,7 +451,7 @@ def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
     shared = method.prepare(model, targets, adapter_name, config) if method.prepare else None
     for key, module in targets.items():
         layer = method.adapt(module, key, adapter_name, config, shared)
-        config.fan_in_fan_out = layer._conv1d  # as peft records it (for the last module); the layers read the module
+        config.fan_in_fan_out = layer._conv1d  # as in peft's saved config (the last module's layout); unused here
         if layer is not module:
             _set_submodule(model, key, layer)
     if autocast_adapter_dtype:

@@ -110,8 +110,8 @@ class SwappedFrodLinear(PeftFrodLinear):
         u, v = (t[name].to(x.device, x.dtype) for t in (self.frod_U, self.frod_V))
         bias = base[1]
         return frod_linear(x, u, v, self.frod_lambda_l[name], self.frod_lambda_s_values[name],
-                          self.frod_s_indices[name].to(x.device),
-                          None if bias is None else bias.to(x.dtype)).to(x.dtype)  # as peft under autocast
+                           self.frod_s_indices[name].to(x.device),
+                           None if bias is None else bias.to(x.dtype)).to(x.dtype)  # as peft under autocast
 
 
 # peft layer class -> its swapped subclass. A method joins with one entry (and its class above).

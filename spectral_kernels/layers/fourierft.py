@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ..config import FourierFTConfig
-from ..ops.fourierft import fourierft_linear, fourierft_delta_weight
+from ..ops.fourierft import fourierft_delta_weight, fourierft_linear
 from .base import AdapterLayer
 
 

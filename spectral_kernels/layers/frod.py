@@ -12,7 +12,7 @@ from torch import nn
 
 from .._cache import TensorCache
 from ..config import FrodConfig
-from ..ops.frod import frod_linear, frod_effective_weight
+from ..ops.frod import frod_effective_weight, frod_linear
 from .base import AdapterLayer
 
 

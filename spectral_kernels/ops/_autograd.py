@@ -81,7 +81,7 @@ def check_index_values(indices, bounds, message):
 
 
 def check_tensors(name, **tensors):
-    """TypeError unless each of ``tensors`` is a torch.Tensor (None where optional is not passed here)."""
+    """TypeError unless every keyword argument is a torch.Tensor."""
     for label, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {label} must be a tensor, got {type(t).__name__}")
