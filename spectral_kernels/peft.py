@@ -23,6 +23,7 @@ from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
 
+from ._cache import TensorCache
 from .ops._autograd import autocast_dtype
 from .ops.fourierft import fourierft_linear
 from .ops.frod import frod_linear
@@ -92,6 +93,15 @@ class SwappedOFTLinear(PeftOFTLinear):
         return oft_linear(x, weight, bias, rotations[-1]).to(dtype)
 
 
+_copies = TensorCache()
+
+
+def _on_device(t, device):
+    """``t`` on ``device``: a copy kept until ``t`` changes, where peft copies it on every call (FRoD's V and
+    pattern stay on the CPU, where peft builds them, unless the whole model is moved)."""
+    return t if t.device == device else _copies.get(t, device, lambda: t.to(device))
+
+
 class SwappedFrodLinear(PeftFrodLinear):
     """peft's FRoD Linear with the fused forward: S stays sparse and W' = U (diag(lambda) + S) V^T is not formed
     (or formed once, by the op's weight path, when that is cheaper)."""
@@ -106,11 +116,10 @@ class SwappedFrodLinear(PeftFrodLinear):
         name = names[0]
         if self.runtime_offload_base_weight.get(name, False):  # as peft: the base weight is not needed
             self._offload_base_weight_to_cpu()
-        # peft keeps the category's V and pattern on the CPU and casts U and V to the input's dtype
-        u, v = (t[name].to(x.device, x.dtype) for t in (self.frod_U, self.frod_V))
+        u, v = (_on_device(t[name], x.device).to(x.dtype) for t in (self.frod_U, self.frod_V))  # dtype: as peft
         bias = base[1]
         return frod_linear(x, u, v, self.frod_lambda_l[name], self.frod_lambda_s_values[name],
-                           self.frod_s_indices[name].to(x.device),
+                           _on_device(self.frod_s_indices[name], x.device),
                            None if bias is None else bias.to(x.dtype)).to(x.dtype)  # as peft under autocast
 
 

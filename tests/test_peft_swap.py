@@ -274,3 +274,27 @@ def test_autocast_like_peft(method, backend, monkeypatch):
             assert y.dtype == expected.dtype == dtype
             assert_low_precision_close(y.to(torch.bfloat16), expected.to(torch.bfloat16),
                                        copy.deepcopy(peft_layer).double()(x.double()).detach())
+
+
+def test_frod_copies_to_the_input_device_are_kept():
+    """peft leaves FRoD's V and pattern on the CPU (unless the model is moved) and copies them to the input's
+    device on every call; the swap keeps one copy until the tensor changes (meta stands in for a GPU here)."""
+    from spectral_kernels.peft import _on_device
+
+    v, meta = torch.randn(4, 4), torch.device("meta")
+    copy_ = _on_device(v, meta)
+    assert copy_.device == meta and _on_device(v, meta) is copy_ and _on_device(v, v.device) is v
+    v.add_(1.0)
+    assert _on_device(v, meta) is not copy_
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_frod_on_a_gpu_model_with_projections_on_the_cpu():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(llama().cuda(), CONFIGS["frod"]())
+    assert next(iter(theirs.base_model.frod_V.values()))["default"].device.type == "cpu"
+    ours = swap(copy.deepcopy(theirs))
+    ids = tokens(ours).cuda()
+    assert_same_outputs(ours, theirs, ids)
