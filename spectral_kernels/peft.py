@@ -43,15 +43,17 @@ def _base_weight(layer, x):
     return (base.weight.t() if conv1d else base.weight), base.bias
 
 
+_copies = TensorCache()
+
+
+def _on_device(t, device):
+    """``t`` on ``device``: a copy kept until ``t`` changes, where peft copies it on every call (FourierFT's
+    indices, FRoD's V and pattern: peft keeps them on the CPU unless the whole model is moved)."""
+    return t if t.device == device else _copies.get(t, device, lambda: t.to(device))
+
+
 class SwappedFourierFTLinear(PeftFourierFTLinear):
     """peft's FourierFTLinear with the fused forward; no dense complex ΔW is formed."""
-
-    def _indices(self, adapter, device):
-        # peft keeps the indices on the CPU and copies them on every call; keep the moved copy.
-        indices = self.indices[adapter]
-        if indices.device != device:
-            indices = self.indices[adapter] = indices.to(device)
-        return indices
 
     def forward(self, x, *args, **kwargs):
         names = [n for n in self.active_adapters if n in self.fourierft_spectrum]
@@ -61,10 +63,12 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
         weight, bias = base
         spectra = [self.fourierft_spectrum[n] for n in names]
         if len(names) == 1:
-            spectrum, indices, scaling = spectra[0], self._indices(names[0], x.device), self.fourierft_scaling[names[0]]
+            name = names[0]
+            spectrum, scaling = spectra[0], self.fourierft_scaling[name]
+            indices = _on_device(self.indices[name], x.device)
         else:  # ΔW is linear in the coefficients: fold the adapters into one spectrum
             spectrum = torch.cat([s * self.fourierft_scaling[n] for s, n in zip(spectra, names)])
-            indices = torch.cat([self._indices(n, x.device) for n in names], dim=1)
+            indices = torch.cat([_on_device(self.indices[n], x.device) for n in names], dim=1)
             scaling = 1.0
         return fourierft_linear(x, weight, bias, spectrum, indices, scaling).to(x.dtype)  # as peft under autocast
 
@@ -91,15 +95,6 @@ class SwappedOFTLinear(PeftOFTLinear):
         for rot in rotations[:-1]:  # peft rotates by each active adapter in turn
             x = oft_rotate(x, rot)
         return oft_linear(x, weight, bias, rotations[-1]).to(dtype)
-
-
-_copies = TensorCache()
-
-
-def _on_device(t, device):
-    """``t`` on ``device``: a copy kept until ``t`` changes, where peft copies it on every call (FRoD's V and
-    pattern stay on the CPU, where peft builds them, unless the whole model is moved)."""
-    return t if t.device == device else _copies.get(t, device, lambda: t.to(device))
 
 
 class SwappedFrodLinear(PeftFrodLinear):

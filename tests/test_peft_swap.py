@@ -277,8 +277,9 @@ def test_autocast_like_peft(method, backend, monkeypatch):
 
 
 def test_frod_copies_to_the_input_device_are_kept():
-    """peft leaves FRoD's V and pattern on the CPU (unless the model is moved) and copies them to the input's
-    device on every call; the swap keeps one copy until the tensor changes (meta stands in for a GPU here)."""
+    """peft leaves FourierFT's indices and FRoD's V and pattern on the CPU (unless the model is moved) and copies
+    them to the input's device on every call; the swap keeps one copy until the tensor changes (meta stands in for
+    a GPU here)."""
     from spectral_kernels.peft import _on_device
 
     v, meta = torch.randn(4, 4), torch.device("meta")
