@@ -212,6 +212,11 @@ def environment(args):
     commit = git("rev-parse", "HEAD")
     # Untracked files count (uncommitted new code is dirty), earlier results do not.
     dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)bench/results")) if commit else None
+    if commit is None and os.environ.get("SPECTRAL_KERNELS_COMMIT"):
+        # A copy of a checkout without its .git (bench/gpu.sh on a lent machine): the sender names the commit
+        # and whether its tree was clean, as "<sha>" or "<sha>-dirty".
+        commit, _, state = os.environ["SPECTRAL_KERNELS_COMMIT"].partition("-")
+        dirty = state == "dirty"
     return {
         "device": {"kind": args.device.type, "name": name},
         "threads": torch.get_num_threads(),

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no .git, nothing installed): build with the CUDA kernels, run the tests, then
+# the benchmark. Logs and results go to $OUT/gpu.tgz; the test summary and the benchmark table to stdout.
+#   OUT=dir SPECTRAL_KERNELS_COMMIT=$(git rev-parse HEAD)[-dirty] bench/gpu.sh
+# Optional: TESTS (pytest arguments, default "tests"; "none" skips), BENCH (bench arguments, default --quick;
+# "none" skips), TEST_TIMEOUT and BENCH_TIMEOUT (seconds).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:?set OUT}; logs=$out/logs; mkdir -p "$logs"
+pack() { tar czf "$out/gpu.tgz" -C "$out" logs; }
+trap pack EXIT
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee "$logs/gpu.txt"
+SPECTRAL_KERNELS_REQUIRE_NATIVE=1 SPECTRAL_KERNELS_CMAKE_ARGS=-DSPECTRAL_KERNELS_CUDA=ON \
+  python3 setup.py build_ext --inplace >"$logs/build.log" 2>&1 \
+  || { tail -40 "$logs/build.log"; exit 1; }
+python3 -c "import spectral_kernels as sk; print(sk.backends())"
+if [ "${TESTS:-tests}" != none ]; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest ${TESTS:-tests} -q -n 12 -p no:cacheprovider --timeout 240 \
+    -rfE --junitxml="$logs/tests.xml" >"$logs/tests.log" 2>&1
+  echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$logs/tests.log" | cut -c1-300 | tail -60
+fi
+if [ "${BENCH:---quick}" != none ]; then
+  timeout "${BENCH_TIMEOUT:-200}" python3 -m bench ${BENCH:---quick} --out "$logs" >"$logs/bench.log" 2>&1
+  echo "bench rc=$?"; tail -60 "$logs/bench.log"
+fi
