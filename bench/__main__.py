@@ -209,14 +209,15 @@ def environment(args):
         name = torch.cuda.get_device_name(args.device)
     else:
         name = cpu_name()
-    commit = git("rev-parse", "HEAD")
-    # Untracked files count (uncommitted new code is dirty), earlier results do not.
-    dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)bench/results")) if commit else None
-    if commit is None and os.environ.get("SPECTRAL_KERNELS_COMMIT"):
-        # A copy of a checkout without its .git (bench/gpu.sh on a lent machine): the sender names the commit
-        # and whether its tree was clean, as "<sha>" or "<sha>-dirty".
+    if os.environ.get("SPECTRAL_KERNELS_COMMIT"):
+        # A copy of a checkout whose .git may be older than its files (bench/gpu.sh on a lent machine): the
+        # sender names the commit and whether its tree was clean, as "<sha>" or "<sha>-dirty".
         commit, _, state = os.environ["SPECTRAL_KERNELS_COMMIT"].partition("-")
         dirty = state == "dirty"
+    else:
+        commit = git("rev-parse", "HEAD")
+        # Untracked files count (uncommitted new code is dirty), earlier results do not.
+        dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)bench/results")) if commit else None
     return {
         "device": {"kind": args.device.type, "name": name},
         "threads": torch.get_num_threads(),

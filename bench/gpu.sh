@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no .git, nothing installed): build with the CUDA kernels, run the tests, then
-# the benchmark. Logs and results go to $OUT/gpu.tgz; the test summary and the benchmark table to stdout.
+# One call on a lent GPU machine (its copy of .git may be stale, nothing is installed): build with the CUDA
+# kernels, run the tests, then the benchmark. Logs and results go to $OUT/gpu.tgz; the test summary and the benchmark table to stdout.
 #   OUT=dir SPECTRAL_KERNELS_COMMIT=$(git rev-parse HEAD)[-dirty] bench/gpu.sh
 # Optional: TESTS (pytest arguments, default "tests"; "none" skips), BENCH (bench arguments, default --quick;
 # "none" skips), TEST_TIMEOUT and BENCH_TIMEOUT (seconds).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD  # built in place (tests/test_triton_compile.py runs a subprocess)
 out=${OUT:?set OUT}; logs=$out/logs; mkdir -p "$logs"
-pack() { tar czf "$out/gpu.tgz" -C "$out" logs; }
+pack() { tar czf "$out/gpu.tgz" -C "$out" logs && rm -r "$logs"; }  # one file back, whatever the count
 trap pack EXIT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee "$logs/gpu.txt"
 SPECTRAL_KERNELS_REQUIRE_NATIVE=1 SPECTRAL_KERNELS_CMAKE_ARGS=-DSPECTRAL_KERNELS_CUDA=ON \

@@ -131,7 +131,10 @@ def test_save_and_load_round_trip(tmp_path, method, low_cpu_mem_usage):
     assert all(type(m) in SWAPPED for m in loaded.modules() if isinstance(m, PEFT_LAYERS))
     state, expected_state = loaded.state_dict(), theirs.state_dict()
     for key, value in expected_state.items():  # bit-exact, under both adapter names
-        assert torch.equal(state[key], value) and torch.equal(state[key.replace(".default", ".second")], value)
+        # (on the CPU: with low_cpu_mem_usage, peft leaves what it loads on the device it infers, a GPU where there
+        # is one, FRoD's projections included)
+        second = key.replace(".default", ".second")
+        assert torch.equal(state[key].cpu(), value) and torch.equal(state[second].cpu(), value)
     ids = tokens(loaded)
     with torch.no_grad():
         expected_logits = theirs(ids).logits

@@ -40,7 +40,9 @@ def autocast_dtype(x):
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         return None
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    # is_autocast_available guards is_autocast_enabled against device types autocast lacks; dynamo cannot trace
+    # it (torch 2.11) and traces only tensors of the devices autocast has.
+    if (tracing() or torch.amp.is_autocast_available(device)) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
 

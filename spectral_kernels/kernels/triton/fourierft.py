@@ -16,16 +16,17 @@ SPLIT_PROGRAMS = 256  # coef_grad: aim for about this many programs
 
 
 @triton.jit
-def _spectrum_rows_kernel(c_ptr, rows_ptr, cols_ptr, out_ptr, nnz, n, bins, scale,
+def _spectrum_rows_kernel(c_ptr, rows_ptr, cols_ptr, out_ptr, nnz, n, bins,
                           BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr):
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
     live = (k < nnz) & (q < bins)
-    c = tl.load(c_ptr + k, mask=k < nnz, other=0.0) * scale
+    c = tl.load(c_ptr + k, mask=k < nnz, other=0.0)
     r = tl.load(rows_ptr + k, mask=k < nnz, other=0)
     v = tl.load(cols_ptr + k, mask=k < nnz, other=0)
-    # The angle from the exact index (v q) mod n, in the output's precision.
-    angle = ((v * q) % n).to(c.dtype) / n * -6.283185307179586
+    # The angle from the exact index (v q) mod n, in the output's precision (a float literal or a float argument
+    # would be float32, and so would every float64 angle derived from it).
+    angle = ((v * q) % n).to(c.dtype) / n * tl.full([], -6.283185307179586, c.dtype)
     dst = out_ptr + 2 * (r * bins + q)
     tl.atomic_add(dst, c * tl.cos(angle), mask=live)
     tl.atomic_add(dst + 1, c * tl.sin(angle), mask=live)
@@ -46,12 +47,12 @@ def _real_mirror_kernel(ft_ptr, stride_q, stride_p, base_ptr, out_ptr, m, n, bin
 
 
 @triton.jit
-def _mix_kernel(xf_ptr, c_ptr, g_ptr, b_ptr, out_ptr, tokens, nnz, n_in, n_out, scale,
+def _mix_kernel(xf_ptr, c_ptr, g_ptr, b_ptr, out_ptr, tokens, nnz, n_in, n_out,
                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     live = (t < tokens) & (k < nnz)
-    w = tl.load(c_ptr + k, mask=k < nnz, other=0.0) * scale
+    w = tl.load(c_ptr + k, mask=k < nnz, other=0.0)
     g = tl.load(g_ptr + k, mask=k < nnz, other=0)
     b = tl.load(b_ptr + k, mask=k < nnz, other=0)
     low = 2 * g <= n_in
@@ -104,8 +105,9 @@ def spectrum_rows(coef, rows, cols, m, n, scale):
     out = torch.zeros(m, bins, dtype=coef.dtype.to_complex(), device=coef.device)
     if nnz:
         grid = (triton.cdiv(nnz, BLOCK_ROWS_K), triton.cdiv(bins, BLOCK_Q))
-        _spectrum_rows_kernel[grid](coef.contiguous(), rows.contiguous(), cols.contiguous(), torch.view_as_real(out),
-                                    nnz, n, bins, scale, BLOCK_K=BLOCK_ROWS_K, BLOCK_Q=BLOCK_Q)
+        # Scaled here, not in the kernel: a float argument is a float32 there.
+        _spectrum_rows_kernel[grid]((coef * scale).contiguous(), rows.contiguous(), cols.contiguous(),
+                                    torch.view_as_real(out), nnz, n, bins, BLOCK_K=BLOCK_ROWS_K, BLOCK_Q=BLOCK_Q)
     return out
 
 
@@ -126,9 +128,9 @@ def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
     out = torch.zeros(tokens, n_out // 2 + 1, dtype=xf.dtype, device=xf.device)
     if tokens and nnz:
         grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(nnz, BLOCK_K))
-        _mix_kernel[grid](torch.view_as_real(xf), coef.to(xf.real.dtype).contiguous(), gather_idx.contiguous(),
-                          scatter_idx.contiguous(), torch.view_as_real(out), tokens, nnz, n_in, n_out, scale / 2,
-                          BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
+        _mix_kernel[grid](torch.view_as_real(xf), (coef.to(xf.real.dtype) * (scale / 2)).contiguous(),
+                          gather_idx.contiguous(), scatter_idx.contiguous(), torch.view_as_real(out), tokens, nnz,
+                          n_in, n_out, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
     return out
 
 
