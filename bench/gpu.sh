@@ -15,7 +15,8 @@ SPECTRAL_KERNELS_REQUIRE_NATIVE=1 SPECTRAL_KERNELS_CMAKE_ARGS=-DSPECTRAL_KERNELS
   || { tail -40 "$logs/build.log"; exit 1; }
 python3 -c "import spectral_kernels as sk; print(sk.backends())"
 if [ "${TESTS:-tests}" != none ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest ${TESTS:-tests} -q -n 12 -p no:cacheprovider --timeout 240 \
+  eval "set -- ${TESTS:-tests}"  # shell words: TESTS='tests -k "a or b"' keeps the quoted expression whole
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest "$@" -q -n 12 -p no:cacheprovider --timeout 240 \
     -rfE --junitxml="$logs/tests.xml" >"$logs/tests.log" 2>&1
   echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$logs/tests.log" | cut -c1-300 | tail -60
 fi

@@ -44,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--backends", default="cuda,triton")
-    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--top", type=int, default=14)
     args = parser.parse_args(argv)
     out_features, in_features = map(int, args.shape.split("x"))
     dtype, device = DTYPES[args.dtype], torch.device("cuda")
@@ -82,12 +82,14 @@ def main(argv=None):
             if name == "base":
                 continue
             clear()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     step(module, env)
                 torch.cuda.synchronize()
-            print(f"\n--- {method} {name}: kernels over 3 steps")
-            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=70))
+            averages = prof.key_averages()
+            for sort in ("self_device_time_total", "self_cpu_time_total"):
+                print(f"\n--- {method} {name}: over 3 steps, by {sort}")
+                print(averages.table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
 
 
 if __name__ == "__main__":
