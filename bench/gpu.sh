@@ -10,6 +10,9 @@ out=${OUT:?set OUT}; logs=$out/logs; mkdir -p "$logs"
 pack() { tar czf "$out/gpu.tgz" -C "$out" logs && rm -r "$logs"; }  # one file back, whatever the count
 trap pack EXIT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee "$logs/gpu.txt"
+# The image's default compiler (/opt/gcc/bin/g++) links a static copy of libstdc++ into the extension, whose
+# error messages then crash the process (SIGSEGV formatting a number in TORCH_CHECK); the system g++ does not.
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 SPECTRAL_KERNELS_REQUIRE_NATIVE=1 SPECTRAL_KERNELS_CMAKE_ARGS=-DSPECTRAL_KERNELS_CUDA=ON \
   python3 setup.py build_ext --inplace >"$logs/build.log" 2>&1 \
   || { tail -40 "$logs/build.log"; exit 1; }

@@ -63,8 +63,10 @@ def header(run, source):
     git = run["git"]
     commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
     available = ", ".join(name for name, reason in run["backends"].items() if reason is None)
-    if "ours_backend" in run:  # not in results files older than this key
-        available += f" (ours on {run['ours_backend']})"
+    if "ours_backend" in run:  # not in results files older than this key; per method since 2026-11-24
+        ours = run["ours_backend"]
+        ours = ", ".join(f"{m} {b}" for m, b in ours.items()) if isinstance(ours, dict) else ours
+        available += f" (ours on {ours})"
     timings = run["cases"] + [run[part] for part in ("train", "frod_init") if part in run]
     busy = max(t["other_load"] for t in timings) if timings and run["device"]["kind"] == "cpu" else None
     return (f"**{run['device']['kind']}**: {run['device']['name']}, {run['threads']} threads, {run['dtype']}  \n"

@@ -70,8 +70,14 @@ def _serves(name, device):
     return True
 
 
-def select_backend(device, requested=None):
-    """Backend name for tensors on ``device``; raises if the requested one cannot run there."""
+# On a GPU, the first available of these per method: the kernels that took the least GPU time in python -m
+# bench.profile on an H100 (bfloat16, 4096 x 4096, T=8192; 2026-11-24): Triton's blocked tl.dot rotations for
+# OFT and its sparse mix for FRoD, the CUDA kernels for FourierFT (cuFFT around them either way).
+GPU_ORDER = {"fourierft": ("cuda", "triton"), "oft": ("triton", "cuda"), "frod": ("triton", "cuda")}
+
+
+def select_backend(device, requested=None, method=None):
+    """Backend name for ``method``'s tensors on ``device``; raises if the requested one cannot run there."""
     requested = requested or os.environ.get(ENV_BACKEND) or None
     if requested is not None:
         if requested not in BACKENDS:
@@ -82,8 +88,7 @@ def select_backend(device, requested=None):
         if not _serves(requested, device):
             raise RuntimeError(f"backend {requested!r} cannot run tensors on {device}")
         return requested
-    # CUDA before Triton until the GPU measurements of issue 6 say otherwise.
-    order = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+    order = ("cpu",) if device.type == "cpu" else GPU_ORDER.get(method, ("cuda", "triton"))
     for name in order:
         if _unavailable_reason(name) is None and _serves(name, device):
             return name

@@ -113,8 +113,10 @@ class SwappedFrodLinear(PeftFrodLinear):
             self._offload_base_weight_to_cpu()
         u, v = (_on_device(t[name], x.device).to(x.dtype) for t in (self.frod_U, self.frod_V))  # dtype: as peft
         bias = base[1]
-        return frod_linear(x, u, v, self.frod_lambda_l[name], self.frod_lambda_s_values[name],
-                           _on_device(self.frod_s_indices[name], x.device),
+        # The trainable tensors follow x as in peft, differentiably (peft's low_cpu_mem_usage loading leaves them on
+        # a GPU where there is one, whatever the model's device).
+        lam, s_values = (t[name].to(x.device) for t in (self.frod_lambda_l, self.frod_lambda_s_values))
+        return frod_linear(x, u, v, lam, s_values, _on_device(self.frod_s_indices[name], x.device),
                            None if bias is None else bias.to(x.dtype)).to(x.dtype)  # as peft under autocast
 
 

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../fourierft_fold.h"
 #include "../ops.h"
 
@@ -15,7 +17,6 @@ namespace spectral_kernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kTokensPerBlock = 64;  // tokens reduced per thread before its atomic
 
 // sincospi in T's precision: the angles come from exact integer indices.
 __device__ __forceinline__ void sincos_pi(float x, float* s, float* c) { sincospif(x, s, c); }
@@ -196,7 +197,12 @@ at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf_in, const at::Tensor& y
   auto grad = at::zeros({nnz}, xf.options().dtype(c10::toRealValueType(xf.scalar_type())));
   if (nnz == 0 || tokens == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fourierft_coef_grad_cuda", [&] {
-    const dim3 grid(blocks_for(nnz), static_cast<unsigned>(std::min<int64_t>((tokens + kTokensPerBlock - 1) / kTokensPerBlock, 65535)));
+    // Enough token splits for about eight blocks per multiprocessor (n = 1000 coefficients make only four
+    // blocks): each thread reduces tokens / splits tokens before its one atomic.
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, xf.get_device()));
+    const int64_t splits = std::clamp<int64_t>(8 * sms / blocks_for(nnz), 1, std::min<int64_t>(tokens, 65535));
+    const dim3 grid(blocks_for(nnz), static_cast<unsigned>(splits));
     coef_grad_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         real_ptr<scalar_t>(xf), real_ptr<scalar_t>(yf), x_idx.data_ptr<int64_t>(), y_idx.data_ptr<int64_t>(), nnz,
         tokens, n_x, n_y, static_cast<scalar_t>(scale), grad.data_ptr<scalar_t>());
