@@ -1,12 +1,15 @@
 """Where the time of a layer goes on a GPU: every backend and path of each method at one case, timed side by side
-with the frozen base layer, then each under torch.profiler (its kernels by device time).
+with the frozen base layer, then each under torch.profiler (its kernels by device and by host time) and, with
+--python, cProfile (the host's Python functions).
 
-    python -m bench.profile [--methods oft] [--shape 4096x4096] [--tokens 8192] [--dtype bfloat16] [--top 12]
+    python -m bench.profile [--methods oft] [--shape 4096x4096] [--tokens 8192] [--backends triton] [--python]
 
 For reading only (the figures to quote come from python -m bench and its results file).
 """
 import argparse
+import cProfile
 import os
+import pstats
 from contextlib import contextmanager
 
 import torch
@@ -45,6 +48,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--backends", default="cuda,triton")
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--python", action="store_true",
+                        help="also the host's Python time per function (cProfile over 20 steps, by own time)")
     args = parser.parse_args(argv)
     out_features, in_features = map(int, args.shape.split("x"))
     dtype, device = DTYPES[args.dtype], torch.device("cuda")
@@ -86,6 +91,13 @@ def main(argv=None):
                 for _ in range(3):
                     step(module, env)
                 torch.cuda.synchronize()
+            if args.python:
+                with cProfile.Profile() as host:
+                    for _ in range(20):
+                        step(module, env)
+                    torch.cuda.synchronize()
+                print(f"\n--- {method} {name}: host Python over 20 steps")
+                pstats.Stats(host).sort_stats("tottime").print_stats(args.top)
             averages = prof.key_averages()
             for sort in ("self_device_time_total", "self_cpu_time_total"):
                 print(f"\n--- {method} {name}: over 3 steps, by {sort}")
