@@ -226,7 +226,7 @@ def environment(args):
                      **{p: version(p) for p in ("torch", "peft", "triton", "transformers")}},
         "backends": spectral_kernels.backends(),
         # What "ours" runs on: the automatic choice for the device, or SPECTRAL_KERNELS_BACKEND's.
-        "ours_backend": {m: spectral_kernels.dispatch.select_backend(args.device, method=m) for m in args.methods},
+        "ours_backend": spectral_kernels.dispatch.select_backend(args.device),
         "git": {"commit": commit, "dirty": dirty},
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "args": {"argv": sys.argv[1:], **vars(args)},

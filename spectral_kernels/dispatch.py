@@ -70,14 +70,8 @@ def _serves(name, device):
     return True
 
 
-# On a GPU, the first available of these per method: the kernels that took the least GPU time in python -m
-# bench.profile on an H100 (bfloat16, 4096 x 4096, T=8192; 2026-11-24): Triton's blocked tl.dot rotations for
-# OFT and its sparse mix for FRoD, the CUDA kernels for FourierFT (cuFFT around them either way).
-GPU_ORDER = {"fourierft": ("cuda", "triton"), "oft": ("triton", "cuda"), "frod": ("triton", "cuda")}
-
-
-def select_backend(device, requested=None, method=None):
-    """Backend name for ``method``'s tensors on ``device``; raises if the requested one cannot run there."""
+def select_backend(device, requested=None):
+    """Backend name for tensors on ``device``; raises if the requested one cannot run there."""
     requested = requested or os.environ.get(ENV_BACKEND) or None
     if requested is not None:
         if requested not in BACKENDS:
@@ -88,7 +82,11 @@ def select_backend(device, requested=None, method=None):
         if not _serves(requested, device):
             raise RuntimeError(f"backend {requested!r} cannot run tensors on {device}")
         return requested
-    order = ("cpu",) if device.type == "cpu" else GPU_ORDER.get(method, ("cuda", "triton"))
+    # CUDA before Triton on a GPU: on the lent H100 machine a Triton launch cost the host 0.1-0.3 ms (cProfile
+    # of python -m bench.profile --python), several times a torch op's. In a training step of many layers the
+    # host sets the pace, and there the CUDA kernels won for every method (bench/results/cuda-20261124-224634.json,
+    # Triton for OFT and FRoD: ours/peft 1.16 and 0.92; a run of the CUDA kernels at aba6caa: 1.00 and 0.72).
+    order = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
     for name in order:
         if _unavailable_reason(name) is None and _serves(name, device):
             return name

@@ -233,7 +233,7 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
             return _apply(x.to(dtype), u, v, lam, s_values, s_indices, _autograd.cast(bias, dtype), backend, path)
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"frod_linear: x ({x.dtype}) and bias ({bias.dtype}) must have the same dtype")
-    backend = dispatch.select_backend(x.device, backend, "frod")
+    backend = dispatch.select_backend(x.device, backend)
     m, n = u.shape
     needs_grad = _autograd.needs_grad(x, lam, s_values, bias)
     path = dispatch.frod_path(x.numel() // n, m, n, needs_grad, path)
@@ -247,7 +247,7 @@ def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
     """W' = U (diag(lam) + S) V^T (out_features, in_features) in U's dtype, without autograd."""
     _check_adapter("frod_effective_weight", u, v, lam, s_values, s_indices)
     _check_index_values(s_indices, v.shape[0], "frod_effective_weight")
-    backend = dispatch.select_backend(u.device, backend, "frod")
+    backend = dispatch.select_backend(u.device, backend)
     u, v, lam, s_values = (t.detach() for t in (u, v, lam, s_values))
     if backend == "reference":
         return reference.effective_weight(u, v, lam, s_values, s_indices)

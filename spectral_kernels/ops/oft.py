@@ -258,7 +258,7 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
     if use_cayley_neumann and num_cayley_neumann_terms < 1:
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
     if use_cayley_neumann and not _autograd.tracing() and \
-            dispatch.select_backend(params.device, backend, "oft") == "cpu":
+            dispatch.select_backend(params.device, backend) == "cpu":
         coef = reference.neumann_coefficients(num_cayley_neumann_terms)
         return _NativeNeumann.apply(params, block_size, coef)
     return reference.cayley(params, block_size, use_cayley_neumann, num_cayley_neumann_terms)
@@ -274,7 +274,7 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
         with torch.autocast(x.device.type, enabled=False):
             return oft_linear(x.to(dtype), weight.to(dtype), _autograd.cast(bias, dtype), rot, backend, path)
     _check_linear(x, weight, bias, rot)
-    backend = dispatch.select_backend(x.device, backend, "oft")
+    backend = dispatch.select_backend(x.device, backend)
     path = dispatch.oft_path(x.numel() // x.shape[-1], weight.shape[0], path)
     if backend == "reference":  # one algorithm, peft's: any valid path gives it
         return reference.oft_linear(x, weight, bias, rot)
@@ -291,7 +291,7 @@ def oft_rotate(x, rot, backend=None):
             return oft_rotate(x.to(dtype), rot, backend)
     _check_rotation("oft_rotate", x, rot, x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else -1)
     _check_devices("oft_rotate", x=x, rot=rot)
-    backend = dispatch.select_backend(x.device, backend, "oft")
+    backend = dispatch.select_backend(x.device, backend)
     if backend == "reference":
         return reference.rotate(x, rot).to(x.dtype)
     needs_grad = _autograd.needs_grad(x, rot)
@@ -302,7 +302,7 @@ def oft_effective_weight(weight, rot, backend=None):
     """weight · blockdiag(rot)^T, the weight that multiplies x directly (merging, eval caches; no autograd)."""
     _check_rotation("oft_effective_weight", weight, rot, weight.shape[-1])
     _check_devices("oft_effective_weight", weight=weight, rot=rot)
-    backend = dispatch.select_backend(weight.device, backend, "oft")
+    backend = dispatch.select_backend(weight.device, backend)
     if backend == "reference":
         n_blocks = weight.shape[1] // rot.shape[-1]
         return (weight @ reference.block_diagonal(rot.to(weight.dtype), n_blocks).t()).detach()
