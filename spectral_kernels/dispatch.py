@@ -82,9 +82,9 @@ def select_backend(device, requested=None):
         if not _serves(requested, device):
             raise RuntimeError(f"backend {requested!r} cannot run tensors on {device}")
         return requested
-    # CUDA before Triton on a GPU. On the lent H100 machine a Triton launch cost the host 0.1-0.3 ms (cProfile
-    # of python -m bench.profile --python), several times a torch op's, and in a training step of many layers the
-    # host sets the pace: ours over peft's step, OFT 1.16 and FRoD 0.92 with Triton for both
+    # CUDA before Triton on a GPU. On the lent H100 machine a Triton launch costs the host several times what a
+    # torch op's does (python -m bench.profile --python), and in a training step of many layers the host sets the
+    # pace: ours over peft's step, OFT 1.16 and FRoD 0.92 with Triton for both
     # (bench/results/cuda-20261124-224634.json), 1.06 and 0.72 with CUDA (cuda-20261124-225045.json). Triton's
     # sparse mix is the faster on one large FRoD layer (4096 x 4096, T=8192, sparse_rate 0.02: 5.32x against
     # 6.42x the base layer in those two files).
