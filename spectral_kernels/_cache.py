@@ -30,3 +30,20 @@ class TensorCache:
         if cached is None or cached[0] != key:
             cached = self._entries[tensor] = (key, build())
         return cached[1]
+
+
+class ConcatCache:
+    """torch.cat(parts, dim) kept until a part is replaced or modified in place: one tensor across calls, so that
+    what is cached on that tensor (its index check, an eval-mode weight built from it) is kept too."""
+
+    def __init__(self):
+        self._value = None
+
+    def get(self, parts, dim=0):
+        key = version_key(*parts)
+        if key is None:
+            return torch.cat(parts, dim)
+        key += (dim,)
+        if self._value is None or self._value[0] != key:
+            self._value = (key, torch.cat(parts, dim))
+        return self._value[1]

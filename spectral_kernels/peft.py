@@ -17,13 +17,15 @@ active dropout. Like peft's, a swapped layer returns its input's dtype. Layers t
 
 Importing this module imports peft; ``import spectral_kernels`` does not.
 """
+import weakref
+
 import torch
 from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
 from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
 
-from ._cache import TensorCache
+from ._cache import ConcatCache, TensorCache
 from .ops._autograd import autocast_dtype
 from .ops.fourierft import fourierft_linear
 from .ops.frod import frod_linear
@@ -44,6 +46,7 @@ def _base_weight(layer, x):
 
 
 _copies = TensorCache()
+_folded_indices = weakref.WeakKeyDictionary()  # swapped FourierFT layer -> ConcatCache of its active indices
 
 
 def _on_device(t, device):
@@ -68,7 +71,9 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
             indices = _on_device(self.indices[name], x.device)
         else:  # ΔW is linear in the coefficients: fold the adapters into one spectrum
             spectrum = torch.cat([s * self.fourierft_scaling[n] for s, n in zip(spectra, names)])
-            indices = torch.cat([_on_device(self.indices[n], x.device) for n in names], dim=1)
+            # The same concatenation across calls, so that its index check (a device sync on GPU) runs once.
+            folded = _folded_indices.setdefault(self, ConcatCache())
+            indices = folded.get([_on_device(self.indices[n], x.device) for n in names], 1)
             scaling = 1.0
         return fourierft_linear(x, weight, bias, spectrum, indices, scaling).to(x.dtype)  # as peft under autocast
 

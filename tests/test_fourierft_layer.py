@@ -97,6 +97,33 @@ def test_multiple_adapters_sum():
         ours.set_adapter("c")
 
 
+def test_multiple_adapters_fold_once(monkeypatch):
+    """Several active adapters: their indices are concatenated and checked once, not on every call (a device sync
+    each on GPU), and eval mode keeps one effective weight, until an adapter changes."""
+    from spectral_kernels.ops import _autograd
+
+    ours = sk.FourierFTLinear(torch.nn.Linear(30, 20), "a", sk.FourierFTConfig(n_frequency=50, init_weights=False))
+    ours.update_layer("b", sk.FourierFTConfig(n_frequency=80, random_loc_seed=3, init_weights=False))
+    ours.set_adapter(["a", "b"])
+    checks, builds = [], []
+    monkeypatch.setattr(_autograd, "check_values", lambda ok, message: checks.append(bool(ok)))
+    build = ours._effective_weight
+    monkeypatch.setattr(ours, "_effective_weight", lambda *a: builds.append(1) or build(*a))
+    x = torch.randn(6, 30)
+    outputs = [ours(x) for _ in range(3)]
+    assert checks == [True] and all(torch.equal(y, outputs[0]) for y in outputs)
+    ours.eval()
+    with torch.no_grad():
+        assert_close(ours(x), outputs[0], torch.float32)
+        ours(x)
+        assert len(builds) == 1
+        ours.fourierft_spectrum["b"].mul_(2)  # an optimizer step on one adapter: a new effective weight
+        changed = ours(x)
+        ours.indices["a"] = ours.indices["a"].flip(1)  # new indices: checked, then used
+        ours(x)
+    assert len(builds) == 3 and checks == [True, True] and not torch.equal(changed, outputs[0])
+
+
 @pytest.mark.parametrize("tokens", [1, 600])
 def test_eval_cache_follows_inplace_updates(tokens):
     ours, _ = pair(torch.nn.Linear(40, 30))

@@ -183,6 +183,23 @@ def test_adapters_switch_disable_merge_delete_like_peft(method):
     assert_close(merged(ids).logits, theirs.merge_and_unload()(ids).logits, torch.float32)
 
 
+def test_fourierft_adapters_fold_once(monkeypatch):
+    """Two active FourierFT adapters in a swapped model: each layer checks its concatenated indices once, not on
+    every call (a device sync each on GPU)."""
+    from spectral_kernels.ops import _autograd
+
+    ours, _ = swapped_pair("fourierft")
+    ours.add_adapter("other", CONFIGS["fourierft"](random_loc_seed=5))
+    swap(ours).base_model.set_adapter(["default", "other"])
+    checks = []
+    monkeypatch.setattr(_autograd, "check_values", lambda ok, message: checks.append(bool(ok)))
+    ids = tokens(ours)
+    first = ours(ids).logits
+    layers = sum(type(m) is SwappedFourierFTLinear for m in ours.modules())
+    assert len(checks) == layers > 0 and all(checks)
+    assert torch.equal(ours(ids).logits, first) and len(checks) == layers
+
+
 def test_bare_models_tuners_and_other_methods():
     """inject_adapter_in_model on a bare model, a tuner model, and LoRA layers beside FourierFT's."""
     config = CONFIGS["fourierft"]()

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from .._cache import ConcatCache
 from ..config import FourierFTConfig
 from ..ops.fourierft import fourierft_delta_weight, fourierft_linear
 from .base import AdapterLayer
@@ -28,6 +29,7 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_spectrum = nn.ParameterDict({})
         self.fourierft_n_frequency, self.fourierft_scaling, self.fourierft_random_loc_seed = {}, {}, {}
         self.indices = {}
+        self._folded_indices = ConcatCache()  # of the active adapters' indices, when several
         self.backend = backend
         self.update_layer(adapter_name, config or FourierFTConfig(), n_frequency)
 
@@ -65,17 +67,22 @@ class FourierFTLinear(AdapterLayer):
                                       self.in_features, self.fourierft_scaling[adapter], self.backend)
 
     def _adapter_terms(self):
-        """(spectrum, indices, scaling) of the active adapters, folded into one when several."""
+        """(spectrum, indices, scaling, the tensors these come from) of the active adapters, folded into one when
+        several."""
         spectra = self.fourierft_spectrum
         names = [n for n in self._active_adapter if n in spectra]
         if len(names) == 1:
             name = names[0]
-            return spectra[name], self._indices(name), self.fourierft_scaling[name]
+            spectrum, indices = spectra[name], self._indices(name)
+            return spectrum, indices, self.fourierft_scaling[name], (spectrum, indices)
         if not names:
             return None
-        # dW is linear in the coefficients: sum_a s_a Re(ifft2(S_a)) = Re(ifft2(sum_a s_a S_a)).
-        return (torch.cat([spectra[n] * self.fourierft_scaling[n] for n in names]),
-                torch.cat([self._indices(n) for n in names], dim=1), 1.0)
+        # dW is linear in the coefficients: sum_a s_a Re(ifft2(S_a)) = Re(ifft2(sum_a s_a S_a)). The indices are
+        # concatenated once, not per call, so their check (a device sync on GPU) runs once too.
+        parts = [spectra[n] for n in names]
+        indices = self._folded_indices.get([self._indices(n) for n in names], 1)
+        return (torch.cat([s * self.fourierft_scaling[n] for s, n in zip(parts, names)]), indices, 1.0,
+                (*parts, indices))
 
     def _effective_weight(self, weight, spectrum, indices, scaling):
         delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling, self.backend)
@@ -90,10 +97,11 @@ class FourierFTLinear(AdapterLayer):
         terms = None if self.merged_adapters else self._adapter_terms()
         if terms is None:
             return base_layer(x, *args, **kwargs)
-        spectrum, indices, scaling = terms
+        spectrum, indices, scaling, sources = terms
         weight, bias = self._weight(), base_layer.bias
         if self._eval_cache_applies(x):
-            weight = self._cached_weight((spectrum, weight, indices), scaling,
+            scalings = tuple(self.fourierft_scaling[n] for n in self._active_adapter if n in self.fourierft_spectrum)
+            weight = self._cached_weight((*sources, weight), scalings,
                                          lambda: self._effective_weight(weight, spectrum, indices, scaling))
             return nn.functional.linear(x, weight, bias)
         return fourierft_linear(x, weight, bias, spectrum, indices, scaling, self.backend)
