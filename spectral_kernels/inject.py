@@ -479,7 +479,8 @@ def set_adapter(model, adapter_names):
 
 def mark_only_adapters_as_trainable(model):
     """Freeze everything but the active adapters' parameters, their modules_to_save copies and, per their
-    configs' ``bias``, biases; an adapter whose config has ``inference_mode`` stays frozen entirely."""
+    configs' ``bias``, biases; the parameters of an adapter whose config has ``inference_mode`` stay frozen (its
+    ``bias`` still applies, as in peft)."""
     state = adapters(model)
     layers, wrappers = [m for _, m in _adapter_layers(model)], [m for _, m in _wrappers(model)]
     trainable = set()
@@ -492,14 +493,9 @@ def mark_only_adapters_as_trainable(model):
     for p in model.parameters():
         if id(p) not in trainable:
             p.requires_grad_(False)
-    for name in state.active:
-        config = state.configs[name]
-        if config.inference_mode:
-            for module in [*layers, *wrappers]:
-                for attribute in module.adapter_layer_names:
-                    if name in getattr(module, attribute):
-                        getattr(module, attribute)[name].requires_grad_(False)
-        elif config.bias == "all":
+    configs = [state.configs[name] for name in state.active]
+    for config in configs:
+        if config.bias == "all":
             for key, p in model.named_parameters():
                 if (key == "bias" or key.endswith(".bias")) and ".original_module." not in key:
                     p.requires_grad_(True)
@@ -507,6 +503,14 @@ def mark_only_adapters_as_trainable(model):
             for layer in layers:
                 if layer.base_layer.bias is not None:
                     layer.base_layer.bias.requires_grad_(True)
+    # Then, as peft orders it, an inference-mode adapter's own parameters (its modules_to_save copies too) freeze;
+    # the biases that `bias` made trainable elsewhere stay so.
+    for name, config in zip(state.active, configs):
+        if config.inference_mode:
+            for module in [*layers, *wrappers]:
+                for attribute in module.adapter_layer_names:
+                    if name in getattr(module, attribute):
+                        getattr(module, attribute)[name].requires_grad_(False)
 
 
 @contextlib.contextmanager
@@ -664,8 +668,8 @@ def _read_adapter(directory):
 
 def load_adapter(model, directory, adapter_name="default", is_trainable=False, autocast_adapter_dtype=True):
     """Inject the adapter saved in peft's format in ``directory`` (by peft or ``save_adapter``) and load its
-    weights; frozen unless ``is_trainable``, as peft's from_pretrained (``autocast_adapter_dtype`` as for
-    ``inject``). Returns ``model``."""
+    weights; its parameters frozen unless ``is_trainable``, as peft's from_pretrained (whose config's ``bias``
+    still makes biases trainable; ``autocast_adapter_dtype`` as for ``inject``). Returns ``model``."""
     config, weights = _read_adapter(directory)
     config.inference_mode = not is_trainable
     inject(model, config, adapter_name, autocast_adapter_dtype)

@@ -1,6 +1,7 @@
 """spectral_kernels.inject against peft: which modules are adapted, adapter handling, peft's saved format."""
 import copy
 import dataclasses
+import itertools
 import json
 import warnings
 
@@ -229,9 +230,10 @@ def test_adapters_like_peft():
 
 
 def test_trainable_counts_and_bias_like_peft(capsys):
-    for bias in ("none", "all", "oft_only"):
+    # inference_mode freezes the adapter's own parameters; peft still applies `bias` (biases train)
+    for bias, inference_mode in itertools.product(("none", "all", "oft_only"), (False, True)):
         config = sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"], bias=bias,
-                              modules_to_save=["classifier"])
+                              modules_to_save=["classifier"], inference_mode=inference_mode)
         ours = sk.inject(bert(), config)
         theirs = peft.get_peft_model(bert(), peft_config(config))
         assert sk.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
@@ -287,7 +289,8 @@ def test_peft_format_round_trip(tmp_path, config):
 
     theirs.save_pretrained(tmp_path / "peft")
     loaded = sk.load_adapter(bert(), tmp_path / "peft")
-    assert sk.trainable_parameters(loaded)[0] == 0
+    # not trainable, as peft loads it; `bias` still makes biases trainable there (peft's inference_mode)
+    assert sk.trainable_parameters(loaded)[0] == theirs.get_nb_trainable_parameters()[0]
     assert_close(loaded(ids).logits, expected, torch.float32)
     saved = sk.inject(bert(), config)
     sk.load_adapter(saved, tmp_path / "ours", "again", is_trainable=True)
