@@ -226,3 +226,21 @@ def test_indices_written_after_construction_are_checked(device, backend, bad):
         layer.train(train)
         with pytest.raises(ValueError, match="out of range"):
             layer(x)
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="reference")] + device_backends())
+def test_no_sparse_entries_no_s_gradient(device, backend):
+    """sparse_rate 0: S has no values, and no gradient for them (None, as peft gives), on every backend; lambda's
+    gradient as the reference's."""
+    def layer(backend):
+        torch.manual_seed(0)  # the same base layer and initial lambda for both
+        return sk.FrodLinear(nn.Linear(10, 7), config=sk.FrodConfig(sparse_rate=0.0, init_weights=False),
+                             backend=backend).to(device)
+
+    layers = [layer(backend), layer("reference")]
+    x = torch.randn(5, 10, device=device)
+    for layer in layers:
+        assert layer.frod_lambda_s_values["default"].numel() == 0
+        layer(x).square().sum().backward()
+        assert layer.frod_lambda_s_values["default"].grad is None
+    assert_close(layers[0].frod_lambda_l["default"].grad, layers[1].frod_lambda_l["default"].grad, torch.float32)

@@ -163,7 +163,9 @@ def _backward(ctx, dy, _dstate):
              ctx.bias_dtype is not None and ctx.needs_input_grad[6]]
     dx, dlam, ds, db = _autograd.backward_call(ctx, _frod_bwd, _backward_body, dy, x, state, u, v, lam, s_values,
                                                s_indices, ctx.backend, ctx.path, needs)
-    return (dx if needs[0] else None), None, None, (dlam if needs[1] else None), (ds if needs[2] else None), \
+    # No S values (sparse_rate 0): no gradient for them, as peft, which then leaves S out of the graph.
+    ds = ds if needs[2] and s_values.numel() else None
+    return (dx if needs[0] else None), None, None, (dlam if needs[1] else None), ds, \
         None, (db.to(ctx.bias_dtype) if needs[3] else None), None, None
 
 
