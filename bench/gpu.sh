@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (its copy of .git may be stale, nothing is installed): build with the CUDA
-# kernels, run the tests, then the benchmark. Logs and results go to $OUT/gpu.tgz; the test summary and the benchmark table to stdout.
+# kernels, run the tests, then the benchmark. Logs and results go to $OUT/gpu.tgz; the test summary and the
+# benchmark table to stdout.
 #   OUT=dir SPECTRAL_KERNELS_COMMIT=$(git rev-parse HEAD)[-dirty] bench/gpu.sh
 # Optional: TESTS (pytest arguments, default "tests"; "none" skips), BENCH (bench arguments, default --quick;
 # "none" skips), TEST_TIMEOUT and BENCH_TIMEOUT (seconds).

@@ -63,7 +63,7 @@ def header(run, source):
     git = run["git"]
     commit = f"{git['commit'][:10]}{' (dirty)' if git['dirty'] else ''}" if git["commit"] else "unknown"
     available = ", ".join(name for name, reason in run["backends"].items() if reason is None)
-    if "ours_backend" in run:  # not in results files older than this key; per method since 2026-11-24
+    if "ours_backend" in run:  # not in older results files; one per method in cuda-20261124-224634.json
         ours = run["ours_backend"]
         ours = ", ".join(f"{m} {b}" for m, b in ours.items()) if isinstance(ours, dict) else ours
         available += f" (ours on {ours})"
