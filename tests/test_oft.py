@@ -125,17 +125,19 @@ def test_rotate_and_effective_weight(device, backend, shared):
 
 
 NEEDS_CPU = pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=f"cpu backend: {sk.backends()['cpu']}")
+# The backends with Neumann kernels of their own (the others build the rotations with peft's torch code).
+NEUMANN_BACKENDS = [p for p in device_backends() if p.id in ("cpu-cpu", "triton-cpu", "triton-cuda")]
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=NEEDS_CPU)])
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="reference")] + NEUMANN_BACKENDS)
 @pytest.mark.parametrize("neumann", [True, False])
-def test_rotation_matches_peft(neumann, backend):
-    """peft's torch code (reference backend, exact Cayley on every backend) gives its R bitwise; the CPU
-    kernels' Neumann series within float32 rounding, gradients too."""
+def test_rotation_matches_peft(neumann, device, backend):
+    """peft's torch code (reference backend, exact Cayley on every backend) gives its R bitwise; the kernels'
+    Neumann series within float32 rounding, gradients too."""
     from peft.tuners.oft.layer import OFTRotationModule
 
     torch.manual_seed(0)
-    module = OFTRotationModule(3, 28, 8, 24, use_cayley_neumann=neumann)
+    module = OFTRotationModule(3, 28, 8, 24, use_cayley_neumann=neumann).to(device)
     torch.nn.init.normal_(module.weight, std=0.1)
     expected = module._cayley_batch(module.weight, 8, neumann, 5)
     got = sk.oft_rotation(module.weight, 8, neumann, backend=backend)
@@ -147,19 +149,21 @@ def test_rotation_matches_peft(neumann, backend):
                  torch.autograd.grad(expected, module.weight, grad)[0], torch.float32)
 
 
+@pytest.mark.parametrize("device,backend", NEUMANN_BACKENDS)
 @pytest.mark.parametrize("terms", [1, 2, 3, 4, 5, 7])
-@pytest.mark.parametrize("b,blocks", [(2, 3), (3, 1), (5, 4), (17, 2), (32, 6), (33, 1), (64, 2)])
+@pytest.mark.parametrize("b,blocks", [(2, 3), (3, 1), (5, 4), (17, 2), (32, 6), (33, 1), (64, 2), (65, 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
-@NEEDS_CPU
-def test_cpu_neumann_matches_reference(terms, b, blocks, dtype):
-    """The CPU kernels' Neumann blocks and parameter gradients against peft's series in float64."""
+def test_neumann_kernels_match_reference(device, backend, terms, b, blocks, dtype):
+    """The kernels' Neumann blocks and parameter gradients against peft's series in float64 (b = 65: past the
+    Triton kernels' largest block, peft's torch code on that backend)."""
     g = torch.Generator().manual_seed(terms * 100 + b)
-    params64 = 0.2 * torch.randn(blocks, b * (b - 1) // 2, generator=g, dtype=torch.float64)
-    grad64 = torch.randn(blocks, b, b, generator=g, dtype=torch.float64)
+    params64 = 0.2 * torch.randn(blocks, b * (b - 1) // 2, generator=g, dtype=torch.float64).to(device)
+    grad64 = torch.randn(blocks, b, b, generator=g, dtype=torch.float64).to(device)
     params = params64.to(dtype).requires_grad_()
-    rot = sk.oft_rotation(params, b, True, terms, backend="cpu")
-    (dparams,) = torch.autograd.grad(rot, params, grad64.to(dtype))
+    rot = sk.oft_rotation(params, b, True, terms, backend=backend)
+    # (one term: R = I, which peft's code does not differentiate at all)
+    dparams = torch.autograd.grad(rot, params, grad64.to(dtype))[0] if rot.requires_grad else torch.zeros_like(params)
     exact_params = params.detach().double().requires_grad_()
     exact = reference.cayley(exact_params, b, True, terms)
     exact_grad = torch.autograd.grad(exact, exact_params, grad64)[0] if terms > 1 else torch.zeros_like(params64)
@@ -176,11 +180,11 @@ def test_cpu_neumann_matches_reference(terms, b, blocks, dtype):
         assert_low_precision_close(dparams, lowp_grad, exact_grad)
 
 
+@pytest.mark.parametrize("device,backend", NEUMANN_BACKENDS)
 @pytest.mark.parametrize("terms", [2, 5])
-@NEEDS_CPU
-def test_cpu_neumann_gradcheck(terms):
-    params = (0.3 * torch.randn(3, 10, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda p: sk.oft_rotation(p, 5, True, terms, backend="cpu"), (params,))
+def test_neumann_kernels_gradcheck(device, backend, terms):
+    params = (0.3 * torch.randn(3, 10, dtype=torch.float64, device=device)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: sk.oft_rotation(p, 5, True, terms, backend=backend), (params,))
 
 
 @NEEDS_CPU

@@ -93,6 +93,10 @@ def call_oft():
                     oft.rotate(x, rot, False)
                     oft.rotate(x, rot, True)
                     oft.rotate_backward(x.clone(), x, rot, True, True)
+        for b in (2, 17, 32, 64):  # Neumann blocks of 16 to 64
+            params = torch.randn(3, b * (b - 1) // 2).to(dtype)
+            oft.neumann(params, b, [1.0, 2.0, 1.0])
+            oft.neumann_backward(params, torch.randn(3, b, b).to(dtype), b, [1.0, 2.0, 1.0])
 
 
 def call_frod():

@@ -220,30 +220,31 @@ def _check_linear(x, weight, bias, rot):
     _check_devices("oft_linear", x=x, weight=weight, bias=bias, rot=rot)
 
 
-class _NativeNeumann(torch.autograd.Function):
-    """peft's Neumann rotation blocks from the C++ CPU kernels: the skew blocks, their powers
-    and the series in one call each way, instead of ~20 small torch ops and their autograd
-    graph (about half of the layer's own cost at width 512, b=32, T=128 on the 2-core CPU).
+class _Neumann(torch.autograd.Function):
+    """peft's Neumann rotation blocks from the cpu (C++) or triton kernels: the skew blocks, their powers and the
+    series in one call each way, instead of ~20 small torch ops and their autograd graph (about half of the
+    layer's own cost at width 512, b=32, T=128 on the 2-core CPU; on a GPU, as many launches).
     dL/dQ = sum_p c_p sum_{i+j=p-1} (Q^T)^i G (Q^T)^j, see csrc/cpu/oft.cpp."""
 
     @staticmethod
-    def forward(ctx, params, block_size, coef):
+    def forward(ctx, params, block_size, coef, backend):
         ctx.save_for_backward(params)
-        ctx.block_size, ctx.coef = block_size, coef
-        return _kernels("cpu").neumann(params, block_size, coef)
+        ctx.block_size, ctx.coef, ctx.backend = block_size, coef, backend
+        return _kernels(backend).neumann(params, block_size, coef)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         (params,) = ctx.saved_tensors
-        return _kernels("cpu").neumann_backward(params, grad.contiguous(), ctx.block_size, ctx.coef), None, None
+        dparams = _kernels(ctx.backend).neumann_backward(params, grad.contiguous(), ctx.block_size, ctx.coef)
+        return dparams, None, None, None
 
 
 def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann_terms=5, backend=None):
     """Rotation blocks R (n, b, b) from skew parameters (n, b(b-1)/2), as peft builds them (differentiable).
 
-    The Neumann series runs in the C++ kernels with the ``cpu`` backend (same math, float
-    rounding of its own), else (and for the exact Cayley transform) as peft's torch code.
+    The Neumann series runs in the kernels of the ``cpu`` and ``triton`` backends (the latter for blocks of up to
+    64; same math, float rounding of their own), else (and for the exact Cayley transform) as peft's torch code.
     """
     if not isinstance(params, torch.Tensor) or not params.is_floating_point():
         raise TypeError(f"oft_rotation: parameters must be a floating-point tensor, got "
@@ -257,10 +258,11 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
                          f"(n, {block_size * (block_size - 1) // 2}), got {tuple(params.shape)}")
     if use_cayley_neumann and num_cayley_neumann_terms < 1:
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
-    if use_cayley_neumann and not _autograd.tracing() and \
-            dispatch.select_backend(params.device, backend) == "cpu":
-        coef = reference.neumann_coefficients(num_cayley_neumann_terms)
-        return _NativeNeumann.apply(params, block_size, coef)
+    if use_cayley_neumann and not _autograd.tracing():
+        name = dispatch.select_backend(params.device, backend)
+        if name in ("cpu", "triton") and block_size <= _kernels(name).NEUMANN_MAX_BLOCK:
+            coef = reference.neumann_coefficients(num_cayley_neumann_terms)
+            return _Neumann.apply(params, block_size, coef, name)
     return reference.cayley(params, block_size, use_cayley_neumann, num_cayley_neumann_terms)
 
 

@@ -16,6 +16,9 @@ def rotate_backward(g, x, rot, need_dx, need_drot):
     return g, drot
 
 
+NEUMANN_MAX_BLOCK = 1 << 20  # the C++ kernels' bound (csrc/cpu/oft.cpp: check_neumann)
+
+
 def neumann(params, block_size, coef):
     """Rotation blocks sum_p coef[p] Q^p of the skew blocks of ``params`` (CPU)."""
     return _ops.oft_neumann(params, block_size, coef)

@@ -9,6 +9,8 @@ represents exactly, so those run on tensor cores. (Converting also
 sidesteps the interpreter's tl.dot on bfloat16, which multiplies the raw bits in
 triton 3.9.)
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -58,6 +60,40 @@ def _rotate_grad_kernel(x_ptr, g_ptr, part_ptr, tokens, b, ld, blocks, tiles, sp
         acc += tl.dot(tl.trans(xs.to(ACC)), gs.to(ACC), input_precision=PRECISION, out_dtype=ACC)
     out = part_ptr + ((split * blocks + j) * b + k[:, None]) * b + c[None, :]
     tl.store(out, acc, mask=(k[:, None] < b) & (c[None, :] < b))
+
+
+@triton.jit
+def _neumann_kernel(p_ptr, coef_ptr, g_ptr, out_ptr, b, last, ACC: tl.constexpr, BACKWARD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """One rotation block per program, as csrc/cpu/oft.cpp: R = sum_p coef[p] Q^p (coef[0] = 1), or the
+    parameters' gradient from G = dL/dR through D_p = Q^T D_(p-1) + G (Q^T)^(p-1), dL/dQ = sum_p coef[p] D_p."""
+    j = tl.program_id(0)
+    r = tl.arange(0, BLOCK)[:, None]
+    c = tl.arange(0, BLOCK)[None, :]
+    inside = (r < b) & (c < b)
+    # Q = A - A^T, A's upper triangle from the parameters in triu_indices(b, b, 1) order.
+    lo, hi = tl.minimum(r, c), tl.maximum(r, c)
+    k = lo * b - lo * (lo + 1) // 2 + hi - lo - 1
+    n_params = b * (b - 1) // 2
+    upper = tl.load(p_ptr + j * n_params + k, mask=inside & (r != c), other=0.0).to(ACC)
+    q = tl.where(r < c, upper, -upper)
+    if BACKWARD:
+        term = tl.load(g_ptr + j * b * b + r * b + c, mask=inside, other=0.0).to(ACC)  # G (Q^T)^(p-1)
+        d = tl.zeros((BLOCK, BLOCK), dtype=ACC)
+        dq = tl.zeros((BLOCK, BLOCK), dtype=ACC)
+        for p in range(1, last + 1):
+            d = term - tl.dot(q, d, input_precision="ieee", out_dtype=ACC)  # Q^T D = -(Q D)
+            dq += tl.load(coef_ptr + p).to(ACC) * d
+            term = -tl.dot(term, q, input_precision="ieee", out_dtype=ACC)
+        grad = dq - tl.trans(dq)
+        tl.store(out_ptr + j * n_params + k, grad.to(out_ptr.dtype.element_ty), mask=inside & (r < c))
+    else:
+        power = tl.where(r == c, 1.0, 0.0).to(ACC)
+        rot = power
+        for p in range(1, last + 1):
+            power = tl.dot(power, q, input_precision="ieee", out_dtype=ACC)
+            rot += tl.load(coef_ptr + p).to(ACC) * power
+        tl.store(out_ptr + j * b * b + r * b + c, rot.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def _acc(dtype):
@@ -115,3 +151,33 @@ def _rotate_grad(x, g, block_size, shared):
                                                 ACC=acc, PRECISION=precision, BLOCK_T=BLOCK_T, BLOCK=block)
     grad = partial.sum(0)
     return grad.sum(0, keepdim=True) if shared else grad
+
+
+# The Neumann kernels hold a block's b x b matrices in one program's registers; larger blocks take peft's
+# batched torch code (ops/oft.py: oft_rotation).
+NEUMANN_MAX_BLOCK = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _coefficients(coef, dtype, device):
+    return torch.tensor(coef, dtype=dtype, device=device)
+
+
+def _neumann(params, coef, grad, block_size):
+    blocks, acc = params.shape[0], _acc(params.dtype)
+    out = params.new_empty(blocks, block_size, block_size) if grad is None else params.new_empty(params.shape)
+    if blocks:
+        _neumann_kernel[(blocks,)](params.contiguous(), _coefficients(tuple(coef), acc, params.device),
+                                   params if grad is None else grad.contiguous(), out, block_size, len(coef) - 1,
+                                   ACC=_dot_args(params.dtype)[0], BACKWARD=grad is not None,
+                                   BLOCK=max(16, triton.next_power_of_2(block_size)))
+    return out
+
+
+def neumann(params, block_size, coef):
+    """Rotation blocks sum_p coef[p] Q^p of the skew blocks of ``params`` (block_size <= NEUMANN_MAX_BLOCK)."""
+    return _neumann(params, coef, None, block_size)
+
+
+def neumann_backward(params, grad, block_size, coef):
+    return _neumann(params, coef, grad, block_size)
