@@ -12,7 +12,8 @@ pack() { tar czf "$out/gpu.tgz" -C "$out" logs && rm -r "$logs"; }  # one file b
 trap pack EXIT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee "$logs/gpu.txt"
 # The image's default compiler (/opt/gcc/bin/g++) links a static copy of libstdc++ into the extension, whose
-# error messages then crash the process (SIGSEGV formatting a number in TORCH_CHECK); the system g++ does not.
+# error messages then crash the process (SIGSEGV formatting a number in TORCH_CHECK; spectral_kernels refuses
+# such a build, see kernels/native/__init__.py); the system g++ does not.
 [ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 SPECTRAL_KERNELS_REQUIRE_NATIVE=1 SPECTRAL_KERNELS_CMAKE_ARGS=-DSPECTRAL_KERNELS_CUDA=ON \
   python3 setup.py build_ext --inplace >"$logs/build.log" 2>&1 \
