@@ -4,7 +4,8 @@
 # benchmark table to stdout.
 #   OUT=dir SPECTRAL_KERNELS_COMMIT=$(git rev-parse HEAD)[-dirty] bench/gpu.sh
 # Optional: TESTS (pytest arguments, default "tests"; "none" skips), BENCH (bench arguments, default --quick;
-# "none" skips), TEST_TIMEOUT and BENCH_TIMEOUT (seconds).
+# "none" skips), PROFILE (python -m bench.profile arguments, e.g. "--methods oft --python"; default: not run),
+# TEST_TIMEOUT, BENCH_TIMEOUT and PROFILE_TIMEOUT (seconds).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD  # built in place (tests/test_triton_compile.py runs a subprocess)
 out=${OUT:?set OUT}; logs=$out/logs; mkdir -p "$logs"
@@ -28,4 +29,8 @@ fi
 if [ "${BENCH:---quick}" != none ]; then
   timeout "${BENCH_TIMEOUT:-200}" python3 -m bench ${BENCH:---quick} --out "$logs" >"$logs/bench.log" 2>&1
   echo "bench rc=$?"; tail -60 "$logs/bench.log"
+fi
+if [ -n "${PROFILE:-}" ]; then
+  timeout "${PROFILE_TIMEOUT:-200}" python3 -m bench.profile $PROFILE >"$logs/profile.log" 2>&1
+  echo "profile rc=$?"; grep -A8 "^===" "$logs/profile.log"
 fi
