@@ -51,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--python", action="store_true",
                         help="also the host's Python time per function (cProfile over 20 steps, by own time)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (the CPU's costs are in python -m bench)")
     out_features, in_features = map(int, args.shape.split("x"))
     dtype, device = DTYPES[args.dtype], torch.device("cuda")
     bench_args = argparse.Namespace(n_frequency=1000, oft_block_size=32, frod_sparse_rates=[0.01])
