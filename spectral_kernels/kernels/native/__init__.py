@@ -26,7 +26,6 @@ _lib.define("oft_neumann(Tensor params, int b, float[] coef) -> Tensor")
 _lib.define("oft_neumann_backward(Tensor params, Tensor grad, int b, float[] coef) -> Tensor")
 
 
-
 def private_libstdcxx(path):
     """Whether the shared library at ``path`` carries a copy of its own of libstdc++'s stream code (some
     toolchains link libstdc++ statically, e.g. the g++ in /opt/gcc of the lent GPU machines' image). Its C++

@@ -168,7 +168,8 @@ def _neumann(params, coef, grad, block_size):
     out = params.new_empty(blocks, block_size, block_size) if grad is None else params.new_empty(params.shape)
     if blocks:
         _neumann_kernel[(blocks,)](params.contiguous(), _coefficients(tuple(coef), acc, params.device),
-                                   params if grad is None else grad.contiguous(), out, block_size, len(coef) - 1,
+                                   params if grad is None else grad.contiguous(),  # (the forward reads no G)
+                                   out, block_size, len(coef) - 1,
                                    ACC=_dot_args(params.dtype)[0], BACKWARD=grad is not None,
                                    BLOCK=max(16, triton.next_power_of_2(block_size)))
     return out
