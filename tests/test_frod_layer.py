@@ -244,3 +244,19 @@ def test_no_sparse_entries_no_s_gradient(device, backend):
         layer(x).square().sum().backward()
         assert layer.frod_lambda_s_values["default"].grad is None
     assert_close(layers[0].frod_lambda_l["default"].grad, layers[1].frod_lambda_l["default"].grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_peft_parity_without_sparse_entries(dtype):
+    """sparse_rate 0 in a model, against peft: same outputs and lambda gradients, no S gradient on either side."""
+    ours, peft_model, _, keys = build_pair(backend="cpu", sparse_rate=0.0)
+    ours, peft_model = ours.to(dtype), peft_model.to(dtype)
+    x = torch.randn(2, 5, 12, dtype=dtype)
+    y_ours, y_peft = ours(x), peft_model(x)
+    assert_close(y_ours, y_peft, dtype)
+    y_ours.square().sum().backward()
+    y_peft.square().sum().backward()
+    for key in keys:
+        a, e = ours.get_submodule(key), peft_model.base_model.model.get_submodule(key)
+        assert a.frod_lambda_s_values["default"].grad is None and e.frod_lambda_s_values["default"].grad is None
+        assert_close(a.frod_lambda_l["default"].grad, e.frod_lambda_l["default"].grad, dtype)
