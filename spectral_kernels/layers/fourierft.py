@@ -67,22 +67,21 @@ class FourierFTLinear(AdapterLayer):
                                       self.in_features, self.fourierft_scaling[adapter], self.backend)
 
     def _adapter_terms(self):
-        """(spectrum, indices, scaling, the tensors these come from) of the active adapters, folded into one when
-        several."""
+        """(spectrum, indices, scaling) of the active adapters, folded into one when several, and the eval cache's
+        key for them: (the tensors they come from, their scalings)."""
         spectra = self.fourierft_spectrum
         names = [n for n in self._active_adapter if n in spectra]
-        if len(names) == 1:
-            name = names[0]
-            spectrum, indices = spectra[name], self._indices(name)
-            return spectrum, indices, self.fourierft_scaling[name], (spectrum, indices)
         if not names:
             return None
+        scalings = tuple(self.fourierft_scaling[n] for n in names)
+        if len(names) == 1:
+            spectrum, indices = spectra[names[0]], self._indices(names[0])
+            return spectrum, indices, scalings[0], ((spectrum, indices), scalings)
         # dW is linear in the coefficients: sum_a s_a Re(ifft2(S_a)) = Re(ifft2(sum_a s_a S_a)). The indices are
         # concatenated once, not per call, so their check (a device sync on GPU) runs once too.
         parts = [spectra[n] for n in names]
         indices = self._folded_indices.get([self._indices(n) for n in names], 1)
-        return (torch.cat([s * self.fourierft_scaling[n] for s, n in zip(parts, names)]), indices, 1.0,
-                (*parts, indices))
+        return (torch.cat([s * a for s, a in zip(parts, scalings)]), indices, 1.0, ((*parts, indices), scalings))
 
     def _effective_weight(self, weight, spectrum, indices, scaling):
         delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling, self.backend)
@@ -97,10 +96,9 @@ class FourierFTLinear(AdapterLayer):
         terms = None if self.merged_adapters else self._adapter_terms()
         if terms is None:
             return base_layer(x, *args, **kwargs)
-        spectrum, indices, scaling, sources = terms
+        spectrum, indices, scaling, (sources, scalings) = terms
         weight, bias = self._weight(), base_layer.bias
         if self._eval_cache_applies(x):
-            scalings = tuple(self.fourierft_scaling[n] for n in self._active_adapter if n in self.fourierft_spectrum)
             weight = self._cached_weight((*sources, weight), scalings,
                                          lambda: self._effective_weight(weight, spectrum, indices, scaling))
             return nn.functional.linear(x, weight, bias)

@@ -106,7 +106,7 @@ def spectrum_rows(coef, rows, cols, m, n, scale):
     if nnz:
         grid = (triton.cdiv(nnz, BLOCK_ROWS_K), triton.cdiv(bins, BLOCK_Q))
         # Scaled here, not in the kernel: a float argument is a float32 there.
-        _spectrum_rows_kernel[grid]((coef * scale).contiguous(), rows.contiguous(), cols.contiguous(),
+        _spectrum_rows_kernel[grid](coef * scale, rows.contiguous(), cols.contiguous(),
                                     torch.view_as_real(out), nnz, n, bins, BLOCK_K=BLOCK_ROWS_K, BLOCK_Q=BLOCK_Q)
     return out
 
@@ -128,7 +128,7 @@ def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
     out = torch.zeros(tokens, n_out // 2 + 1, dtype=xf.dtype, device=xf.device)
     if tokens and nnz:
         grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(nnz, BLOCK_K))
-        _mix_kernel[grid](torch.view_as_real(xf), (coef.to(xf.real.dtype) * (scale / 2)).contiguous(),
+        _mix_kernel[grid](torch.view_as_real(xf), coef.to(xf.real.dtype) * (scale / 2),
                           gather_idx.contiguous(), scatter_idx.contiguous(), torch.view_as_real(out), tokens, nnz,
                           n_in, n_out, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
     return out
