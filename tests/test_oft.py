@@ -162,8 +162,9 @@ def test_neumann_kernels_match_reference(device, backend, terms, b, blocks, dtyp
     grad64 = torch.randn(blocks, b, b, generator=g, dtype=torch.float64).to(device)
     params = params64.to(dtype).requires_grad_()
     rot = sk.oft_rotation(params, b, True, terms, backend=backend)
-    # (one term: R = I, which peft's code does not differentiate at all)
-    dparams = torch.autograd.grad(rot, params, grad64.to(dtype))[0] if rot.requires_grad else torch.zeros_like(params)
+    # One term is R = I, independent of the parameters as in peft's code: their gradient is None.
+    assert rot.requires_grad == (terms > 1)
+    dparams = torch.autograd.grad(rot, params, grad64.to(dtype))[0] if terms > 1 else torch.zeros_like(params)
     exact_params = params.detach().double().requires_grad_()
     exact = reference.cayley(exact_params, b, True, terms)
     exact_grad = torch.autograd.grad(exact, exact_params, grad64)[0] if terms > 1 else torch.zeros_like(params64)

@@ -73,6 +73,22 @@ def test_peft_parity(backend, base, mode, tokens):
         assert_close(ours.base_layer.weight, peft.base_layer.weight, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("coft", [False, True])
+def test_one_neumann_term_like_peft(backend, coft):
+    """One Neumann term is R = I: the base layer's output, and no gradient for the parameters (None, as peft's,
+    which AdamW then skips rather than decaying them)."""
+    ours, peft = pair(torch.nn.Linear(48, 30), backend=backend, num_cayley_neumann_terms=1, coft=coft)
+    x = torch.randn(2, 7, 48)
+    for layer in (ours, peft):
+        x_in = x.clone().requires_grad_()
+        y = layer(x_in)
+        y.sum().backward()
+        assert layer.oft_R["default"].weight.grad is None
+        assert_close(y, layer.base_layer(x).detach(), torch.float32)
+        assert_close(x_in.grad, layer.base_layer.weight.sum(0).expand(2, 7, 48), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_peft_parity_dtypes(dtype):
     """The adapter follows the base layer's dtype, as in peft."""

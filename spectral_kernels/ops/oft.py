@@ -258,7 +258,8 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
                          f"(n, {block_size * (block_size - 1) // 2}), got {tuple(params.shape)}")
     if use_cayley_neumann and num_cayley_neumann_terms < 1:
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
-    if use_cayley_neumann and not _autograd.tracing():
+    # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
+    if use_cayley_neumann and num_cayley_neumann_terms > 1 and not _autograd.tracing():
         name = dispatch.select_backend(params.device, backend)
         if name in ("cpu", "triton") and block_size <= _kernels(name).NEUMANN_MAX_BLOCK:
             coef = reference.neumann_coefficients(num_cayley_neumann_terms)
