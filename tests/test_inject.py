@@ -346,6 +346,24 @@ def test_frod_projections_like_peft(first_targets, second_targets, second_rate, 
     assert not any(name.startswith("frod_") for name, _ in sk.unload(ours).named_children())
 
 
+def test_frod_second_adapter_on_a_root_module():
+    """A root-level target keeps its category's projections at frod_V.<name>: the next adapter's target_modules
+    match that name too, and, as in peft, leave it alone."""
+    config = sk.FrodConfig(target_modules=["classifier", "query"], init_weights=False, progressbar=False)
+    torch.manual_seed(0)
+    ours = sk.inject(sk.inject(bert(), config), config, "other")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(bert(), peft_config(config))
+        theirs.add_adapter("other", peft_config(config))
+    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
+                for k, v in theirs.state_dict().items()}
+    assert ours.state_dict().keys() == expected.keys() and "frod_V.classifier.other" in expected
+    ids = tokens(ours)
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+
+
 def test_load_adapter_rejects_mismatch(tmp_path):
     model = sk.inject(bert(), sk.FourierFTConfig(n_frequency=20, target_modules=["query"]))
     sk.save_adapter(model, tmp_path)
