@@ -256,7 +256,7 @@ def _is_linear(module):
 def _wrapped_prefixes(model):
     """Names of the adapter layers and wrappers already in the model, and of the methods' model attributes
     (FRoD's per-category projections, e.g. ``frod_V.lm_head``): their insides are never targeted."""
-    attributes = {a for method in METHODS.values() for a in method.model_attributes if a in model._modules}
+    attributes = set(_model_attributes(model))
     return tuple(f"{name}." for name, module in model.named_modules()
                  if isinstance(module, (AdapterLayer, ModulesToSave)) or name in attributes)
 
