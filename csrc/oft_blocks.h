@@ -3,6 +3,7 @@
 #include <torch/types.h>
 
 #include <utility>
+#include <vector>
 
 #include "checks.h"
 
@@ -32,6 +33,25 @@ inline std::pair<int64_t, int64_t> check_rotate_backward(const at::Tensor& g, co
   TORCH_CHECK(g.is_contiguous(), "oft_rotate_backward_: g must be contiguous (it is overwritten with dx)");
   check_devices("oft_rotate_backward_", x, {g});
   return blocks_b;
+}
+
+// oft_neumann(_backward): the coefficients c[0..last] of a call with blocks of size b (at most max_block) after
+// checking the parameters' shape (n, b(b-1)/2) and the gradient's (n, b, b).
+inline std::vector<double> check_neumann(const at::Tensor& params, int64_t b, const at::Tensor* grad,
+                                         at::ArrayRef<double> coef, int64_t max_block) {
+  TORCH_CHECK(b >= 1 && b <= max_block, "oft_neumann: block size ", b, " out of range [1, ", max_block, "] on ",
+              params.device().type());
+  TORCH_CHECK(params.dim() == 2 && params.size(1) == b * (b - 1) / 2, "oft_neumann: parameters (n, ",
+              b * (b - 1) / 2, ") expected for block size ", b, ", got ", params.sizes());
+  TORCH_CHECK(params.is_floating_point(), "oft_neumann: floating-point parameters expected");
+  TORCH_CHECK(!coef.empty() && coef[0] == 1.0, "oft_neumann: coefficients must start with 1 (the identity)");
+  if (grad) {
+    TORCH_CHECK(grad->sizes() == at::IntArrayRef({params.size(0), b, b}) &&
+                    grad->scalar_type() == params.scalar_type(),
+                "oft_neumann_backward: gradient (", params.size(0), ", ", b, ", ", b, ") of the parameters' dtype expected");
+    check_devices("oft_neumann_backward", params, {*grad});
+  }
+  return coef.vec();
 }
 
 }  // namespace spectral_kernels

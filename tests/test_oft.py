@@ -124,9 +124,8 @@ def test_rotate_and_effective_weight(device, backend, shared):
     assert_close(sk.oft_effective_weight(w, rot, backend=backend), w @ dense.t(), torch.float64)
 
 
-NEEDS_CPU = pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=f"cpu backend: {sk.backends()['cpu']}")
 # The backends with Neumann kernels of their own (the others build the rotations with peft's torch code).
-NEUMANN_BACKENDS = [p for p in device_backends() if p.id in ("cpu-cpu", "triton-cpu", "triton-cuda")]
+NEUMANN_BACKENDS = [p for p in device_backends() if p.id in ("cpu-cpu", "cuda-cuda", "triton-cpu", "triton-cuda")]
 
 
 @pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="reference")] + NEUMANN_BACKENDS)
@@ -164,6 +163,8 @@ def test_neumann_kernels_match_reference(device, backend, terms, b, blocks, dtyp
     rot = sk.oft_rotation(params, b, True, terms, backend=backend)
     # One term is R = I, independent of the parameters as in peft's code: their gradient is None.
     assert rot.requires_grad == (terms > 1)
+    kernel = terms > 1 and (backend == "cpu" or b <= 64)
+    assert (type(rot.grad_fn).__name__ == "_NeumannBackward") == kernel
     dparams = torch.autograd.grad(rot, params, grad64.to(dtype))[0] if terms > 1 else torch.zeros_like(params)
     exact_params = params.detach().double().requires_grad_()
     exact = reference.cayley(exact_params, b, True, terms)
@@ -188,12 +189,38 @@ def test_neumann_kernels_gradcheck(device, backend, terms):
     assert torch.autograd.gradcheck(lambda p: sk.oft_rotation(p, 5, True, terms, backend=backend), (params,))
 
 
-@NEEDS_CPU
-def test_cpu_neumann_bad_input():
-    with pytest.raises(RuntimeError, match="parameters"):
-        torch.ops.spectral_kernels.oft_neumann(torch.randn(2, 5), 4, [1.0, 2.0])
-    with pytest.raises(RuntimeError, match="gradient"):
-        torch.ops.spectral_kernels.oft_neumann_backward(torch.randn(2, 6), torch.randn(2, 3, 3), 4, [1.0, 2.0])
+@pytest.mark.parametrize("device,backend", native_device_backends())
+def test_native_neumann_bad_input(device, backend):
+    ops = torch.ops.spectral_kernels
+    cases = [("parameters", lambda: ops.oft_neumann(torch.randn(2, 5, device=device), 4, [1.0, 2.0])),
+             ("gradient", lambda: ops.oft_neumann_backward(torch.randn(2, 6, device=device),
+                                                           torch.randn(2, 3, 3, device=device), 4, [1.0, 2.0])),
+             ("start with 1", lambda: ops.oft_neumann(torch.randn(2, 6, device=device), 4, [2.0, 2.0]))]
+    if device == "cuda":  # past the kernels' shared memory and argument limits, and a gradient on the CPU
+        cases += [("block size 65 out of range", lambda: ops.oft_neumann(torch.randn(1, 2080, device=device), 65,
+                                                                          [1.0, 2.0])),
+                  ("at most 64 coefficients", lambda: ops.oft_neumann(torch.randn(1, 6, device=device), 4,
+                                                                       [1.0] + [2.0] * 64)),
+                  ("different devices", lambda: ops.oft_neumann_backward(torch.randn(2, 6, device=device),
+                                                                         torch.randn(2, 4, 4), 4, [1.0, 2.0]))]
+    assert_raises_all(cases)
+
+
+@pytest.mark.parametrize("device,backend", NEUMANN_BACKENDS)
+def test_neumann_kernels_past_the_gpu_limits(device, backend):
+    """More coefficients than the CUDA kernels take by value (65 terms) and blocks past the GPU kernels' 64: the
+    same blocks as peft's series, from the kernels where they take them, else from peft's torch code."""
+    g = torch.Generator().manual_seed(3)
+    for b, terms in [(4, 65), (66, 3)]:
+        params = (0.05 * torch.randn(2, b * (b - 1) // 2, generator=g, dtype=torch.float64)).to(device)
+        params.requires_grad_()
+        rot = sk.oft_rotation(params, b, True, terms, backend=backend)
+        kernel = backend == "cpu" or (b <= 64 and (backend == "triton" or terms <= 64))
+        assert (type(rot.grad_fn).__name__ == "_NeumannBackward") == kernel
+        exact = reference.cayley(params, b, True, terms)
+        grad = torch.randn(rot.shape, generator=g, dtype=torch.float64).to(device)
+        assert_close(rot, exact, torch.float64)
+        assert_close(*(torch.autograd.grad(r, params, grad)[0] for r in (rot, exact)), torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -240,6 +240,7 @@ SK_INLINE void backward_items(T* g, const T* x, const Acc* rot, int64_t n_rot, A
 // per b x b block through small_gemm, on matrices with rows padded to bp. Scratch
 // holds kNeumannScratch such matrices.
 constexpr int kNeumannScratch = 4;
+constexpr int64_t kNeumannMaxBlock = int64_t(1) << 20;  // no limit of the kernels' own: bounds b * b
 
 // Q (b x bp, zero padded) of one block's parameters in triu_indices(b, b, 1) order.
 template <typename T, typename Acc>
@@ -447,28 +448,8 @@ at::Tensor oft_rotate_backward_cpu(at::Tensor& g, const at::Tensor& x_in, const 
   return (n_rot == 1 ? grad.sum(0, true) : grad).contiguous();
 }
 
-namespace {
-
-// (b, coefficients c[0..last]) of a Neumann call; checks the parameters' shape.
-std::vector<double> check_neumann(const at::Tensor& params, int64_t b, const at::Tensor* grad,
-                                  const std::vector<double>& coef) {
-  TORCH_CHECK(b >= 1 && b <= (int64_t(1) << 20), "oft_neumann: block size ", b, " out of range [1, 2^20]");
-  TORCH_CHECK(params.dim() == 2 && params.size(1) == b * (b - 1) / 2, "oft_neumann: parameters (n, ",
-              b * (b - 1) / 2, ") expected for block size ", b, ", got ", params.sizes());
-  TORCH_CHECK(params.is_floating_point(), "oft_neumann: floating-point parameters expected");
-  TORCH_CHECK(!coef.empty() && coef[0] == 1.0, "oft_neumann: coefficients must start with 1 (the identity)");
-  if (grad) {
-    TORCH_CHECK(grad->sizes() == at::IntArrayRef({params.size(0), b, b}) &&
-                    grad->scalar_type() == params.scalar_type(),
-                "oft_neumann_backward: gradient (", params.size(0), ", ", b, ", ", b, ") of the parameters' dtype expected");
-  }
-  return coef;
-}
-
-}  // namespace
-
 at::Tensor oft_neumann_cpu(const at::Tensor& params_in, int64_t b, at::ArrayRef<double> coef_in) {
-  const auto coef = check_neumann(params_in, b, nullptr, coef_in.vec());
+  const auto coef = check_neumann(params_in, b, nullptr, coef_in, kNeumannMaxBlock);
   const auto params = params_in.contiguous();
   auto out = at::empty({params.size(0), b, b}, params.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_cpu", [&] {
@@ -486,7 +467,7 @@ at::Tensor oft_neumann_cpu(const at::Tensor& params_in, int64_t b, at::ArrayRef<
 
 at::Tensor oft_neumann_backward_cpu(const at::Tensor& params_in, const at::Tensor& grad_in, int64_t b,
                                     at::ArrayRef<double> coef_in) {
-  const auto coef = check_neumann(params_in, b, &grad_in, coef_in.vec());
+  const auto coef = check_neumann(params_in, b, &grad_in, coef_in, kNeumannMaxBlock);
   const auto params = params_in.contiguous(), grad = grad_in.contiguous();
   auto dparams = at::empty_like(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_backward_cpu", [&] {

@@ -1,10 +1,13 @@
-// OFT CUDA kernels: the two primitives of csrc/cpu/oft.cpp (math in
-// spectral_kernels/ops/oft.py). Both kernels stage 32 x 32 tiles through shared
+// OFT CUDA kernels: the primitives of csrc/cpu/oft.cpp (math in
+// spectral_kernels/ops/oft.py). The rotation kernels stage 32 x 32 tiles through shared
 // memory, so any block size works (blocks larger than a tile loop over it);
 // accumulation is in float (double for double inputs). The dR reduction writes one
 // partial sum per token split and the host sums them: deterministic, no atomics.
 // Unlike the CPU backward, dx goes through a temporary: thread blocks own column
 // tiles, so rotating g in place would race with the reads of other tiles.
+// The Neumann kernels build a rotation block, or its parameters' gradient, in one
+// thread block each (blocks of up to kNeumannMaxBlock): one launch each way where peft's
+// torch code takes ~20 small ops forward and their autograd graph backward.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../oft_blocks.h"
 #include "../ops.h"
@@ -95,6 +99,169 @@ __global__ void rotate_grad_kernel(const T* __restrict__ x, const T* __restrict_
   }
 }
 
+// One thread block per rotation block: its b x b matrices in shared memory, each thread owning the entries
+// e = threadIdx.x + i * kNeumannThreads (i < kNeumannPerThread) of the results in registers.
+constexpr int kNeumannThreads = 256;
+constexpr int kNeumannMaxBlock = 64;
+constexpr int kNeumannPerThread = kNeumannMaxBlock * kNeumannMaxBlock / kNeumannThreads;
+constexpr int kNeumannMaxTerms = 64;  // coefficients passed by value
+
+struct NeumannCoef {
+  double c[kNeumannMaxTerms];
+};
+
+// Position of parameter (r, c), r < c, in triu_indices(b, b, 1) order.
+__device__ __forceinline__ int triu_index(int b, int r, int c) { return r * b - r * (r + 1) / 2 + c - r - 1; }
+
+// q (b x b, row-major) = A - A^T, A's strict upper triangle from p.
+template <typename T, typename Acc>
+__device__ void load_skew(const T* p, int b, Acc* q) {
+  for (int e = threadIdx.x; e < b * b; e += blockDim.x) {
+    const int r = e / b, c = e % b;
+    q[e] = r < c ? static_cast<Acc>(p[triu_index(b, r, c)]) : r > c ? -static_cast<Acc>(p[triu_index(b, c, r)]) : Acc(0);
+  }
+}
+
+// (a m)[r, c] for b x b row-major a and m.
+template <typename Acc>
+__device__ __forceinline__ Acc product_entry(const Acc* a, const Acc* m, int b, int r, int c) {
+  Acc s = 0;
+  for (int k = 0; k < b; ++k) s += a[r * b + k] * m[k * b + c];
+  return s;
+}
+
+// grid (rotation blocks): out_j = sum_{p <= last} coef[p] Q_j^p, coef[0] = 1 (as neumann_items on the CPU).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kNeumannThreads)
+    neumann_kernel(const T* __restrict__ params, NeumannCoef coef, int last, int b, T* __restrict__ out) {
+  extern __shared__ __align__(sizeof(double)) unsigned char neumann_smem[];
+  Acc* q = reinterpret_cast<Acc*>(neumann_smem);
+  Acc* power = q + b * b;
+  const int n = b * b;
+  const int64_t j = blockIdx.x;
+  load_skew(params + j * (int64_t(b) * (b - 1) / 2), b, q);
+  Acc rot[kNeumannPerThread], next[kNeumannPerThread];
+#pragma unroll
+  for (int i = 0; i < kNeumannPerThread; ++i) {
+    const int e = threadIdx.x + i * kNeumannThreads;
+    rot[i] = e < n && e / b == e % b ? Acc(1) : Acc(0);
+  }
+  __syncthreads();
+  for (int p = 1; p <= last; ++p) {
+    const Acc c = static_cast<Acc>(coef.c[p]);
+    if (p == 1) {
+#pragma unroll
+      for (int i = 0; i < kNeumannPerThread; ++i) {
+        const int e = threadIdx.x + i * kNeumannThreads;
+        if (e < n) {
+          power[e] = q[e];
+          rot[i] += c * q[e];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kNeumannPerThread; ++i) {
+        const int e = threadIdx.x + i * kNeumannThreads;
+        if (e < n) next[i] = product_entry(power, q, b, e / b, e % b);
+      }
+      __syncthreads();  // every read of power done
+#pragma unroll
+      for (int i = 0; i < kNeumannPerThread; ++i) {
+        const int e = threadIdx.x + i * kNeumannThreads;
+        if (e < n) {
+          power[e] = next[i];
+          rot[i] += c * next[i];
+        }
+      }
+    }
+    __syncthreads();  // power complete for the next product
+  }
+  T* o = out + j * n;
+#pragma unroll
+  for (int i = 0; i < kNeumannPerThread; ++i) {
+    const int e = threadIdx.x + i * kNeumannThreads;
+    if (e < n) o[e] = static_cast<T>(rot[i]);
+  }
+}
+
+// grid (rotation blocks): the parameters' gradient for G = dL/dR_j as neumann_backward_items on the CPU:
+// with Q^T = -Q, D_1 = G, D_p = Q^T D_(p-1) + G (Q^T)^(p-1), dL/dQ = sum_p coef[p] D_p and
+// d param (r, c) = dL/dQ[r, c] - dL/dQ[c, r].
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kNeumannThreads)
+    neumann_backward_kernel(const T* __restrict__ params, const T* __restrict__ grad, NeumannCoef coef, int last,
+                            int b, T* __restrict__ dparams) {
+  extern __shared__ __align__(sizeof(double)) unsigned char neumann_smem[];
+  Acc* q = reinterpret_cast<Acc*>(neumann_smem);
+  Acc* term = q + b * b;  // G (Q^T)^(p-1)
+  Acc* d = term + b * b;  // D_p
+  const int n = b * b;
+  const int64_t j = blockIdx.x, n_params = int64_t(b) * (b - 1) / 2;
+  load_skew(params + j * n_params, b, q);
+  const T* g = grad + j * n;
+  Acc dq[kNeumannPerThread], next_term[kNeumannPerThread], next_d[kNeumannPerThread];
+#pragma unroll
+  for (int i = 0; i < kNeumannPerThread; ++i) {
+    const int e = threadIdx.x + i * kNeumannThreads;
+    dq[i] = Acc(0);
+    if (e < n) {
+      const Acc ge = static_cast<Acc>(g[e]);
+      term[e] = ge;
+      d[e] = ge;
+      if (last >= 1) dq[i] = static_cast<Acc>(coef.c[1]) * ge;
+    }
+  }
+  __syncthreads();
+  for (int p = 2; p <= last; ++p) {
+    const Acc c = static_cast<Acc>(coef.c[p]);
+#pragma unroll
+    for (int i = 0; i < kNeumannPerThread; ++i) {
+      const int e = threadIdx.x + i * kNeumannThreads;
+      if (e < n) {
+        next_term[i] = -product_entry(term, q, b, e / b, e % b);
+        next_d[i] = next_term[i] - product_entry(q, d, b, e / b, e % b);
+      }
+    }
+    __syncthreads();  // every read of term and d done
+#pragma unroll
+    for (int i = 0; i < kNeumannPerThread; ++i) {
+      const int e = threadIdx.x + i * kNeumannThreads;
+      if (e < n) {
+        term[e] = next_term[i];
+        d[e] = next_d[i];
+        dq[i] += c * next_d[i];
+      }
+    }
+    __syncthreads();
+  }
+  // dL/dQ into term (no reads of it are pending), then each upper entry against its mirror.
+#pragma unroll
+  for (int i = 0; i < kNeumannPerThread; ++i) {
+    const int e = threadIdx.x + i * kNeumannThreads;
+    if (e < n) term[e] = dq[i];
+  }
+  __syncthreads();
+  T* out = dparams + j * n_params;
+#pragma unroll
+  for (int i = 0; i < kNeumannPerThread; ++i) {
+    const int e = threadIdx.x + i * kNeumannThreads;
+    const int r = e / b, c = e % b;
+    if (e < n && r < c) out[triu_index(b, r, c)] = static_cast<T>(term[e] - term[c * b + r]);
+  }
+}
+
+// The coefficients by value, and the shared memory of `matrices` b x b matrices, opted into past 48 KiB.
+template <typename Kernel>
+NeumannCoef neumann_launch_setup(Kernel kernel, const std::vector<double>& coef, size_t bytes) {
+  TORCH_CHECK(coef.size() <= kNeumannMaxTerms, "oft_neumann: at most ", kNeumannMaxTerms,
+              " coefficients on CUDA, got ", coef.size());
+  NeumannCoef c{};
+  std::copy(coef.begin(), coef.end(), c.c);
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  return c;
+}
+
 int64_t tiles_for(int64_t n) { return (n + kTile - 1) / kTile; }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -173,9 +340,52 @@ at::Tensor oft_rotate_backward_cuda(at::Tensor& g, const at::Tensor& x_in, const
   return drot;
 }
 
+at::Tensor oft_neumann_cuda(const at::Tensor& params_in, int64_t b, at::ArrayRef<double> coef_in) {
+  const auto coef = check_neumann(params_in, b, nullptr, coef_in, kNeumannMaxBlock);
+  const c10::cuda::CUDAGuard guard(params_in.device());
+  const auto params = params_in.contiguous();
+  auto out = at::empty({params.size(0), b, b}, params.options());
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(params.size(0) <= 2147483647, "oft_neumann: too many blocks for one launch");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_cuda", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const auto kernel = neumann_kernel<scalar_t, Acc>;
+    const size_t bytes = 2 * b * b * sizeof(Acc);
+    const auto c = neumann_launch_setup(kernel, coef, bytes);
+    kernel<<<static_cast<unsigned>(params.size(0)), kNeumannThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        params.const_data_ptr<scalar_t>(), c, static_cast<int>(coef.size()) - 1, static_cast<int>(b),
+        out.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor oft_neumann_backward_cuda(const at::Tensor& params_in, const at::Tensor& grad_in, int64_t b,
+                                     at::ArrayRef<double> coef_in) {
+  const auto coef = check_neumann(params_in, b, &grad_in, coef_in, kNeumannMaxBlock);
+  const c10::cuda::CUDAGuard guard(params_in.device());
+  const auto params = params_in.contiguous(), grad = grad_in.contiguous();
+  auto dparams = at::empty_like(params);
+  if (dparams.numel() == 0) return dparams;
+  TORCH_CHECK(params.size(0) <= 2147483647, "oft_neumann_backward: too many blocks for one launch");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_backward_cuda", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const auto kernel = neumann_backward_kernel<scalar_t, Acc>;
+    const size_t bytes = 3 * b * b * sizeof(Acc);
+    const auto c = neumann_launch_setup(kernel, coef, bytes);
+    kernel<<<static_cast<unsigned>(params.size(0)), kNeumannThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        params.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), c, static_cast<int>(coef.size()) - 1,
+        static_cast<int>(b), dparams.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dparams;
+}
+
 TORCH_LIBRARY_IMPL(spectral_kernels, CUDA, m) {
   m.impl("oft_rotate", &oft_rotate_cuda);
   m.impl("oft_rotate_backward_", &oft_rotate_backward_cuda);
+  m.impl("oft_neumann", &oft_neumann_cuda);
+  m.impl("oft_neumann_backward", &oft_neumann_backward_cuda);
 }
 
 }  // namespace spectral_kernels

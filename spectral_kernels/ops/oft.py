@@ -16,9 +16,9 @@ R is built from the parameters by ``oft_rotation`` (differentiable) and the fuse
 takes R; the op's backward returns dL/dR. Its FLOPs are negligible (n b x b
 products), its time is not: as peft's torch code (~20 small ops and their autograd
 graph) it cost 0.56 ms a training step for 16 blocks of 32 on the 2-core CPU, as much
-as the rest of the adapter at width 512, T=128. So the Neumann series runs in one C++
-call each way on the CPU backend (0.22 ms); the exact Cayley transform and the other
-backends keep peft's torch code (bitwise peft's R). With g = dy W:
+as the rest of the adapter at width 512, T=128. So the Neumann series runs in one kernel
+call each way (0.22 ms on the CPU); the exact Cayley transform, the reference backend and
+blocks past the GPU kernels' limits keep peft's torch code (bitwise peft's R). With g = dy W:
 
     dx[t, j]  = g[t, j] R_j^T          dR_j = sum_t x[t, j]^T g[t, j]     (summed over j if shared)
 
@@ -221,7 +221,7 @@ def _check_linear(x, weight, bias, rot):
 
 
 class _Neumann(torch.autograd.Function):
-    """peft's Neumann rotation blocks from the cpu (C++) or triton kernels: the skew blocks, their powers and the
+    """peft's Neumann rotation blocks from the cpu, cuda or triton kernels: the skew blocks, their powers and the
     series in one call each way, instead of ~20 small torch ops and their autograd graph (about half of the
     layer's own cost at width 512, b=32, T=128 on the 2-core CPU; on a GPU, as many launches).
     dL/dQ = sum_p c_p sum_{i+j=p-1} (Q^T)^i G (Q^T)^j, see csrc/cpu/oft.cpp."""
@@ -243,8 +243,9 @@ class _Neumann(torch.autograd.Function):
 def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann_terms=5, backend=None):
     """Rotation blocks R (n, b, b) from skew parameters (n, b(b-1)/2), as peft builds them (differentiable).
 
-    The Neumann series runs in the kernels of the ``cpu`` and ``triton`` backends (the latter for blocks of up to
-    64; same math, float rounding of their own), else (and for the exact Cayley transform) as peft's torch code.
+    The Neumann series runs in the kernels of the ``cpu``, ``cuda`` and ``triton`` backends (the latter two for
+    blocks of up to 64; same math, float rounding of their own), else (and for the exact Cayley transform) as peft's
+    torch code.
     """
     if not isinstance(params, torch.Tensor) or not params.is_floating_point():
         raise TypeError(f"oft_rotation: parameters must be a floating-point tensor, got "
@@ -261,8 +262,8 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
     # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
     if use_cayley_neumann and num_cayley_neumann_terms > 1 and not _autograd.tracing():
         name = dispatch.select_backend(params.device, backend)
-        if name in ("cpu", "triton") and block_size <= _kernels(name).NEUMANN_MAX_BLOCK:
-            coef = reference.neumann_coefficients(num_cayley_neumann_terms)
+        coef = reference.neumann_coefficients(num_cayley_neumann_terms)
+        if name != "reference" and _kernels(name).neumann_fits(name, block_size, len(coef)):
             return _Neumann.apply(params, block_size, coef, name)
     return reference.cayley(params, block_size, use_cayley_neumann, num_cayley_neumann_terms)
 

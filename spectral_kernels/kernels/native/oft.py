@@ -16,11 +16,20 @@ def rotate_backward(g, x, rot, need_dx, need_drot):
     return g, drot
 
 
-NEUMANN_MAX_BLOCK = 1 << 20  # the C++ kernels' bound (csrc/cpu/oft.cpp: check_neumann)
+# The C++ kernels' largest block and coefficient count per device (kNeumannMaxBlock in csrc/cpu/oft.cpp and
+# csrc/cuda/oft.cu, kNeumannMaxTerms there): a CUDA thread block holds a rotation block's matrices in its shared
+# memory and takes the coefficients by value.
+_NEUMANN_LIMITS = {"cpu": (1 << 20, float("inf")), "cuda": (64, 64)}
+
+
+def neumann_fits(backend, block_size, n_coef):
+    """Whether ``backend``'s Neumann kernels take blocks of ``block_size`` and ``n_coef`` coefficients."""
+    max_block, max_coef = _NEUMANN_LIMITS[backend]
+    return block_size <= max_block and n_coef <= max_coef
 
 
 def neumann(params, block_size, coef):
-    """Rotation blocks sum_p coef[p] Q^p of the skew blocks of ``params`` (CPU)."""
+    """Rotation blocks sum_p coef[p] Q^p of the skew blocks of ``params``."""
     return _ops.oft_neumann(params, block_size, coef)
 
 

@@ -158,6 +158,11 @@ def _rotate_grad(x, g, block_size, shared):
 NEUMANN_MAX_BLOCK = 64
 
 
+def neumann_fits(backend, block_size, n_coef):
+    """Whether the Neumann kernels take blocks of ``block_size`` (any number of coefficients)."""
+    return block_size <= NEUMANN_MAX_BLOCK
+
+
 @functools.lru_cache(maxsize=None)
 def _coefficients(coef, dtype, device):
     return torch.tensor(coef, dtype=dtype, device=device)
