@@ -9,9 +9,8 @@ one fixed batch, backward, AdamW step and zero_grad. After one untimed step per 
 (it allocates the optimizer state) and the warm-up, the steps of all models are
 interleaved like the layer cases. Reported per method: ms per step (median, min, max)
 and its ratio to LoRA's; on CUDA also the memory a model holds between steps (weights,
-adapter buffers, optimizer state) and its peak during a step. peft runs with its
-defaults, which keep adapter weights in float32 in a bfloat16 model; ours keeps them in
-the model's dtype.
+adapter buffers, optimizer state) and its peak during a step. Both run with peft's
+defaults, which keep adapter weights in float32 in a bfloat16 model.
 """
 import warnings
 

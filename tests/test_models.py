@@ -98,3 +98,32 @@ def test_model_against_peft(model_name, method):
         assert_close(sk.merge_and_unload(ours)(**inputs).logits, expected, torch.float32)
         expected = swapped(**inputs).logits
         assert_close(swapped.merge_and_unload()(**inputs).logits, expected, torch.float32)
+
+
+def first_step(model, ids):
+    """The loss and the trainable parameters' gradients of one training step."""
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing(method, use_reentrant):
+    """transformers' gradient checkpointing (the forward of each decoder layer run again in the backward) gives
+    the gradients of a plain step, for inject and for peft + swap."""
+    config = CONFIGS[method]("all-linear")
+    ours = sk.inject(llama(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        swapped = swap(peft.get_peft_model(llama(), peft_config(config)))
+    ids = tokens(ours, 9)
+    for model in (ours.train(), swapped.train()):  # transformers checkpoints in training mode only
+        loss, grads = first_step(copy.deepcopy(model), ids)
+        checkpointed = copy.deepcopy(model)
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        checkpointed.enable_input_require_grads()  # the reentrant variant needs an input that requires grad
+        checkpointed_loss, checkpointed_grads = first_step(checkpointed, ids)
+        assert checkpointed_loss == loss and grads and checkpointed_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert_close(checkpointed_grads[name], grad, torch.float32)
