@@ -312,6 +312,21 @@ def test_saved_config_records_the_layout_as_peft(tmp_path, model, config):
     assert ours["fan_in_fan_out"] is theirs["fan_in_fan_out"] is (model is gpt2)
 
 
+def two_adapters(make, first, second):
+    """(ours, peft's model, peft's state dict under our keys) for adapters "default" (``first``) and "other"
+    (``second``) on models from ``make``, each built from the same global RNG state."""
+    torch.manual_seed(0)
+    ours = sk.inject(sk.inject(make(), first), second, "other")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make(), peft_config(first))
+        theirs.add_adapter("other", peft_config(second))
+    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
+                for k, v in theirs.state_dict().items()}
+    return ours, theirs, expected
+
+
 @pytest.mark.parametrize("first_targets, second_targets, second_rate, categories", [
     # no new category: the first adapter's projections are shared
     (["q_proj", "v_proj", "down_proj"], ["v_proj"], 0.05, ["mlp_down_proj", "self_attn_q_proj", "self_attn_v_proj"]),
@@ -323,15 +338,7 @@ def test_frod_projections_like_peft(first_targets, second_targets, second_rate, 
     first = sk.FrodConfig(target_modules=first_targets, init_weights=False, sparse_rate=0.05, progressbar=False)
     second = sk.FrodConfig(target_modules=second_targets, init_weights=False, sparse_rate=second_rate,
                            progressbar=False)
-    torch.manual_seed(0)
-    ours = sk.inject(sk.inject(llama(), first), second, "other")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(llama(), peft_config(first))
-        theirs.add_adapter("other", peft_config(second))
-    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
-                for k, v in theirs.state_dict().items()}
+    ours, theirs, expected = two_adapters(llama, first, second)
     state = ours.state_dict()
     assert state.keys() == expected.keys() and any(k.startswith("frod_V.") for k in state)
     for key, value in state.items():
@@ -350,15 +357,7 @@ def test_frod_second_adapter_on_a_root_module():
     """A root-level target keeps its category's projections at frod_V.<name>: the next adapter's target_modules
     match that name too, and, as in peft, leave it alone."""
     config = sk.FrodConfig(target_modules=["classifier", "query"], init_weights=False, progressbar=False)
-    torch.manual_seed(0)
-    ours = sk.inject(sk.inject(bert(), config), config, "other")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(bert(), peft_config(config))
-        theirs.add_adapter("other", peft_config(config))
-    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
-                for k, v in theirs.state_dict().items()}
+    ours, theirs, expected = two_adapters(bert, config, config)
     assert ours.state_dict().keys() == expected.keys() and "frod_V.classifier.other" in expected
     ids = tokens(ours)
     assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../oft_blocks.h"
@@ -133,7 +134,7 @@ __device__ __forceinline__ Acc product_entry(const Acc* a, const Acc* m, int b, 
 // grid (rotation blocks): out_j = sum_{p <= last} coef[p] Q_j^p, coef[0] = 1 (as neumann_items on the CPU).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kNeumannThreads)
-    neumann_kernel(const T* __restrict__ params, NeumannCoef coef, int last, int b, T* __restrict__ out) {
+    neumann_kernel(NeumannCoef coef, int last, int b, const T* __restrict__ params, T* __restrict__ out) {
   extern __shared__ __align__(sizeof(double)) unsigned char neumann_smem[];
   Acc* q = reinterpret_cast<Acc*>(neumann_smem);
   Acc* power = q + b * b;
@@ -189,8 +190,8 @@ __global__ void __launch_bounds__(kNeumannThreads)
 // d param (r, c) = dL/dQ[r, c] - dL/dQ[c, r].
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kNeumannThreads)
-    neumann_backward_kernel(const T* __restrict__ params, const T* __restrict__ grad, NeumannCoef coef, int last,
-                            int b, T* __restrict__ dparams) {
+    neumann_backward_kernel(NeumannCoef coef, int last, int b, const T* __restrict__ params,
+                            const T* __restrict__ grad, T* __restrict__ dparams) {
   extern __shared__ __align__(sizeof(double)) unsigned char neumann_smem[];
   Acc* q = reinterpret_cast<Acc*>(neumann_smem);
   Acc* term = q + b * b;  // G (Q^T)^(p-1)
@@ -250,16 +251,22 @@ __global__ void __launch_bounds__(kNeumannThreads)
   }
 }
 
-// The coefficients by value, and the shared memory of `matrices` b x b matrices, opted into past 48 KiB.
-template <typename Kernel>
-NeumannCoef neumann_launch_setup(Kernel kernel, const std::vector<double>& coef, size_t bytes) {
+// One thread block per rotation block (`blocks` of size b) with `matrices` b x b Acc matrices of shared memory
+// (opted into past 48 KiB) and the coefficients by value.
+template <typename Acc, typename... Args>
+void launch_neumann(void (*kernel)(NeumannCoef, int, int, Args...), const std::vector<double>& coef, int64_t blocks,
+                    int64_t b, int matrices, std::type_identity_t<Args>... args) {
   TORCH_CHECK(coef.size() <= kNeumannMaxTerms, "oft_neumann: at most ", kNeumannMaxTerms,
               " coefficients on CUDA, got ", coef.size());
+  TORCH_CHECK(blocks <= 2147483647, "oft_neumann: too many blocks for one launch");
   NeumannCoef c{};
   std::copy(coef.begin(), coef.end(), c.c);
+  const size_t bytes = matrices * b * b * sizeof(Acc);
   if (bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  return c;
+  kernel<<<static_cast<unsigned>(blocks), kNeumannThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      c, static_cast<int>(coef.size()) - 1, static_cast<int>(b), args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 int64_t tiles_for(int64_t n) { return (n + kTile - 1) / kTile; }
@@ -346,17 +353,11 @@ at::Tensor oft_neumann_cuda(const at::Tensor& params_in, int64_t b, at::ArrayRef
   const auto params = params_in.contiguous();
   auto out = at::empty({params.size(0), b, b}, params.options());
   if (out.numel() == 0) return out;
-  TORCH_CHECK(params.size(0) <= 2147483647, "oft_neumann: too many blocks for one launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    const auto kernel = neumann_kernel<scalar_t, Acc>;
-    const size_t bytes = 2 * b * b * sizeof(Acc);
-    const auto c = neumann_launch_setup(kernel, coef, bytes);
-    kernel<<<static_cast<unsigned>(params.size(0)), kNeumannThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
-        params.const_data_ptr<scalar_t>(), c, static_cast<int>(coef.size()) - 1, static_cast<int>(b),
-        out.mutable_data_ptr<scalar_t>());
+    launch_neumann<Acc>(neumann_kernel<scalar_t, Acc>, coef, params.size(0), b, 2, params.const_data_ptr<scalar_t>(),
+                        out.mutable_data_ptr<scalar_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -367,17 +368,12 @@ at::Tensor oft_neumann_backward_cuda(const at::Tensor& params_in, const at::Tens
   const auto params = params_in.contiguous(), grad = grad_in.contiguous();
   auto dparams = at::empty_like(params);
   if (dparams.numel() == 0) return dparams;
-  TORCH_CHECK(params.size(0) <= 2147483647, "oft_neumann_backward: too many blocks for one launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "oft_neumann_backward_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    const auto kernel = neumann_backward_kernel<scalar_t, Acc>;
-    const size_t bytes = 3 * b * b * sizeof(Acc);
-    const auto c = neumann_launch_setup(kernel, coef, bytes);
-    kernel<<<static_cast<unsigned>(params.size(0)), kNeumannThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
-        params.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), c, static_cast<int>(coef.size()) - 1,
-        static_cast<int>(b), dparams.mutable_data_ptr<scalar_t>());
+    launch_neumann<Acc>(neumann_backward_kernel<scalar_t, Acc>, coef, params.size(0), b, 3,
+                        params.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                        dparams.mutable_data_ptr<scalar_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dparams;
 }
 
