@@ -4,7 +4,8 @@ then a training step of a small model with each.
 Layer cases. Per method, shape (out x in) and token count T, every implementation (the
 frozen base nn.Linear, ours, our reference backend, peft's layer, peft LoRA r=32) wraps
 its own copy of the same base layer and is timed on the same input, whose gradient is
-required as inside a network:
+required as inside a network (with --backends, ours once per backend, here and in the
+training step):
   fwd      forward in train mode with autograd on,
   fwd_bwd  forward + backward of a fixed random output gradient (grads cleared untimed),
   eval_t1  eval mode, no_grad, one token (once per shape),
@@ -81,6 +82,9 @@ def parse_args(argv):
     parser.add_argument("--tokens", type=csv(int), help="token counts, e.g. 1,64,2048 (default: the device's sweep)")
     parser.add_argument("--shapes", type=csv(shape),
                         help="OUTxIN shapes, e.g. 1024x1024,1000x37 (default: the device's sweep)")
+    parser.add_argument("--backends", type=csv(str),
+                        help="time our layers once per listed backend, side by side in the same rounds (columns "
+                             "ours-<backend>; e.g. cuda,triton on a GPU); default: the automatic choice (ours)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     parser.add_argument("--n-frequency", type=int, default=1000, help="FourierFT coefficients (default: 1000)")
     parser.add_argument("--oft-block-size", type=int, default=32, help="OFT block size (default: 32)")
@@ -105,6 +109,11 @@ def parse_args(argv):
         parser.error("the training step and frod_init compare with peft, which is not installed; use --parts layers")
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    for backend in args.backends or ():
+        try:
+            spectral_kernels.dispatch.select_backend(args.device, backend)
+        except (RuntimeError, ValueError) as err:
+            parser.error(str(err))
     return args
 
 
@@ -225,8 +234,9 @@ def environment(args):
         "versions": {"python": platform.python_version(),
                      **{p: version(p) for p in ("torch", "peft", "triton", "transformers")}},
         "backends": spectral_kernels.backends(),
-        # What "ours" runs on: the automatic choice for the device, or SPECTRAL_KERNELS_BACKEND's.
-        "ours_backend": spectral_kernels.dispatch.select_backend(args.device),
+        # What "ours" runs on: the automatic choice for the device, or SPECTRAL_KERNELS_BACKEND's; with --backends
+        # the listed ones, as ours-<backend>.
+        "ours_backend": args.backends or spectral_kernels.dispatch.select_backend(args.device),
         "git": {"commit": commit, "dirty": dirty},
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "args": {"argv": sys.argv[1:], **vars(args)},

@@ -3,8 +3,8 @@
 # kernels, run the tests, then the benchmark. Logs and results go to $OUT/gpu.tgz; the test summary and the
 # benchmark table to stdout.
 #   OUT=dir SPECTRAL_KERNELS_COMMIT=$(git rev-parse HEAD)[-dirty] bench/gpu.sh
-# Optional: TESTS (pytest arguments, default "tests"; "none" skips), BENCH (bench arguments, default --quick;
-# "none" skips), PROFILE (python -m bench.profile arguments, e.g. "--methods oft --python"; default: not run),
+# Optional: TESTS (pytest arguments, default "tests"; "none" skips), BENCH (bench arguments, default
+# "--quick --backends cuda,triton": both GPU backends side by side in one run; "none" skips), PROFILE (python -m bench.profile arguments, e.g. "--methods oft --python"; default: not run),
 # TEST_TIMEOUT, BENCH_TIMEOUT and PROFILE_TIMEOUT (seconds).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD  # built in place (tests/test_triton_compile.py runs a subprocess)
@@ -27,7 +27,8 @@ if [ "${TESTS:-tests}" != none ]; then
   echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$logs/tests.log" | cut -c1-300 | tail -60
 fi
 if [ "${BENCH:---quick}" != none ]; then
-  timeout "${BENCH_TIMEOUT:-200}" python3 -m bench ${BENCH:---quick} --out "$logs" >"$logs/bench.log" 2>&1
+  timeout "${BENCH_TIMEOUT:-200}" python3 -m bench ${BENCH:---quick --backends cuda,triton} --out "$logs" \
+    >"$logs/bench.log" 2>&1
   echo "bench rc=$?"; tail -60 "$logs/bench.log"
 fi
 if [ -n "${PROFILE:-}" ]; then

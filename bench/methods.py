@@ -2,8 +2,8 @@
 
 A method's builder takes the frozen base ``nn.Linear``, the parsed arguments and config
 fields that override the arguments' (FRoD's sparse_rate per run), and returns
-``{implementation name: module}``: ours, our pure-PyTorch reference backend (peft's
-algorithm) and, when peft is installed, peft's own layer. Every module wraps its own
+``{implementation name: module}``: ours (one per backend with --backends), our pure-PyTorch
+reference backend (peft's algorithm) and, when peft is installed, peft's own layer. Every module wraps its own
 deepcopy of the base, so no two implementations share weights, caches or gradients.
 Adapters are initialised non-trivially (peft's init_weights=False) and their parameters
 train, as in fine-tuning.
@@ -43,6 +43,13 @@ def configs(method, args, **fields):
     return ours(**options), getattr(peft, theirs)(**options) if peft is not None else None
 
 
+def ours(args):
+    """{implementation name: backend} of our layer: "ours" on the automatic choice, or with --backends one
+    "ours-<backend>" per listed backend, timed side by side."""
+    backends = getattr(args, "backends", None)
+    return {f"ours-{backend}": backend for backend in backends} if backends else {"ours": None}
+
+
 def lora_config(**fields):
     return peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, **fields)
 
@@ -50,7 +57,8 @@ def lora_config(**fields):
 def fourierft(base, args, **fields):
     config, peft_config = configs("fourierft", args, **fields)
     impls = {
-        "ours": spectral_kernels.FourierFTLinear(copy.deepcopy(base), config=config),
+        **{name: spectral_kernels.FourierFTLinear(copy.deepcopy(base), config=config, backend=backend)
+           for name, backend in ours(args).items()},
         "reference": spectral_kernels.FourierFTLinear(copy.deepcopy(base), config=config, backend="reference"),
     }
     if peft is not None:
@@ -62,7 +70,8 @@ def fourierft(base, args, **fields):
 def oft(base, args, **fields):
     config, peft_config = configs("oft", args, **fields)
     impls = {
-        "ours": spectral_kernels.OFTLinear(copy.deepcopy(base), config=config),
+        **{name: spectral_kernels.OFTLinear(copy.deepcopy(base), config=config, backend=backend)
+           for name, backend in ours(args).items()},
         "reference": spectral_kernels.OFTLinear(copy.deepcopy(base), config=config, backend="reference"),
     }
     if peft is not None:
@@ -73,12 +82,13 @@ def oft(base, args, **fields):
 def frod(base, args, **fields):
     config, peft_config = configs("frod", args, **fields)
     # The projection V and the sparse pattern exactly as peft's FrodModel builds them for a category of one layer,
-    # computed once (a QR and an eigh of the weight: seconds at 4096) and shared by all three.
+    # computed once (a QR and an eigh of the weight: seconds at 4096) and shared by all.
     v, s_indices = frod_projections({"layer": [base.weight]}, config)["layer"]
     frod_V, frod_s_indices = BufferDict(), BufferDict()
     frod_V["default"], frod_s_indices["default"] = v, s_indices
     impls = {
-        "ours": spectral_kernels.FrodLinear(copy.deepcopy(base), "default", config, frod_V, frod_s_indices),
+        **{name: spectral_kernels.FrodLinear(copy.deepcopy(base), "default", config, frod_V, frod_s_indices,
+                                             backend=backend) for name, backend in ours(args).items()},
         "reference": spectral_kernels.FrodLinear(copy.deepcopy(base), "default", config, frod_V, frod_s_indices,
                                                  backend="reference"),
     }

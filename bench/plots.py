@@ -83,7 +83,8 @@ def plot(run, stem):
         path = stem.with_name(f"{stem.name}-train.png")
         cases = [(c["method"], None, {n: (s["median_ms"], s["ratio"]) for n, s in c["impls"].items() if n != "lora"})
                  for c in run["train"]["cases"]]
+        names = list(dict.fromkeys(n for c in run["train"]["cases"] for n in c["impls"] if n != "lora"))
         _bars(path, f"training step: {run['device']['name']}, {run['dtype']}, {run['date'][:10]}",
-              "median time per step / LoRA r=32", ["ours", "peft"], cases, xlabel="method", baseline="lora")
+              "median time per step / LoRA r=32", names, cases, xlabel="method", baseline="lora")
         paths.append(path)
     return paths

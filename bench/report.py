@@ -65,7 +65,10 @@ def header(run, source):
     available = ", ".join(name for name, reason in run["backends"].items() if reason is None)
     if "ours_backend" in run:  # not in older results files; one per method in cuda-20261124-224634.json
         ours = run["ours_backend"]
-        ours = ", ".join(f"{m} {b}" for m, b in ours.items()) if isinstance(ours, dict) else ours
+        if isinstance(ours, dict):
+            ours = ", ".join(f"{m} {b}" for m, b in ours.items())
+        elif isinstance(ours, list):  # --backends: ours-<backend> per backend
+            ours = ", ".join(ours) + " side by side"
         available += f" (ours on {ours})"
     timings = run["cases"] + [run[part] for part in ("train", "frod_init") if part in run]
     busy = max(t["other_load"] for t in timings) if timings and run["device"]["kind"] == "cpu" else None
@@ -107,7 +110,7 @@ def train_table(run):
         text = f"{number(stats['median_ms'])} ms {stats['ratio']:.2f}x"
         return text if stats["peak_mem_mib"] is None else f"{text}, {number(stats['peak_mem_mib'])} MiB"
 
-    names = ["ours", "peft", "lora"]
+    names = list(dict.fromkeys(name for case in run["train"]["cases"] for name in case["impls"]))
     return ["method", *names], [[case["method"], *(cell(case["impls"][n]) for n in names)]
                                 for case in run["train"]["cases"]]
 

@@ -18,9 +18,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spectral_kernels
+from spectral_kernels.layers.base import AdapterLayer
 
 from . import timing
-from .methods import configs, lora_config, peft
+from .methods import configs, lora_config, ours, peft
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Tiny on CPU, so that a quick run stays short; on CUDA a ~0.5B-parameter model with grouped-query attention.
@@ -48,12 +49,23 @@ def peft_model(model, config):
         return peft.get_peft_model(model, config).to(model.device)
 
 
+def injected(args, config, backend):
+    """spectral_kernels.inject's model, its layers on ``backend`` (None: the automatic choice)."""
+    model = spectral_kernels.inject(llama(args), config)
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            module.backend = backend
+    return model
+
+
 def models(args):
-    """{name: builder}: ``<method>/ours`` and ``<method>/peft`` per method, then ``lora``."""
+    """{name: builder}: ``<method>/ours`` (or ``<method>/ours-<backend>`` per --backends) and
+    ``<method>/peft`` per method, then ``lora``."""
     builders = {}
     for method in args.methods:
         config, peft_config = configs(method, args, target_modules=TARGETS)
-        builders[f"{method}/ours"] = lambda config=config: spectral_kernels.inject(llama(args), config)
+        for name, backend in ours(args).items():
+            builders[f"{method}/{name}"] = lambda config=config, backend=backend: injected(args, config, backend)
         builders[f"{method}/peft"] = lambda config=peft_config: peft_model(llama(args), config)
     builders["lora"] = lambda: peft_model(llama(args), lora_config(target_modules=TARGETS))
     return builders
@@ -95,7 +107,7 @@ def bench_training(args, budget_s, max_reps):
         entry["peak_mem_mib"] = resident[name] + step_peak if cuda else None
         print(f"train {name}: {entry['median_ms']:.1f} ms per step, {entry['ratio']:.2f}x lora", flush=True)
     sequences, length = BATCH[args.device.type]
-    cases = [{"method": method, "impls": {impl: stats[f"{method}/{impl}"] for impl in ("ours", "peft")}
+    cases = [{"method": method, "impls": {impl: stats[f"{method}/{impl}"] for impl in (*ours(args), "peft")}
               | {"lora": stats["lora"]}} for method in args.methods]
     return {"model": {"type": "llama", **MODEL_SIZES[args.device.type], "sequences": sequences,
                       "tokens_per_sequence": length, "targets": TARGETS},
