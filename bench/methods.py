@@ -2,9 +2,10 @@
 
 A method's builder takes the frozen base ``nn.Linear``, the parsed arguments and config
 fields that override the arguments' (FRoD's sparse_rate per run), and returns
-``{implementation name: module}``: ours (one per backend with --backends), our pure-PyTorch
-reference backend (peft's algorithm) and, when peft is installed, peft's own layer. Every module wraps its own
-deepcopy of the base, so no two implementations share weights, caches or gradients.
+``{implementation name: module}``: ours (one per backend with --backends), our
+pure-PyTorch reference backend (peft's algorithm) and, when peft is installed, peft's own
+layer. Every module wraps its own deepcopy of the base, so no two implementations share
+weights, caches or gradients.
 Adapters are initialised non-trivially (peft's init_weights=False) and their parameters
 train, as in fine-tuning.
 """
