@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._cache import TensorCache
+from .._cache import TensorCache, version_key
 from . import _autograd
 from ..kernels.reference import frod as reference
 
@@ -67,6 +67,14 @@ def _v_t(v, dtype):
     return _transposes.get(v, dtype, lambda: v.t().to(dtype).contiguous())
 
 
+def _v_t_operand(v, dtype):
+    """V^T as an operand of the factored path's GEMMs: the kept contiguous copy (_v_t), else (nothing is kept for
+    inference tensors) the transposed view. The copy turns V^T x^T and dz V^T into GEMMs of one transposed
+    operand instead of two: at T=64, 4096 x 4096 on a 2-core Xeon (MKL, float32) 11.5 against 17.4 ms and 10.7
+    against 12.2 ms, and, for half-precision x, no cast of V on every call."""
+    return v.to(dtype).t() if version_key(v) is None else _v_t(v, dtype)
+
+
 def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
     """(y, state): state is z^T (factored path) or W' (weight path), what the backward needs."""
     k = dispatch.kernels("frod", backend)
@@ -79,7 +87,7 @@ def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
         y = F.linear(x2, state, bias)
     else:
         u = u.to(x.dtype)
-        state = torch.mm(v.to(x.dtype).t(), x2.t())
+        state = torch.mm(_v_t_operand(v, x.dtype), x2.t())
         h_t = k.mix(state, coef, *plan)
         y = torch.mm(h_t.t(), u.t()) if bias is None else torch.addmm(bias.to(x.dtype), h_t.t(), u.t())
     return y.reshape(*x.shape[:-1], m), state
@@ -119,7 +127,7 @@ def _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, 
     elif need_dx or need_dlam or need_ds:
         dz_t, dcoef = k.mix_backward(torch.mm(u.t(), dy2.t()), state, coef, *plan_t, need_dx)
         if need_dx:
-            dx = torch.mm(dz_t.t(), v.to(dtype).t())
+            dx = torch.mm(dz_t.t(), _v_t_operand(v, dtype))
     dx = dx.reshape(*dy.shape[:-1], n) if need_dx else state.new_empty(0)
     dlam = dcoef[:n].to(lam.dtype, copy=True) if need_dlam else lam.new_empty(0)  # not a view of ds
     ds = dcoef[n:].to(s_values.dtype) if need_ds else s_values.new_empty(0)
