@@ -4,8 +4,10 @@
 # benchmark table to stdout.
 #   OUT=dir SPECTRAL_KERNELS_COMMIT=$(git rev-parse HEAD)[-dirty] bench/gpu.sh
 # Optional: TESTS (pytest arguments, default "tests"; "none" skips), BENCH (bench arguments, default
-# "--quick --backends cuda,triton": both GPU backends side by side in one run; "none" skips), PROFILE (python -m bench.profile arguments, e.g. "--methods oft --python"; default: not run),
-# TEST_TIMEOUT, BENCH_TIMEOUT and PROFILE_TIMEOUT (seconds).
+# "--quick --backends cuda,triton": both GPU backends side by side in one run; "none" skips), PROFILE
+# (python -m bench.profile arguments, e.g. "--methods oft --python"; default: not run),
+# TEST_TIMEOUT, BENCH_TIMEOUT and PROFILE_TIMEOUT (seconds; the defaults leave the build ~2 minutes of one
+# 600 s device call with tests and bench, profile then needs a call of its own).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD  # built in place (tests/test_triton_compile.py runs a subprocess)
 out=${OUT:?set OUT}; logs=$out/logs; mkdir -p "$logs"
@@ -22,12 +24,12 @@ SPECTRAL_KERNELS_REQUIRE_NATIVE=1 SPECTRAL_KERNELS_CMAKE_ARGS=-DSPECTRAL_KERNELS
 python3 -c "import spectral_kernels as sk; print(sk.backends())"
 if [ "${TESTS:-tests}" != none ]; then
   eval "set -- ${TESTS:-tests}"  # shell words: TESTS='tests -k "a or b"' keeps the quoted expression whole
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest "$@" -q -n 12 -p no:cacheprovider --timeout 240 \
+  timeout "${TEST_TIMEOUT:-270}" python3 -m pytest "$@" -q -n 12 -p no:cacheprovider --timeout 240 \
     -rfE --junitxml="$logs/tests.xml" >"$logs/tests.log" 2>&1
   echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$logs/tests.log" | cut -c1-300 | tail -60
 fi
 if [ "${BENCH:---quick}" != none ]; then
-  timeout "${BENCH_TIMEOUT:-200}" python3 -m bench ${BENCH:---quick --backends cuda,triton} --out "$logs" \
+  timeout "${BENCH_TIMEOUT:-180}" python3 -m bench ${BENCH:---quick --backends cuda,triton} --out "$logs" \
     >"$logs/bench.log" 2>&1
   echo "bench rc=$?"; tail -60 "$logs/bench.log"
 fi
