@@ -127,3 +127,43 @@ def test_gradient_checkpointing(method, use_reentrant):
         assert checkpointed_loss == loss and grads and checkpointed_grads.keys() == grads.keys()
         for name, grad in grads.items():
             assert_close(checkpointed_grads[name], grad, torch.float32)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+class _OneLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(24, 16)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_sees_swapped_and_parametrized_weights(method):
+    """The eval cache reads a layer's tensors from the modules' registries (see layers/base.py: member): tensors
+    swapped there by torch.func.functional_call, and a base weight computed by a parametrization, give what the
+    layer computes without the cache (FRoD replaces the base weight: there only the swap matters)."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    x = torch.randn(5, 24)
+    swapped = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in model.named_parameters()}
+    uncached = copy.deepcopy(model)
+    uncached.proj.cache_effective_weight = False
+    with torch.no_grad():
+        model(x)  # the cache now holds the weight of the parameters before the swap
+        for name, p in uncached.named_parameters():
+            p.copy_(swapped[name])
+        expected = uncached(x)
+        assert_close(torch.func.functional_call(model, swapped, (x,)), expected, torch.float32)
+        for name, p in model.named_parameters():
+            p.copy_(swapped[name])
+        for layer in (model, uncached):
+            torch.nn.utils.parametrize.register_parametrization(layer.proj.base_layer, "weight", _Doubled())
+        doubled = uncached(x)
+        assert_close(model(x), doubled, torch.float32)
+        assert torch.allclose(doubled, expected) == (method == "frod")

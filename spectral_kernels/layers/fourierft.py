@@ -5,7 +5,7 @@ from torch import nn
 from .._cache import ConcatCache
 from ..config import FourierFTConfig
 from ..ops.fourierft import fourierft_delta_weight, fourierft_linear
-from .base import AdapterLayer
+from .base import AdapterLayer, member
 
 
 def fourierft_indices(out_features, in_features, n_frequency, random_loc_seed):
@@ -56,31 +56,34 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_spectrum[adapter_name] = nn.Parameter(spectrum.to(weight.device, dtype))
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def _indices(self, adapter):
-        indices, device = self.indices[adapter], self.fourierft_spectrum[adapter].device
+    def _indices(self, adapter, spectrum):
+        """The indices of ``adapter`` on the device of its ``spectrum``."""
+        indices, device = self.indices[adapter], spectrum.device
         if indices.device != device:  # the layer was moved: follow the spectrum
             indices = self.indices[adapter] = indices.to(device)
         return indices
 
     def delta_weight(self, adapter):
-        return fourierft_delta_weight(self.fourierft_spectrum[adapter], self._indices(adapter), self.out_features,
+        spectrum = self.fourierft_spectrum[adapter]
+        return fourierft_delta_weight(spectrum, self._indices(adapter, spectrum), self.out_features,
                                       self.in_features, self.fourierft_scaling[adapter], self.backend)
 
     def _adapter_terms(self):
         """(spectrum, indices, scaling) of the active adapters, folded into one when several, and the eval cache's
         key for them: (the tensors they come from, their scalings)."""
-        spectra = self.fourierft_spectrum
+        spectra = member(self, "_modules", "fourierft_spectrum")._parameters
         names = [n for n in self._active_adapter if n in spectra]
         if not names:
             return None
         scalings = tuple(self.fourierft_scaling[n] for n in names)
         if len(names) == 1:
-            spectrum, indices = spectra[names[0]], self._indices(names[0])
+            spectrum = spectra[names[0]]
+            indices = self._indices(names[0], spectrum)
             return spectrum, indices, scalings[0], ((spectrum, indices), scalings)
         # dW is linear in the coefficients: sum_a s_a Re(ifft2(S_a)) = Re(ifft2(sum_a s_a S_a)). The indices are
         # concatenated once, not per call, so their check (a device sync on GPU) runs once too.
         parts = [spectra[n] for n in names]
-        indices = self._folded_indices.get([self._indices(n) for n in names], 1)
+        indices = self._folded_indices.get([self._indices(n, spectra[n]) for n in names], 1)
         return (torch.cat([s * a for s, a in zip(parts, scalings)]), indices, 1.0, ((*parts, indices), scalings))
 
     def _effective_weight(self, weight, spectrum, indices, scaling):
@@ -88,7 +91,7 @@ class FourierFTLinear(AdapterLayer):
         return weight + delta.to(weight.dtype)
 
     def _forward(self, x, *args, **kwargs):
-        base_layer = self.base_layer
+        base_layer = self._base_layer()
         if self._disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
@@ -97,7 +100,7 @@ class FourierFTLinear(AdapterLayer):
         if terms is None:
             return base_layer(x, *args, **kwargs)
         spectrum, indices, scaling, (sources, scalings) = terms
-        weight, bias = self._weight(), base_layer.bias
+        weight, bias = self._weight(), self._bias()
         if self._eval_cache_applies(x):
             weight = self._cached_weight((*sources, weight), scalings,
                                          lambda: self._effective_weight(weight, spectrum, indices, scaling))

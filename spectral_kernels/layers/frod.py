@@ -13,7 +13,7 @@ from torch import nn
 from .._cache import TensorCache
 from ..config import FrodConfig
 from ..ops.frod import frod_effective_weight, frod_linear
-from .base import AdapterLayer
+from .base import AdapterLayer, member
 
 
 def frod_category(key):
@@ -207,10 +207,14 @@ class FrodLinear(AdapterLayer):
 
     def _tensors(self, adapter):
         """(U, V, lambda, s values, s indices) of ``adapter``, on lambda's device."""
-        lam = self.frod_lambda_l[adapter]
+        def entry(table, kind="_buffers"):
+            return member(self, "_modules", table).__dict__[kind][adapter]
+
+        lam = entry("frod_lambda_l", "_parameters")
         device = lam.device
-        return (self.frod_U[adapter].to(device), self.frod_V[adapter].to(device), lam,
-                self.frod_lambda_s_values[adapter], self.frod_s_indices[adapter].to(device))
+        u, v, s_indices = (t if t.device == device else t.to(device)
+                           for t in (entry("frod_U"), entry("frod_V"), entry("frod_s_indices")))
+        return u, v, lam, entry("frod_lambda_s_values", "_parameters"), s_indices
 
     def delta_weight(self, adapter):
         """peft's get_delta_weight: W' - W, W the base weight as it was before any merge."""
@@ -257,7 +261,7 @@ class FrodLinear(AdapterLayer):
 
     def _frod(self, adapter, x, bias):
         tensors = self._tensors(adapter)
-        bias = None if bias is None else bias.to(x.dtype)
+        bias = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
         u, v, lam, s_values, s_indices = tensors
         if self._eval_cache_applies(x):
             # Keyed by the adapter's own tensors (not by their copies cast to x's dtype).
@@ -267,17 +271,18 @@ class FrodLinear(AdapterLayer):
         return frod_linear(x, u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, bias, self.backend)
 
     def _forward(self, x, *args, **kwargs):
-        if self.disable_adapters or self.merged:
-            if self.disable_adapters and self.merged:
+        if self._disable_adapters or self.merged_adapters:
+            if self._disable_adapters and self.merged_adapters:
                 self.unmerge()
             self._restore_base_weight()
-            return self.base_layer(x, *args, **kwargs)
-        names = [n for n in self.active_adapters if n in self.frod_lambda_s_values]
+            return self._base_layer()(x, *args, **kwargs)
+        values = member(self, "_modules", "frod_lambda_s_values")._parameters
+        names = [n for n in self._active_adapter if n in values]
         if not names:
             self._restore_base_weight()
-            return self.base_layer(x, *args, **kwargs)
-        bias = self.base_layer.bias
-        dropout = self.frod_dropout[names[0]]
+            return self._base_layer()(x, *args, **kwargs)
+        bias = self._bias()
+        dropout = member(self, "_modules", "frod_dropout")._modules[names[0]]
         if len(names) == 1 and (isinstance(dropout, nn.Identity) or not dropout.training):
             # FRoD replaces the weight: the base layer's own product is not needed.
             if self.runtime_offload_base_weight[names[0]]:

@@ -8,7 +8,7 @@ from .._cache import version_key
 from ..config import OFTConfig
 from ..kernels.reference import oft as reference
 from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
-from .base import AdapterLayer
+from .base import AdapterLayer, member
 
 
 def adjust_oft_parameters(in_features, params):
@@ -110,10 +110,10 @@ class OFTLinear(AdapterLayer):
     def _rotation(self, name):
         """(key, R) of adapter ``name``: R differentiable with autograd on (key None), else cached
         under the parameters' version."""
-        module = self.oft_R[name]
+        module = member(self, "_modules", "oft_R")._modules[name]
         if torch.is_grad_enabled() or module.coft or not self.cache_effective_weight:
             return None, module.rotation(backend=self.backend)
-        params = module.weight
+        params = member(module, "_parameters", "weight")
         versions = version_key(params)
         if versions is None:
             return None, module.rotation(backend=self.backend)
@@ -175,19 +175,20 @@ class OFTLinear(AdapterLayer):
             self._write_weight(self._rotate_weight(torch.linalg.inv(rot.to(exact))))
 
     def _forward(self, x, *args, **kwargs):
-        if self.disable_adapters:
-            if self.merged:
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        names = [] if self.merged else [n for n in self.active_adapters if n in self.oft_R]
+            return self._base_layer()(x, *args, **kwargs)
+        rotations = member(self, "_modules", "oft_R")._modules
+        names = [] if self.merged_adapters else [n for n in self._active_adapter if n in rotations]
         if not names:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_layer()(x, *args, **kwargs)
         rotations = [self._rotation(n) for n in names]
         # peft rotates by each active adapter in turn, then runs the base layer.
         for _, rot in rotations[:-1]:
             x = oft_rotate(x, rot, self.backend)
         key, rot = rotations[-1]
-        weight, bias = self._weight(), self.base_layer.bias
+        weight, bias = self._weight(), self._bias()
         if key is not None and self._eval_cache_applies(x):
             weight = self._cached_weight((weight,), key, lambda: self._rotate_weight(rot))
             return nn.functional.linear(x, weight, bias)
