@@ -15,7 +15,7 @@ from conftest import (assert_close, assert_compiled_matches_eager, assert_low_pr
 PATHS = ["token", "weight"]
 # (out_features, in_features, n_frequency): odd, non-square, n from 1 to out*in.
 SMALL = [(33, 17, 1), (24, 40, 100), (16, 12, 192), (1000, 37, 700)]
-LARGE = [(768, 768, 1000), (37, 1000, 37000), (300, 513, 4000)]
+LARGE = [(768, 768, 1000), (37, 1000, 37000), (300, 513, 4000), (3072, 24, 1000), (40, 11008, 1000)]
 
 
 def make_case(m, n, nf, lead, dtype, device, seed=0):
