@@ -193,10 +193,10 @@ constexpr int64_t kTile = 32;
 // Rows of the tile planes: one per bin that some coefficient reads, in bin order
 // (bins of a half spectrum of length n, so no sort is needed).
 struct Planes {
-  std::vector<int32_t> bin;  // plane row -> stored bin
-  std::vector<int32_t> row;  // coefficient -> plane row
-  Planes(const Gather& g, int64_t n) : row(g.bin.size()) {
-    std::vector<int32_t> row_of(n / 2 + 1, -1);
+  std::vector<int32_t> bin;     // plane row -> stored bin
+  std::vector<int32_t> row;     // coefficient -> plane row
+  std::vector<int32_t> row_of;  // stored bin -> plane row, -1 where no coefficient reads it
+  Planes(const Gather& g, int64_t n) : row(g.bin.size()), row_of(n / 2 + 1, -1) {
     for (int32_t b : g.bin) row_of[b] = 0;
     for (int32_t b = 0; b <= n / 2; ++b) {
       if (row_of[b] == 0) {
@@ -208,22 +208,118 @@ struct Planes {
   }
 };
 
-// re/im planes (rows x width) of `tokens` (<= width) rows of a half spectrum, zero past
-// `tokens`. Row by row: consecutive rows read the same cache lines of the spectra.
+typedef float F8 __attribute__((vector_size(32)));
+
+// v[c] <- column c of the 8 x 8 matrix whose rows are v[0..8).
+SK_INLINE void transpose8x8(F8* v) {
+  F8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * j + 1] = __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    v[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    v[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// The float planes of `groups` groups of 8 tokens of a tile from the spectra (rows of
+// `bins` complex), 4 bins at a time: the group's 8 rows of 8 floats (re, im of the 4
+// bins), transposed in registers, are the re and im plane rows of those bins for its
+// tokens. A group at a time, so that 8 rows are read as streams. The element-wise copy
+// (the tails, and double) was most of the time of the sampled reduction.
+SK_CPU_CLONES void transpose_groups(const float* spectra, int64_t bins, int64_t groups, const int32_t* row_of,
+                                    int64_t width, float* re, float* im) {
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t q = 0; q + 4 <= bins; q += 4) {
+      F8 v[8];
+      for (int i = 0; i < 8; ++i) load_vec(v[i], spectra + 2 * ((8 * g + i) * bins + q));
+      transpose8x8(v);
+      for (int c = 0; c < 4; ++c) {
+        const int64_t r = row_of[q + c];
+        if (r < 0) continue;
+        store_vec(re + r * width + 8 * g, v[2 * c]);
+        store_vec(im + r * width + 8 * g, v[2 * c + 1]);
+      }
+    }
+  }
+}
+
+// re/im planes (rows x width) of `tokens` (<= width) rows of a half spectrum of `bins`
+// bins, zero past `tokens`: whole groups of 8 tokens and 4 bins by transpose_groups
+// (float), the rest element by element, row by row so that consecutive rows read the
+// same cache lines of the spectra.
 template <typename scalar_t>
-void transpose_tile(const scalar_t* spectra, int64_t stride, int64_t tokens, const Planes& p, int64_t width,
+void transpose_tile(const scalar_t* spectra, int64_t bins, int64_t tokens, const Planes& p, int64_t width,
                     scalar_t* re, scalar_t* im) {
+  int64_t grouped = 0;  // tokens of the bins below bins / 4 * 4 that transpose_groups wrote
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    grouped = tokens / 8 * 8;
+    transpose_groups(spectra, bins, grouped / 8, p.row_of.data(), width, re, im);
+  }
   const int64_t rows = static_cast<int64_t>(p.bin.size());
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = spectra + 2 * p.bin[r];
     scalar_t* dr = re + r * width;
     scalar_t* di = im + r * width;
-    for (int64_t t = 0; t < tokens; ++t) {
-      dr[t] = src[2 * t * stride];
-      di[t] = src[2 * t * stride + 1];
+    for (int64_t t = p.bin[r] < bins / 4 * 4 ? grouped : 0; t < tokens; ++t) {
+      dr[t] = src[2 * t * bins];
+      di[t] = src[2 * t * bins + 1];
     }
     std::fill(dr + tokens, dr + width, scalar_t(0));
     std::fill(di + tokens, di + width, scalar_t(0));
+  }
+}
+
+// The inverse of transpose_groups: rows of `bins` complex for 8 groups of tokens
+// from the planes of the bins that have one (row_of[bin] >= 0), zeros in the others.
+SK_CPU_CLONES void untranspose_groups(const float* re, const float* im, const int32_t* row_of, int64_t bins,
+                                      int64_t groups, int64_t width, float* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t q = 0; q + 4 <= bins; q += 4) {
+      F8 v[8];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t r = row_of[q + c];
+        v[2 * c] = v[2 * c + 1] = F8{};
+        if (r < 0) continue;
+        load_vec(v[2 * c], re + r * width + 8 * g);
+        load_vec(v[2 * c + 1], im + r * width + 8 * g);
+      }
+      transpose8x8(v);
+      for (int i = 0; i < 8; ++i) store_vec(out + 2 * ((8 * g + i) * bins + q), v[i]);
+    }
+  }
+}
+
+// `tokens` (<= width) rows of a half spectrum of row_of.size() bins from the planes of
+// the bins in `bin` (plane row -> bin; row_of the other way, -1 for a bin without a
+// row, which is zero): whole groups of 8 tokens by 4 bins by untranspose_groups
+// (float), the rest element by element.
+template <typename scalar_t>
+void untranspose_tile(const scalar_t* re, const scalar_t* im, const std::vector<int32_t>& bin,
+                      const std::vector<int32_t>& row_of, int64_t tokens, int64_t width, scalar_t* out) {
+  const int64_t bins = static_cast<int64_t>(row_of.size());
+  int64_t done = 0;  // bins written for every token by untranspose_groups
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (tokens % 8 == 0) {
+      untranspose_groups(re, im, row_of.data(), bins, tokens / 8, width, out);
+      done = bins / 4 * 4;
+    }
+  }
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + 2 * (t * bins + done), out + 2 * (t + 1) * bins, scalar_t(0));
+  for (size_t r = 0; r < bin.size(); ++r) {
+    if (bin[r] < done) continue;
+    scalar_t* dst = out + 2 * bin[r];
+    for (int64_t t = 0; t < tokens; ++t) {
+      dst[2 * t * bins] = re[r * width + t];
+      dst[2 * t * bins + 1] = im[r * width + t];
+    }
   }
 }
 
@@ -333,15 +429,7 @@ at::Tensor fourierft_mix_cpu(const at::Tensor& xf_in, const at::Tensor& coef_in,
         const int64_t t0 = tile * kMixTile, rows = std::min(kMixTile, tokens - t0);
         transpose_tile(x + 2 * t0 * in_stride, in_stride, rows, planes, kMixTile, re, im);
         mix_tile(re, im, plan.ptr.data(), plan.terms.data(), out_rows, out_re, out_im);
-        // Back to token-major: the tile's rows zeroed, then each used bin written for its tokens.
-        std::fill(y + 2 * t0 * out_stride, y + 2 * (t0 + rows) * out_stride, scalar_t(0));
-        for (int64_t r = 0; r < out_rows; ++r) {
-          scalar_t* yb = y + 2 * (t0 * out_stride + plan.bin[r]);
-          for (int64_t t = 0; t < rows; ++t) {
-            yb[2 * t * out_stride] = out_re[r * kMixTile + t];
-            yb[2 * t * out_stride + 1] = out_im[r * kMixTile + t];
-          }
-        }
+        untranspose_tile(out_re, out_im, plan.bin, row_of, rows, kMixTile, y + 2 * t0 * out_stride);
       }
     });
   });
