@@ -286,7 +286,7 @@ void transpose_tile(const scalar_t* spectra, int64_t bins, int64_t tokens, const
   }
 }
 
-// The inverse of transpose_groups: rows of `bins` complex for 8 groups of tokens
+// The inverse of transpose_groups: rows of `bins` complex for `groups` groups of 8 tokens
 // from the planes of the bins that have one (row_of[bin] >= 0), zeros in the others.
 SK_CPU_CLONES void untranspose_groups(const float* re, const float* im, const int32_t* row_of, int64_t bins,
                                       int64_t groups, int64_t width, float* out) {
