@@ -29,6 +29,12 @@ def member(module, kind, name):
     return entries[name] if name in entries else getattr(module, name)
 
 
+def adapter_entries(layer, table, kind):
+    """The tensors or modules by adapter name of ``layer.<table>`` (a ParameterDict, BufferDict or ModuleDict;
+    ``kind`` as for member), read as member reads them."""
+    return member(layer, "_modules", table).__dict__[kind]
+
+
 class AdapterLayer(nn.Module):
     """Subclasses define ``adapter_layer_names`` and ``delta_weight(adapter)`` (out, in).
 

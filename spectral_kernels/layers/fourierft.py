@@ -5,7 +5,7 @@ from torch import nn
 from .._cache import ConcatCache
 from ..config import FourierFTConfig
 from ..ops.fourierft import fourierft_delta_weight, fourierft_linear
-from .base import AdapterLayer, member
+from .base import AdapterLayer, adapter_entries
 
 
 def fourierft_indices(out_features, in_features, n_frequency, random_loc_seed):
@@ -71,7 +71,7 @@ class FourierFTLinear(AdapterLayer):
     def _adapter_terms(self):
         """(spectrum, indices, scaling) of the active adapters, folded into one when several, and the eval cache's
         key for them: (the tensors they come from, their scalings)."""
-        spectra = member(self, "_modules", "fourierft_spectrum")._parameters
+        spectra = adapter_entries(self, "fourierft_spectrum", "_parameters")
         names = [n for n in self._active_adapter if n in spectra]
         if not names:
             return None

@@ -13,7 +13,7 @@ from torch import nn
 from .._cache import TensorCache
 from ..config import FrodConfig
 from ..ops.frod import frod_effective_weight, frod_linear
-from .base import AdapterLayer, member
+from .base import AdapterLayer, adapter_entries
 
 
 def frod_category(key):
@@ -207,14 +207,11 @@ class FrodLinear(AdapterLayer):
 
     def _tensors(self, adapter):
         """(U, V, lambda, s values, s indices) of ``adapter``, on lambda's device."""
-        def entry(table, kind="_buffers"):
-            return member(self, "_modules", table).__dict__[kind][adapter]
-
-        lam = entry("frod_lambda_l", "_parameters")
-        device = lam.device
-        u, v, s_indices = (t if t.device == device else t.to(device)
-                           for t in (entry("frod_U"), entry("frod_V"), entry("frod_s_indices")))
-        return u, v, lam, entry("frod_lambda_s_values", "_parameters"), s_indices
+        lam = adapter_entries(self, "frod_lambda_l", "_parameters")[adapter]
+        s_values = adapter_entries(self, "frod_lambda_s_values", "_parameters")[adapter]
+        fixed = [adapter_entries(self, name, "_buffers")[adapter] for name in ("frod_U", "frod_V", "frod_s_indices")]
+        u, v, s_indices = (t if t.device == lam.device else t.to(lam.device) for t in fixed)
+        return u, v, lam, s_values, s_indices
 
     def delta_weight(self, adapter):
         """peft's get_delta_weight: W' - W, W the base weight as it was before any merge."""
@@ -276,13 +273,13 @@ class FrodLinear(AdapterLayer):
                 self.unmerge()
             self._restore_base_weight()
             return self._base_layer()(x, *args, **kwargs)
-        values = member(self, "_modules", "frod_lambda_s_values")._parameters
+        values = adapter_entries(self, "frod_lambda_s_values", "_parameters")
         names = [n for n in self._active_adapter if n in values]
         if not names:
             self._restore_base_weight()
             return self._base_layer()(x, *args, **kwargs)
         bias = self._bias()
-        dropout = member(self, "_modules", "frod_dropout")._modules[names[0]]
+        dropout = adapter_entries(self, "frod_dropout", "_modules")[names[0]]
         if len(names) == 1 and (isinstance(dropout, nn.Identity) or not dropout.training):
             # FRoD replaces the weight: the base layer's own product is not needed.
             if self.runtime_offload_base_weight[names[0]]:

@@ -8,7 +8,7 @@ from .._cache import version_key
 from ..config import OFTConfig
 from ..kernels.reference import oft as reference
 from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
-from .base import AdapterLayer, member
+from .base import AdapterLayer, adapter_entries, member
 
 
 def adjust_oft_parameters(in_features, params):
@@ -110,7 +110,7 @@ class OFTLinear(AdapterLayer):
     def _rotation(self, name):
         """(key, R) of adapter ``name``: R differentiable with autograd on (key None), else cached
         under the parameters' version."""
-        module = member(self, "_modules", "oft_R")._modules[name]
+        module = adapter_entries(self, "oft_R", "_modules")[name]
         if torch.is_grad_enabled() or module.coft or not self.cache_effective_weight:
             return None, module.rotation(backend=self.backend)
         params = member(module, "_parameters", "weight")
@@ -179,7 +179,7 @@ class OFTLinear(AdapterLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self._base_layer()(x, *args, **kwargs)
-        rotations = member(self, "_modules", "oft_R")._modules
+        rotations = adapter_entries(self, "oft_R", "_modules")
         names = [] if self.merged_adapters else [n for n in self._active_adapter if n in rotations]
         if not names:
             return self._base_layer()(x, *args, **kwargs)
