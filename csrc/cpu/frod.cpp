@@ -28,10 +28,10 @@ namespace {
 // Tokens per register block: a row's sum over its entries is held in kVecs SIMD
 // registers for kBlock tokens and written once, instead of being accumulated in memory
 // entry by entry (one load, one FMA and one store per token and entry). Each row is
-// processed over all tokens at once: every entry then reads its input row as one long
-// stream, which the prefetchers follow. Splitting the tokens into chunks that stay in
-// cache was slower at every size measured (2-core AMD EPYC, 2 threads, 1% density,
-// n=1024 and 2048, T=512 to 2048: 256 KiB chunks up to 3x slower, 1-8 MiB up to 1.7x).
+// processed over all tokens of a pass (chunk_tokens) at once: every entry then reads
+// its input row's strip as one long stream, which the prefetchers follow. Short strips
+// do not: passes of 256 KiB of the input were up to 3x slower than whole rows at
+// n=1024 and 2048, T=512 to 2048 (2-core AMD EPYC, 2 threads, 1% density).
 template <typename Acc>
 struct Block {
   typedef Acc V __attribute__((vector_size(32)));  // GCC vector extension: follows each clone's ISA
@@ -40,17 +40,17 @@ struct Block {
   static constexpr int64_t kBlock = kLanes * kVecs;
 };
 
-// out[:len] = sum_e coef[e] · in[src[e] * len + :len] for one written row.
+// out[:len] = sum_e coef[e] · in[src[e] * ld + :len] for one written row.
 template <typename T, typename Acc>
-SK_INLINE void mix_row_impl(T* __restrict__ out, const T* in, int64_t len, const int64_t* src, const Acc* coef,
-                            int64_t count) {
+SK_INLINE void mix_row_impl(T* __restrict__ out, const T* in, int64_t ld, int64_t len, const int64_t* src,
+                            const Acc* coef, int64_t count) {
   using B = Block<Acc>;
   using V = typename B::V;
   int64_t b = 0;
   for (; b + B::kBlock <= len; b += B::kBlock) {
     V acc[B::kVecs] = {};
     for (int64_t e = 0; e < count; ++e) {
-      const T* row = in + src[e] * len + b;
+      const T* row = in + src[e] * ld + b;
       const Acc c = coef[e];
 #pragma GCC unroll 4
       for (int v = 0; v < B::kVecs; ++v) {
@@ -64,16 +64,16 @@ SK_INLINE void mix_row_impl(T* __restrict__ out, const T* in, int64_t len, const
   }
   for (; b < len; ++b) {
     Acc sum = 0;
-    for (int64_t e = 0; e < count; ++e) sum += coef[e] * static_cast<Acc>(in[src[e] * len + b]);
+    for (int64_t e = 0; e < count; ++e) sum += coef[e] * static_cast<Acc>(in[src[e] * ld + b]);
     out[b] = static_cast<T>(sum);
   }
 }
 
-// One row j of the backward over its `len` tokens: dz[:len] = sum_e coef[e] · g[src[e] * len + :len]
-// (when dz is non-null) and dcoef[e] += sum_t g[src[e] * len + t] z[t], reading each g row once.
+// One row j of the backward over `len` tokens: dz[:len] = sum_e coef[e] · g[src[e] * ld + :len]
+// (when dz is non-null) and dcoef[e] += sum_t g[src[e] * ld + t] z[t], reading each g row once.
 // part: scratch of `count` vectors' worth of Acc for the per-entry partial dot products.
 template <typename T, typename Acc>
-SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t len, const T* z,
+SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t ld, int64_t len, const T* z,
                                   const int64_t* src, const Acc* coef, Acc* dcoef, int64_t count,
                                   Acc* __restrict__ part) {
   using B = Block<Acc>;
@@ -85,7 +85,7 @@ SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t len
 #pragma GCC unroll 4
     for (int v = 0; v < B::kVecs; ++v) load_vec(zb[v], z + b + v * B::kLanes);
     for (int64_t e = 0; e < count; ++e) {
-      const T* row = g + src[e] * len + b;
+      const T* row = g + src[e] * ld + b;
       const Acc c = coef[e];
       V dot = {};
 #pragma GCC unroll 4
@@ -113,7 +113,7 @@ SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t len
     const Acc zt = static_cast<Acc>(z[b]);
     Acc sum = 0;
     for (int64_t e = 0; e < count; ++e) {
-      const Acc gv = static_cast<Acc>(g[src[e] * len + b]);
+      const Acc gv = static_cast<Acc>(g[src[e] * ld + b]);
       sum += coef[e] * gv;
       dcoef[e] += gv * zt;
     }
@@ -122,12 +122,13 @@ SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t len
 }
 
 #define SK_ROWS(T, Acc)                                                                                          \
-  SK_CPU_CLONES void mix_row(T* out, const T* in, int64_t len, const int64_t* src, const Acc* coef, int64_t count) {  \
-    mix_row_impl(out, in, len, src, coef, count);                                                                \
+  SK_CPU_CLONES void mix_row(T* out, const T* in, int64_t ld, int64_t len, const int64_t* src, const Acc* coef,    \
+                             int64_t count) {                                                                    \
+    mix_row_impl(out, in, ld, len, src, coef, count);                                                            \
   }                                                                                                              \
-  SK_CPU_CLONES void mix_backward_row(T* dz, const T* g, int64_t len, const T* z, const int64_t* src, const Acc* coef, \
-                                  Acc* dcoef, int64_t count, Acc* part) {                                        \
-    mix_backward_row_impl(dz, g, len, z, src, coef, dcoef, count, part);                                         \
+  SK_CPU_CLONES void mix_backward_row(T* dz, const T* g, int64_t ld, int64_t len, const T* z, const int64_t* src,   \
+                                      const Acc* coef, Acc* dcoef, int64_t count, Acc* part) {                   \
+    mix_backward_row_impl(dz, g, ld, len, z, src, coef, dcoef, count, part);                                     \
   }
 SK_ROWS(float, float)
 SK_ROWS(at::BFloat16, float)
@@ -177,6 +178,19 @@ std::vector<Acc> entry_coefficients(const at::Tensor& coef, const at::Tensor& pe
   return out;
 }
 
+// Tokens per pass over the rows. Each entry reads a strip of a random input row, so
+// the input's strips of a pass should stay in the last-level cache while every row
+// uses them: an input of more than 8 MiB goes in passes of 4 MiB of it. Measured on
+// the 2-core EPYC (32 MiB L3, 2 threads, 1% density, mix + backward, interleaved):
+// 240 -> 119 ms at n = 4096, T = 2048; 95 -> 43 ms at n = 3072, T = 2048; 65 -> 43 ms
+// at n = 4096, T = 1024; inputs of up to 8 MiB ran as fast or faster whole (each
+// entry's strip then is one long stream).
+int64_t chunk_tokens(int64_t rows, int64_t tokens, int64_t elem) {
+  constexpr int64_t kPassBytes = int64_t(4) << 20, kStep = Block<float>::kBlock;  // whole register blocks
+  if (rows * tokens * elem <= 2 * kPassBytes) return std::max<int64_t>(tokens, 1);
+  return std::max<int64_t>(kPassBytes / (rows * elem) / kStep * kStep, kStep);
+}
+
 }  // namespace
 
 at::Tensor frod_mix_cpu(const at::Tensor& in_, const at::Tensor& coef, const at::Tensor& ptr_,
@@ -195,10 +209,14 @@ at::Tensor frod_mix_cpu(const at::Tensor& in_, const at::Tensor& coef, const at:
     const int64_t* sp = src.const_data_ptr<int64_t>();
     const scalar_t* xp = in.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows_out, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        mix_row(op + i * tokens, xp, tokens, sp + pp[i], coef_e.data() + pp[i], pp[i + 1] - pp[i]);
-    });
+    const int64_t chunk = chunk_tokens(in.size(0), tokens, sizeof(scalar_t));
+    for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+      const int64_t len = std::min(chunk, tokens - t0);
+      at::parallel_for(0, rows_out, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          mix_row(op + i * tokens + t0, xp + t0, tokens, len, sp + pp[i], coef_e.data() + pp[i], pp[i + 1] - pp[i]);
+      });
+    }
   });
   return out;
 }
@@ -227,13 +245,17 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cpu(const at::Tensor& g_, c
     int64_t widest = 0;
     for (int64_t j = 0; j < rows; ++j) widest = std::max(widest, pp[j + 1] - pp[j]);
     // Entries are owned by their row's thread: their sums need no reduction.
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> part(widest * Block<Acc>::kLanes);
-      for (int64_t j = begin; j < end; ++j) {
-        mix_backward_row(need_dz ? dzp + j * tokens : nullptr, gp, tokens, zp + j * tokens, sp + pp[j],
-                         coef_e.data() + pp[j], dcoef_e.data() + pp[j], pp[j + 1] - pp[j], part.data());
-      }
-    });
+    const int64_t chunk = chunk_tokens(g.size(0), tokens, sizeof(scalar_t));
+    for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+      const int64_t len = std::min(chunk, tokens - t0);
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        std::vector<Acc> part(widest * Block<Acc>::kLanes);
+        for (int64_t j = begin; j < end; ++j) {
+          mix_backward_row(need_dz ? dzp + j * tokens + t0 : nullptr, gp + t0, tokens, len, zp + j * tokens + t0,
+                           sp + pp[j], coef_e.data() + pp[j], dcoef_e.data() + pp[j], pp[j + 1] - pp[j], part.data());
+        }
+      });
+    }
     Acc* dcp = dcoef.mutable_data_ptr<Acc>();
     const int64_t* mp = perm.const_data_ptr<int64_t>();
     for (int64_t e = 0; e < entries; ++e) dcp[mp[e]] = dcoef_e[e];
