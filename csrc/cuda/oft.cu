@@ -131,7 +131,8 @@ __device__ __forceinline__ Acc product_entry(const Acc* a, const Acc* m, int b, 
   return s;
 }
 
-// grid (rotation blocks): out_j = sum_{p <= last} coef[p] Q_j^p, coef[0] = 1 (as neumann_items on the CPU).
+// grid (rotation blocks): out_j = sum_{p <= last} coef[p] Q_j^p, coef[0] = 1 (as neumann_items on the CPU),
+// from power = Q^0 = I on, one product power · Q a term.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kNeumannThreads)
     neumann_kernel(NeumannCoef coef, int last, int b, const T* __restrict__ params, T* __restrict__ out) {
@@ -146,33 +147,23 @@ __global__ void __launch_bounds__(kNeumannThreads)
   for (int i = 0; i < kNeumannPerThread; ++i) {
     const int e = threadIdx.x + i * kNeumannThreads;
     rot[i] = e < n && e / b == e % b ? Acc(1) : Acc(0);
+    if (e < n) power[e] = rot[i];
   }
   __syncthreads();
   for (int p = 1; p <= last; ++p) {
     const Acc c = static_cast<Acc>(coef.c[p]);
-    if (p == 1) {
 #pragma unroll
-      for (int i = 0; i < kNeumannPerThread; ++i) {
-        const int e = threadIdx.x + i * kNeumannThreads;
-        if (e < n) {
-          power[e] = q[e];
-          rot[i] += c * q[e];
-        }
-      }
-    } else {
+    for (int i = 0; i < kNeumannPerThread; ++i) {
+      const int e = threadIdx.x + i * kNeumannThreads;
+      if (e < n) next[i] = product_entry(power, q, b, e / b, e % b);
+    }
+    __syncthreads();  // every read of power done
 #pragma unroll
-      for (int i = 0; i < kNeumannPerThread; ++i) {
-        const int e = threadIdx.x + i * kNeumannThreads;
-        if (e < n) next[i] = product_entry(power, q, b, e / b, e % b);
-      }
-      __syncthreads();  // every read of power done
-#pragma unroll
-      for (int i = 0; i < kNeumannPerThread; ++i) {
-        const int e = threadIdx.x + i * kNeumannThreads;
-        if (e < n) {
-          power[e] = next[i];
-          rot[i] += c * next[i];
-        }
+    for (int i = 0; i < kNeumannPerThread; ++i) {
+      const int e = threadIdx.x + i * kNeumannThreads;
+      if (e < n) {
+        power[e] = next[i];
+        rot[i] += c * next[i];
       }
     }
     __syncthreads();  // power complete for the next product
