@@ -151,6 +151,19 @@ SK_INLINE void load_blocks(const T* src, const Layout& s, int64_t rows, Acc* dst
   }
 }
 
+// Part `part` of `parts` of the rows [begin, end) of a (rows, s.ld()) tensor, prefetched
+// into L2: spread over a tile's blocks, the next tile's rows arrive while this one
+// computes, instead of the tile's copy waiting on memory (about 45% of the backward's
+// time at T=2048, d=1024 on one core). Measured on the 2-core EPYC, 2 threads, three
+// alternating builds: the backward pass 5-8% faster, the rotation of x 12-15%, of W up
+// to 14% (T=2048 x 1024, 512 x 2048 and 2048 x 4096, b=32).
+template <typename T>
+SK_INLINE void prefetch_rows(const T* src, const Layout& s, int64_t begin, int64_t end, int64_t part, int64_t parts) {
+  const char* p = reinterpret_cast<const char*>(src + begin * s.ld());
+  const int64_t bytes = (end - begin) * s.ld() * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = bytes * part / parts / 64 * 64; o < bytes * (part + 1) / parts; o += 64) __builtin_prefetch(p + o, 0, 2);
+}
+
 // rows x cols of src into dst, converting, and zeroing dst's row ends up to ld_dst.
 template <typename T, typename Acc>
 SK_INLINE void load_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) {
@@ -185,7 +198,9 @@ SK_INLINE void rotate_items(const T* x, const Acc* rot, int64_t n_rot, T* out, c
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t t0 = tile * s.tile, rows = std::min(s.tile, s.tokens - t0);
     load_blocks(x + t0 * s.ld(), s, rows, x_tile);
+    const int64_t next_end = std::min(s.tokens, std::min(end, tile + 2) * s.tile);
     for (int64_t j = 0; j < s.blocks; ++j) {
+      prefetch_rows(x, s, t0 + rows, next_end, j, s.blocks);
       T* dst = out + t0 * s.ld() + j * s.b;
       Acc* c = direct_out ? reinterpret_cast<Acc*>(dst) : c_buf;
       const int64_t ldc = direct_out ? s.ld() : s.bp;
@@ -215,7 +230,10 @@ SK_INLINE void backward_items(T* g, const T* x, const Acc* rot, int64_t n_rot, A
       const int64_t rows = std::min(s.tile, t_end - t0);
       load_blocks(g + t0 * s.ld(), s, rows, g_tile);
       if (partial) load_blocks(x + t0 * s.ld(), s, rows, x_tile);
+      const int64_t next_end = std::min(t_end, t0 + rows + s.tile);
       for (int64_t j = 0; j < s.blocks; ++j) {
+        prefetch_rows(g, s, t0 + rows, next_end, j, s.blocks);
+        if (partial) prefetch_rows(x, s, t0 + rows, next_end, j, s.blocks);
         const Acc* gj = g_tile + j * s.block_stride();
         if (partial) {
           // dR_j rows are x's columns: A(k, t) = x[t, k], the depth runs over tokens.
