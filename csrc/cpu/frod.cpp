@@ -180,11 +180,10 @@ std::vector<Acc> entry_coefficients(const at::Tensor& coef, const at::Tensor& pe
 
 // Tokens per pass over the rows. Each entry reads a strip of a random input row; an
 // input of more than 12 MiB goes in passes of 8 MiB of it, which stay in the last-level
-// cache while every row reads them. Measured on the 2-core EPYC (32 MiB L3, 2 threads,
-// 1% density, mix + backward, glibc keeping freed memory as the benchmark does):
-// 157 -> 65 ms at n = 4096, T = 2048; 57 -> 34 ms at n = 3072, T = 2048; 60 -> 40 ms at
-// n = 4096, T = 1024; about even at 16 MiB for n = 2048 and 1024; whole rows ran
-// slightly faster at 12 MiB (n = 1536 and 2048), where each strip is one long stream.
+// cache while every row reads them. Sized on the 2-core EPYC (32 MiB L3) with glibc
+// keeping freed memory, as the benchmark runs: passes halved the mix's time at 3072 and
+// 4096 features and T = 2048, were even at 16 MiB for 1024 and 2048 features, and lost a
+// little at 12 MiB, where each entry's strip is still one long stream.
 int64_t chunk_tokens(int64_t rows, int64_t tokens, int64_t elem) {
   constexpr int64_t kWhole = int64_t(12) << 20, kPass = int64_t(8) << 20, kStep = Block<float>::kBlock;
   if (rows * tokens * elem <= kWhole) return std::max<int64_t>(tokens, 1);

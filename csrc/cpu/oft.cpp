@@ -153,10 +153,8 @@ SK_INLINE void load_blocks(const T* src, const Layout& s, int64_t rows, Acc* dst
 
 // Part `part` of `parts` of the rows [begin, end) of a (rows, s.ld()) tensor, prefetched
 // into L2: spread over a tile's blocks, the next tile's rows arrive while this one
-// computes, instead of the tile's copy waiting on memory (about 45% of the backward's
-// time at T=2048, d=1024 on one core). Measured on the 2-core EPYC, 2 threads, three
-// alternating builds: the backward pass 5-8% faster, the rotation of x 12-15%, of W up
-// to 14% (T=2048 x 1024, 512 x 2048 and 2048 x 4096, b=32).
+// computes, instead of the tile's copy waiting on memory (most of the backward's time
+// outside the micro-kernel, at T=2048, d=1024).
 template <typename T>
 SK_INLINE void prefetch_rows(const T* src, const Layout& s, int64_t begin, int64_t end, int64_t part, int64_t parts) {
   const char* p = reinterpret_cast<const char*>(src + begin * s.ld());
