@@ -179,8 +179,8 @@ class OFTLinear(AdapterLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self._base_layer()(x, *args, **kwargs)
-        rotations = adapter_entries(self, "oft_R", "_modules")
-        names = [] if self.merged_adapters else [n for n in self._active_adapter if n in rotations]
+        modules = adapter_entries(self, "oft_R", "_modules")
+        names = [] if self.merged_adapters else [n for n in self._active_adapter if n in modules]
         if not names:
             return self._base_layer()(x, *args, **kwargs)
         rotations = [self._rotation(n) for n in names]
