@@ -37,12 +37,16 @@ struct Simd {
   static constexpr int rows_for(int nv) { return Bytes == 64 ? (nv == 1 ? 16 : nv == 4 ? 6 : 8) : (nv == 1 ? 8 : 6); }
 };
 
-// C[i, :NV*W] = (accumulate ? C[i, :] : 0) + sum_k A(i, k) B[k, :NV*W] for i < rows,
+// C[i, :NV*W] = (Accumulate ? C[i, :] : 0) + sum_k A(i, k) B[k, :NV*W] for i < rows,
 // with A(i, k) = a[i * a_row + k * a_col]. Rows from `rows` to MR recompute the last
-// valid row and are not stored, so callers need no remainder loop.
-template <typename Acc, int Bytes, int MR, int NV>
+// valid row and are not stored. Whole tiles (Full: rows = MR) and the accumulate flag
+// are compile-time, so that the accumulators stay in registers from their first FMA
+// to their stores: with both known only at run time, GCC passed every accumulator
+// through the stack before and after the depth loop, which at b = 32 is only 32 steps.
+template <typename Acc, int Bytes, int MR, int NV, bool Full, bool Accumulate>
 SK_INLINE void micro_tile(const Acc* a, int64_t a_row, int64_t a_col, const Acc* b, int64_t ldb, int64_t depth,
-                          Acc* c, int64_t ldc, int rows, bool accumulate) {
+                          Acc* c, int64_t ldc, int partial_rows) {
+  const int rows = Full ? MR : partial_rows;
   using S = Simd<Acc, Bytes>;
   using V = typename S::V;
   V acc[MR][NV];
@@ -53,7 +57,7 @@ SK_INLINE void micro_tile(const Acc* a, int64_t a_row, int64_t a_col, const Acc*
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       acc[i][v] = V{};
-      if (accumulate && i < rows) load_vec(acc[i][v], c + i * ldc + v * S::kWidth);
+      if (Accumulate && i < rows) load_vec(acc[i][v], c + i * ldc + v * S::kWidth);
     }
   }
   for (int64_t k = 0; k < depth; ++k) {
@@ -76,13 +80,28 @@ SK_INLINE void micro_tile(const Acc* a, int64_t a_row, int64_t a_col, const Acc*
   }
 }
 
+// Rows [0, m) of C in tiles of MR: the whole tiles, then the remainder.
+template <typename Acc, int Bytes, int NV, bool Accumulate>
+SK_INLINE void panel_rows(const Acc* a, int64_t a_row, int64_t a_col, int64_t m, const Acc* b, int64_t ldb,
+                          int64_t depth, Acc* c, int64_t ldc) {
+  constexpr int MR = Simd<Acc, Bytes>::rows_for(NV);
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) {
+    micro_tile<Acc, Bytes, MR, NV, true, Accumulate>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, MR);
+  }
+  if (i < m) {
+    micro_tile<Acc, Bytes, MR, NV, false, Accumulate>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc,
+                                                      static_cast<int>(m - i));
+  }
+}
+
 template <typename Acc, int Bytes, int NV>
 SK_INLINE void panel(const Acc* a, int64_t a_row, int64_t a_col, int64_t m, const Acc* b, int64_t ldb,
                      int64_t depth, Acc* c, int64_t ldc, bool accumulate) {
-  constexpr int MR = Simd<Acc, Bytes>::rows_for(NV);
-  for (int64_t i = 0; i < m; i += MR) {
-    micro_tile<Acc, Bytes, MR, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc,
-                                   static_cast<int>(std::min<int64_t>(MR, m - i)), accumulate);
+  if (accumulate) {
+    panel_rows<Acc, Bytes, NV, true>(a, a_row, a_col, m, b, ldb, depth, c, ldc);
+  } else {
+    panel_rows<Acc, Bytes, NV, false>(a, a_row, a_col, m, b, ldb, depth, c, ldc);
   }
 }
 
