@@ -24,21 +24,22 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make,path", CASES)
-def test_strided_inputs_match_reference(device, backend, make, path, layout):
+def test_strided_inputs_match_reference(device, backend, make, path, layout, dtype):
     results = []
     for name in ("reference", backend):
         g = torch.Generator().manual_seed(0)
-        params, fn = make(name, path, device, torch.float32, g)
-        leaves = [t.to(device).requires_grad_() for t in (torch.randn(TOKENS, D_IN, generator=g), *params)]
+        params, fn = make(name, path, device, dtype, g)
+        leaves = [t.to(device, dtype).requires_grad_() for t in (torch.randn(TOKENS, D_IN, generator=g), *params)]
         x = LAYOUTS[layout](leaves[0])
         assert not x.is_contiguous()
         y = fn(x, *leaves[1:])
         results.append((y, torch.autograd.grad(y.square().sum(), leaves)))
     (y_ref, grads_ref), (y, grads) = results
     assert y.shape == y_ref.shape
-    assert_close(y, y_ref, torch.float32)
+    assert_close(y, y_ref, dtype)
     for got, expected in zip(grads, grads_ref):
-        assert_close(got, expected, torch.float32)
+        assert_close(got, expected, dtype)
