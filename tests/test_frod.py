@@ -1,7 +1,7 @@
 """FRoD: every backend and path against the reference (peft's sparse COO algorithm)."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import spectral_kernels as sk
@@ -234,7 +234,10 @@ def test_effective_weight_bad_input(backend):
 
 @pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 12), tokens=st.integers(0, 70), entries=st.integers(0, 40), need_dz=st.booleans(),
+# Every register block width (csrc/cpu/frod.cpp: 8, 4, 2 and 1 vectors), then single tokens.
+@example(rows=7, tokens=64 + 32 + 16 + 8 + 3, entries=30, need_dz=True, dtype=torch.float32)
+@example(rows=7, tokens=32 + 16 + 8 + 4 + 3, entries=30, need_dz=True, dtype=torch.float64)
+@given(rows=st.integers(1, 12), tokens=st.integers(0, 140), entries=st.integers(0, 40), need_dz=st.booleans(),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_cpu_kernels_any_plan(rows, tokens, entries, need_dz, dtype):
     """mix and its backward on any CSR plan: empty rows, repeated positions, no tokens, no entries."""

@@ -25,48 +25,95 @@
 namespace spectral_kernels {
 namespace {
 
-// Tokens per register block: a row's sum over its entries is held in kVecs SIMD
-// registers for kBlock tokens and written once, instead of being accumulated in memory
-// entry by entry (one load, one FMA and one store per token and entry). Each row is
-// processed over all tokens of a pass (chunk_tokens) at once: every entry then reads
-// its input row's strip as one long stream, which the prefetchers follow. Short strips
-// do not: passes of 256 KiB of the input were up to 3x slower than whole rows at
-// n=1024 and 2048, T=512 to 2048 (2-core AMD EPYC, 2 threads, 1% density).
+// Register blocks: a row's sum over its entries is held in SIMD registers for a block
+// of tokens and written once, instead of being accumulated in memory entry by entry
+// (one load, one FMA and one store per token and entry). Each vector of a block is a
+// chain of dependent FMAs over the entries, and two FMA pipes of four cycles' latency
+// need eight chains to stay busy: the mix's blocks are kWide vectors, the backward's
+// half as many, each carrying two chains (dz and the sampled dot product). The last
+// tokens go in blocks of half the width, a quarter, ..., one vector, then one at a time.
+// Each row is processed over all tokens of a pass (chunk_tokens) at once: every entry
+// then reads its input row's strip as one long stream, which the prefetchers follow.
+// Short strips do not: passes of 256 KiB of the input were up to 3x slower than whole
+// rows at n=1024 and 2048, T=512 to 2048 (2-core AMD EPYC, 2 threads, 1% density).
 template <typename Acc>
-struct Block {
+struct Lanes {
   typedef Acc V __attribute__((vector_size(32)));  // GCC vector extension: follows each clone's ISA
-  static constexpr int kLanes = 32 / sizeof(Acc);
-  static constexpr int kVecs = 4;
-  static constexpr int64_t kBlock = kLanes * kVecs;
+  static constexpr int64_t kCount = 32 / sizeof(Acc);
 };
+constexpr int kWide = 8;
+
+// out[b:] = sum_e coef[e] · in[src[e] * ld + b:] for one written row, in blocks of NV
+// vectors while they fit, then of NV / 2, ...; returns the first token left (under one vector).
+template <int NV, typename T, typename Acc>
+SK_INLINE int64_t mix_blocks(T* __restrict__ out, const T* in, int64_t ld, int64_t b, int64_t len,
+                             const int64_t* src, const Acc* coef, int64_t count) {
+  using V = typename Lanes<Acc>::V;
+  constexpr int64_t L = Lanes<Acc>::kCount;
+  for (; b + NV * L <= len; b += NV * L) {
+    V acc[NV] = {};
+    for (int64_t e = 0; e < count; ++e) {
+      const T* row = in + src[e] * ld + b;
+      const Acc c = coef[e];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        V x;
+        load_vec(x, row + v * L);
+        acc[v] += c * x;
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store_vec(out + b + v * L, acc[v]);
+  }
+  if constexpr (NV > 1) return mix_blocks<NV / 2>(out, in, ld, b, len, src, coef, count);
+  return b;
+}
 
 // out[:len] = sum_e coef[e] · in[src[e] * ld + :len] for one written row.
 template <typename T, typename Acc>
 SK_INLINE void mix_row_impl(T* __restrict__ out, const T* in, int64_t ld, int64_t len, const int64_t* src,
                             const Acc* coef, int64_t count) {
-  using B = Block<Acc>;
-  using V = typename B::V;
-  int64_t b = 0;
-  for (; b + B::kBlock <= len; b += B::kBlock) {
-    V acc[B::kVecs] = {};
-    for (int64_t e = 0; e < count; ++e) {
-      const T* row = in + src[e] * ld + b;
-      const Acc c = coef[e];
-#pragma GCC unroll 4
-      for (int v = 0; v < B::kVecs; ++v) {
-        V x;
-        load_vec(x, row + v * B::kLanes);
-        acc[v] += c * x;
-      }
-    }
-#pragma GCC unroll 4
-    for (int v = 0; v < B::kVecs; ++v) store_vec(out + b + v * B::kLanes, acc[v]);
-  }
-  for (; b < len; ++b) {
+  for (int64_t b = mix_blocks<kWide>(out, in, ld, 0, len, src, coef, count); b < len; ++b) {
     Acc sum = 0;
     for (int64_t e = 0; e < count; ++e) sum += coef[e] * static_cast<Acc>(in[src[e] * ld + b]);
     out[b] = static_cast<T>(sum);
   }
+}
+
+// The backward's blocks, as mix_blocks: dz[b:] = sum_e coef[e] · g[src[e] * ld + b:]
+// (when dz is non-null) and part[e] += the lane-wise sums of g[src[e] * ld + t] z[t].
+template <int NV, typename T, typename Acc>
+SK_INLINE int64_t mix_backward_blocks(T* __restrict__ dz, const T* g, int64_t ld, int64_t b, int64_t len,
+                                      const T* z, const int64_t* src, const Acc* coef, int64_t count,
+                                      Acc* __restrict__ part) {
+  using V = typename Lanes<Acc>::V;
+  constexpr int64_t L = Lanes<Acc>::kCount;
+  for (; b + NV * L <= len; b += NV * L) {
+    V zb[NV], acc[NV] = {};
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) load_vec(zb[v], z + b + v * L);
+    for (int64_t e = 0; e < count; ++e) {
+      const T* row = g + src[e] * ld + b;
+      const Acc c = coef[e];
+      V dot = {};
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        V gv;
+        load_vec(gv, row + v * L);
+        acc[v] += c * gv;
+        dot += gv * zb[v];
+      }
+      V sum;
+      load_vec(sum, part + e * L);
+      store_vec(part + e * L, sum + dot);
+    }
+    if (dz) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) store_vec(dz + b + v * L, acc[v]);
+    }
+  }
+  if constexpr (NV > 1) return mix_backward_blocks<NV / 2>(dz, g, ld, b, len, z, src, coef, count, part);
+  return b;
 }
 
 // One row j of the backward over `len` tokens: dz[:len] = sum_e coef[e] · g[src[e] * ld + :len]
@@ -74,39 +121,14 @@ SK_INLINE void mix_row_impl(T* __restrict__ out, const T* in, int64_t ld, int64_
 // part: scratch of `count` vectors' worth of Acc for the per-entry partial dot products.
 template <typename T, typename Acc>
 SK_INLINE void mix_backward_row_impl(T* __restrict__ dz, const T* g, int64_t ld, int64_t len, const T* z,
-                                  const int64_t* src, const Acc* coef, Acc* dcoef, int64_t count,
-                                  Acc* __restrict__ part) {
-  using B = Block<Acc>;
-  using V = typename B::V;
-  std::fill_n(part, count * B::kLanes, Acc(0));
-  int64_t b = 0;
-  for (; b + B::kBlock <= len; b += B::kBlock) {
-    V zb[B::kVecs], acc[B::kVecs] = {};
-#pragma GCC unroll 4
-    for (int v = 0; v < B::kVecs; ++v) load_vec(zb[v], z + b + v * B::kLanes);
-    for (int64_t e = 0; e < count; ++e) {
-      const T* row = g + src[e] * ld + b;
-      const Acc c = coef[e];
-      V dot = {};
-#pragma GCC unroll 4
-      for (int v = 0; v < B::kVecs; ++v) {
-        V gv;
-        load_vec(gv, row + v * B::kLanes);
-        acc[v] += c * gv;
-        dot += gv * zb[v];
-      }
-      V sum;
-      load_vec(sum, part + e * B::kLanes);
-      store_vec(part + e * B::kLanes, sum + dot);
-    }
-    if (dz) {
-#pragma GCC unroll 4
-      for (int v = 0; v < B::kVecs; ++v) store_vec(dz + b + v * B::kLanes, acc[v]);
-    }
-  }
+                                     const int64_t* src, const Acc* coef, Acc* dcoef, int64_t count,
+                                     Acc* __restrict__ part) {
+  constexpr int64_t L = Lanes<Acc>::kCount;
+  std::fill_n(part, count * L, Acc(0));
+  int64_t b = mix_backward_blocks<kWide / 2>(dz, g, ld, 0, len, z, src, coef, count, part);
   for (int64_t e = 0; e < count; ++e) {
     Acc sum = 0;
-    for (int l = 0; l < B::kLanes; ++l) sum += part[e * B::kLanes + l];
+    for (int l = 0; l < L; ++l) sum += part[e * L + l];
     dcoef[e] += sum;
   }
   for (; b < len; ++b) {
@@ -185,7 +207,7 @@ std::vector<Acc> entry_coefficients(const at::Tensor& coef, const at::Tensor& pe
 // 4096 features and T = 2048, were even at 16 MiB for 1024 and 2048 features, and lost a
 // little at 12 MiB, where each entry's strip is still one long stream.
 int64_t chunk_tokens(int64_t rows, int64_t tokens, int64_t elem) {
-  constexpr int64_t kWhole = int64_t(12) << 20, kPass = int64_t(8) << 20, kStep = Block<float>::kBlock;
+  constexpr int64_t kWhole = int64_t(12) << 20, kPass = int64_t(8) << 20, kStep = kWide * Lanes<float>::kCount;
   if (rows * tokens * elem <= kWhole) return std::max<int64_t>(tokens, 1);
   return std::max<int64_t>(kPass / (rows * elem) / kStep * kStep, kStep);  // whole register blocks
 }
@@ -248,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cpu(const at::Tensor& g_, c
     for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
       const int64_t len = std::min(chunk, tokens - t0);
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        std::vector<Acc> part(widest * Block<Acc>::kLanes);
+        std::vector<Acc> part(widest * Lanes<Acc>::kCount);
         for (int64_t j = begin; j < end; ++j) {
           mix_backward_row(need_dz ? dzp + j * tokens + t0 : nullptr, gp + t0, tokens, len, zp + j * tokens + t0,
                            sp + pp[j], coef_e.data() + pp[j], dcoef_e.data() + pp[j], pp[j + 1] - pp[j], part.data());
