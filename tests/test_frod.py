@@ -234,7 +234,8 @@ def test_effective_weight_bad_input(backend):
 
 @pytest.mark.skipif(sk.backends()["cpu"] is not None, reason=str(sk.backends()["cpu"]))
 @settings(max_examples=60, deadline=None)
-# Every register block width (csrc/cpu/frod.cpp: 8, 4, 2 and 1 vectors), then single tokens.
+# Every register block width (csrc/cpu/frod.cpp: the mix 8, 4, 2 and 1 vectors, its backward 4, 2, 1), then
+# single tokens.
 @example(rows=7, tokens=64 + 32 + 16 + 8 + 3, entries=30, need_dz=True, dtype=torch.float32)
 @example(rows=7, tokens=32 + 16 + 8 + 4 + 3, entries=30, need_dz=True, dtype=torch.float64)
 @given(rows=st.integers(1, 12), tokens=st.integers(0, 140), entries=st.integers(0, 40), need_dz=st.booleans(),
