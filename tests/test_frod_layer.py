@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import spectral_kernels as sk
+from spectral_kernels import dispatch
 from spectral_kernels.layers.frod import frod_category, frod_layer_index, frod_projections
 
 from conftest import assert_close, device_backends
@@ -244,6 +245,28 @@ def test_no_sparse_entries_no_s_gradient(device, backend):
         layer(x).square().sum().backward()
         assert layer.frod_lambda_s_values["default"].grad is None
     assert_close(layers[0].frod_lambda_l["default"].grad, layers[1].frod_lambda_l["default"].grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("path", dispatch.FROD_PATHS)
+def test_peft_parity_many_tokens(dtype, path, monkeypatch):
+    """With sparse entries and 100 tokens (on the factored path the CPU mix's register blocks of every width,
+    then single tokens), against peft in float32 and float64: outputs and the gradients of x, lambda and the S
+    values."""
+    monkeypatch.setenv(dispatch.ENV_FROD_PATH, path)
+    ours, peft_model, _, keys = build_pair(backend="cpu")
+    ours, peft_model = ours.to(dtype), peft_model.to(dtype)
+    x = torch.randn(4, 25, 12, dtype=dtype)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y_ours, y_peft = ours(xs[0]), peft_model(xs[1])
+    assert_close(y_ours, y_peft, dtype)
+    y_ours.square().sum().backward()
+    y_peft.square().sum().backward()
+    assert_close(xs[0].grad, xs[1].grad, dtype)
+    for key in keys:
+        a, e = ours.get_submodule(key), peft_model.base_model.model.get_submodule(key)
+        for name in ("frod_lambda_l", "frod_lambda_s_values"):
+            assert_close(getattr(a, name)["default"].grad, getattr(e, name)["default"].grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
