@@ -1,17 +1,34 @@
 """Caches keyed on tensor versions: what the ops and layers keep between calls (FRoD's sparse plans, V^T and
 LU factors, the layers' eval-mode weights) is rebuilt when a tensor it came from is replaced or modified in
 place (optimizer steps included)."""
+import itertools
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+# A serial number per storage, never reused: an address and a version count alone can repeat, since a new
+# tensor (load_state_dict(assign=True), Module.half().float()) may get the freed memory of the one a cache
+# was built from, at version 0 or at the version its Parameter kept.
+_serials = WeakIdKeyDictionary()
+_next_serial = itertools.count()
+
+
+def _storage_serial(t):
+    storage = t.untyped_storage()  # one Python object per storage while it lives (torch keeps it)
+    serial = _serials.get(storage)
+    if serial is None:
+        serial = _serials[storage] = next(_next_serial)
+    return serial
+
 
 def version_key(*tensors):
-    """(data_ptr, version) of each tensor, or None (nothing is cached) where one is an inference tensor, which
-    has no version counter, and while torch.compile traces, as a graph cannot keep Python-side caches. As for
-    autograd, writes that bypass the version counter (through ``.data`` or a numpy view) are not seen."""
+    """(storage serial, data_ptr, version) of each tensor, or None (nothing is cached) where one is an inference
+    tensor, which has no version counter, and while torch.compile traces, as a graph cannot keep Python-side
+    caches. As for autograd, in-place writes that bypass the version counter (through ``.data`` or a numpy view)
+    are not seen."""
     if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
         return None
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    return tuple((_storage_serial(t), t.data_ptr(), t._version) for t in tensors)
 
 
 class TensorCache:

@@ -167,3 +167,31 @@ def test_eval_cache_sees_swapped_and_parametrized_weights(method):
         doubled = uncached(x)
         assert_close(model(x), doubled, torch.float32)
         assert torch.allclose(doubled, expected) == (method == "frod")
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_sees_new_tensors_at_old_addresses(method):
+    """A tensor that replaces a parameter may get the memory of the one the cache was built from, at the same
+    version (load_state_dict(assign=True), Module.half().float(): the allocator hands freed blocks back), and
+    the cache must see it. Forced here with numpy-backed parameters: the new ones share the old ones' memory,
+    not their storage."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    uncached = copy.deepcopy(model)
+    uncached.proj.cache_effective_weight = False
+    arrays = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+
+    def load(layer):
+        layer.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()}, strict=False, assign=True)
+
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        load(model)
+        before = model(x)  # the cache now holds the weight built from the arrays' old values
+        for a in arrays.values():
+            a += 0.05 * torch.randn(a.shape).numpy()  # behind the version counter of every tensor on them
+        load(model)
+        load(uncached)
+        changed = uncached(x)
+        assert not torch.allclose(changed, before)
+        assert_close(model(x), changed, torch.float32)
