@@ -45,6 +45,10 @@ def test_peft_parity(backend, base, tokens):
     for a, e in zip(outputs_and_grads(ours, x), outputs_and_grads(peft, x)):
         assert_close(a, e, torch.float32)
     assert_close(ours.get_delta_weight("default"), peft.get_delta_weight("default"), torch.float32)
+    for layer in (ours, peft):  # differentiable, as peft's (a regulariser on dW trains the spectrum)
+        layer.zero_grad()
+        layer.get_delta_weight("default").square().sum().backward()
+    assert_close(ours.fourierft_spectrum["default"].grad, peft.fourierft_spectrum["default"].grad, torch.float32)
     ours.merge()
     peft.merge()
     assert_close(ours.base_layer.weight, peft.base_layer.weight, torch.float32)

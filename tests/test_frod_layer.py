@@ -107,6 +107,11 @@ def test_peft_parity(conv1d, backend):
         for name in ("frod_lambda_l", "frod_lambda_s_values"):
             assert_close(getattr(a, name)["default"].grad, getattr(e, name)["default"].grad, torch.float32)
         assert_close(a.get_delta_weight("default"), e.get_delta_weight("default"), torch.float32)
+        for layer in (a, e):  # differentiable, as peft's
+            layer.zero_grad()
+            layer.get_delta_weight("default").square().sum().backward()
+        for name in ("frod_lambda_l", "frod_lambda_s_values"):
+            assert_close(getattr(a, name)["default"].grad, getattr(e, name)["default"].grad, torch.float32)
 
 
 def test_merge_unmerge_and_eval_cache():

@@ -195,3 +195,21 @@ def test_eval_cache_sees_new_tensors_at_old_addresses(method):
         changed = uncached(x)
         assert not torch.allclose(changed, before)
         assert_close(model(x), changed, torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_checks_input_as_the_op(method):
+    """The eval cache runs its own GEMM instead of the fused op: bad input gets the op's errors there too, not
+    torch's from inside F.linear (FRoD takes any floating-point dtype, as its op and peft's layer do)."""
+    layer = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).proj
+    x = torch.randn(3, 24)
+    bad = [(x[:, :23], ValueError, "in_features=24"), (x.long(), TypeError, "floating-point"),
+           (x.to("meta"), RuntimeError, "different devices")]
+    if method != "frod":
+        bad.append((x.double(), TypeError, "same dtype"))
+    for mode in (True, False):
+        layer.train(mode)
+        with torch.no_grad():
+            for bad_x, error, match in bad:
+                with pytest.raises(error, match=match):
+                    layer(bad_x)

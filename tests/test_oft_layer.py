@@ -64,6 +64,16 @@ def test_peft_parity(backend, base, mode, tokens):
         assert_close(a, e, torch.float32)
     assert_close(ours.oft_R["default"].weight, peft.oft_R["default"].weight, torch.float32)  # COFT projects in place
     assert_close(ours.get_delta_weight("default"), peft.get_delta_weight("default"), torch.float32)
+    grads = []
+    for layer in (ours, peft):  # differentiable as peft's: without COFT (peft projects without autograd)
+        layer.zero_grad()
+        delta = layer.get_delta_weight("default")
+        if delta.requires_grad:
+            delta.square().sum().backward()
+        grads.append(layer.oft_R["default"].weight.grad)
+    assert (grads[0] is None) == (grads[1] is None) == MODES[mode].get("coft", False)
+    if grads[0] is not None:
+        assert_close(*grads, torch.float32)
     with torch.no_grad():
         adapted = ours(x)
     ours.merge()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._cache import version_key
+from ..ops._autograd import autocast_dtype, check_input
 
 
 def base_weight_and_layout(base_layer):
@@ -112,17 +113,25 @@ class AdapterLayer(nn.Module):
         return (self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim()
                 and not torch.compiler.is_compiling())
 
-    def _cached_weight(self, tensors, extra, build):
-        """The eval cache's effective weight; ``build()`` makes it when one of ``tensors`` (those it is
-        computed from) was replaced or modified in place, or ``extra`` changed (not kept for inference tensors)."""
+    def _cached_linear(self, op, x, bias, tensors, extra, build):
+        """x W_eff^T + bias with the eval cache's effective weight W_eff, which ``build()`` makes when one of
+        ``tensors`` (those it is computed from) was replaced or modified in place, or ``extra`` changed (not kept
+        for inference tensors); x gets the checks the fused op ``op``, which the cache skips, would make."""
+        check_input(op, x, self.in_features)
         key = version_key(*tensors)
         if key is None:
-            return build()
-        key += (extra,)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None  # drop the old one before building the new one
-            self._cache = (key, build())
-        return self._cache[1]
+            weight = build()
+        else:
+            key += (extra,)
+            if self._cache is None or self._cache[0] != key:
+                self._cache = None  # drop the old one before building the new one
+                self._cache = (key, build())
+            weight = self._cache[1]
+        if x.device != weight.device:
+            raise RuntimeError(f"{op}: tensors on different devices: x on {x.device}, the layer on {weight.device}")
+        if x.dtype != weight.dtype and autocast_dtype(x) is None:
+            raise TypeError(f"{op}: x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        return nn.functional.linear(x, weight, bias)
 
     def _base_layer(self):
         return member(self, "_modules", "base_layer")

@@ -102,9 +102,8 @@ class FourierFTLinear(AdapterLayer):
         spectrum, indices, scaling, (sources, scalings) = terms
         weight, bias = self._weight(), self._bias()
         if self._eval_cache_applies(x):
-            weight = self._cached_weight((*sources, weight), scalings,
-                                         lambda: self._effective_weight(weight, spectrum, indices, scaling))
-            return nn.functional.linear(x, weight, bias)
+            return self._cached_linear("fourierft_linear", x, bias, (*sources, weight), scalings,
+                                       lambda: self._effective_weight(weight, spectrum, indices, scaling))
         return fourierft_linear(x, weight, bias, spectrum, indices, scaling, self.backend)
 
     def __repr__(self):

@@ -262,10 +262,9 @@ class FrodLinear(AdapterLayer):
         u, v, lam, s_values, s_indices = tensors
         if self._eval_cache_applies(x):
             # Keyed by the adapter's own tensors (not by their copies cast to x's dtype).
-            weight = self._cached_weight(tensors, x.dtype, lambda: frod_effective_weight(
+            return self._cached_linear("frod_linear", x, bias, tensors, x.dtype, lambda: frod_effective_weight(
                 u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, self.backend))
-            return nn.functional.linear(x, weight, bias)
-        return frod_linear(x, u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, bias, self.backend)
+        return frod_linear(x, u, v, lam, s_values, s_indices, bias, self.backend)  # U and V go in x's dtype
 
     def _forward(self, x, *args, **kwargs):
         if self._disable_adapters or self.merged_adapters:

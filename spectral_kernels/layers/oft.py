@@ -56,10 +56,11 @@ class OFTRotation(nn.Module):
         self.num_cayley_neumann_terms = config.num_cayley_neumann_terms
 
     def rotation(self, params=None, backend=None):
-        """Rotation blocks R (n, b, b) of ``weight``, or of a detached copy ``params`` of it (merging).
+        """Rotation blocks R (n, b, b) of ``weight``, or of ``params``, ``weight`` cast for merging.
 
         With COFT the parameters are first projected and the projection written back
-        into ``weight``, as peft does on every forward and merge.
+        into ``weight``, as peft does on every forward and merge (in a merge, as in
+        peft's get_delta_weight, without autograd).
         """
         if params is None:
             params = self.weight
@@ -67,8 +68,8 @@ class OFTRotation(nn.Module):
                 with torch.no_grad():
                     params.copy_(reference.project(params, self.block_size, self.eps))
         elif self.coft:
-            params = reference.project(params, self.block_size, self.eps)
             with torch.no_grad():
+                params = reference.project(params, self.block_size, self.eps)
                 self.weight.copy_(params)
         return oft_rotation(params, self.block_size, self.use_cayley_neumann, self.num_cayley_neumann_terms, backend)
 
@@ -124,9 +125,10 @@ class OFTLinear(AdapterLayer):
         return cached
 
     def _merge_rotation(self, name):
-        """R as peft's get_delta_weight builds it: in float32 for half-precision parameters on the CPU."""
+        """R as peft's get_delta_weight builds it (differentiable without COFT): in float32 for half-precision
+        parameters on the CPU."""
         module = self.oft_R[name]
-        params = module.weight.detach()
+        params = module.weight
         if params.device.type == "cpu" and params.dtype in (torch.float16, torch.bfloat16):
             return module.rotation(params.float(), self.backend).to(params.dtype)
         return module.rotation(params, self.backend)
@@ -190,8 +192,7 @@ class OFTLinear(AdapterLayer):
         key, rot = rotations[-1]
         weight, bias = self._weight(), self._bias()
         if key is not None and self._eval_cache_applies(x):
-            weight = self._cached_weight((weight,), key, lambda: self._rotate_weight(rot))
-            return nn.functional.linear(x, weight, bias)
+            return self._cached_linear("oft_linear", x, bias, (weight,), key, lambda: self._rotate_weight(rot))
         return oft_linear(x, weight, bias, rot, self.backend)
 
     def __repr__(self):

@@ -176,15 +176,11 @@ _FourierFTFunction = _autograd.function("_FourierFTFunction", _forward, _setup_c
 
 
 def _check(x, weight, bias, spectrum, indices, scaling):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"fourierft_linear: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     _autograd.check_tensors("fourierft_linear", weight=weight)
     if weight.dim() != 2:
         raise ValueError(f"fourierft_linear: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
     m, n = weight.shape
-    if x.dim() == 0 or x.shape[-1] != n:
-        raise ValueError(f"fourierft_linear: x has {x.shape[-1] if x.dim() else 0} features, "
-                         f"the layer expects in_features={n}")
+    _autograd.check_input("fourierft_linear", x, n)
     _check_spectrum("fourierft_linear", spectrum, indices, m, n, scaling)
     if bias is not None and bias.shape != (m,):
         raise ValueError(f"fourierft_linear: bias must have shape ({m},), got {tuple(bias.shape)}")
@@ -250,7 +246,8 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
 
 
 def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling, backend=None):
-    """dW (out_features, in_features) in spectrum.dtype, as peft's get_delta_weight returns it."""
+    """dW (out_features, in_features) in spectrum.dtype, as peft's get_delta_weight returns it: differentiable in
+    the spectrum where autograd records (then by peft's torch.fft math: the kernels' build has no backward)."""
     name = "fourierft_delta_weight"
     if out_features < 1 or in_features < 1:
         raise ValueError(f"{name}: out_features and in_features must be positive, got {out_features} x {in_features}")
@@ -259,9 +256,9 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
         raise RuntimeError(f"{name}: spectrum on {spectrum.device}, indices on {indices.device}")
     _check_index_values(indices, out_features, in_features, name)
     backend = dispatch.select_backend(spectrum.device, backend)
-    if backend == "reference":
+    if backend == "reference" or _autograd.needs_grad(spectrum):
         return reference.fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling)
-    coef = spectrum.detach().to(_acc_dtype(spectrum.dtype))
+    coef = spectrum.to(_acc_dtype(spectrum.dtype))
     k = dispatch.kernels("fourierft", backend)
     return _delta_weight(k, coef, indices[0], indices[1], out_features, in_features, float(scaling),
                          None).to(spectrum.dtype)

@@ -204,13 +204,8 @@ def _check_adapter(name, u, v, lam, s_values, s_indices):
 
 
 def _check(x, u, v, lam, s_values, s_indices, bias):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"frod_linear: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     _check_adapter("frod_linear", u, v, lam, s_values, s_indices)
-    n = v.shape[0]
-    if x.dim() == 0 or x.shape[-1] != n:
-        raise ValueError(f"frod_linear: x has {x.shape[-1] if x.dim() else 0} features, the layer expects "
-                         f"in_features={n}")
+    _autograd.check_input("frod_linear", x, v.shape[0])
     if u.requires_grad or v.requires_grad:
         raise ValueError("frod_linear: U and V are fixed projections; gradients with respect to them are not "
                          "supported (detach them)")
@@ -254,12 +249,12 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
 
 
 def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
-    """W' = U (diag(lam) + S) V^T (out_features, in_features) in U's dtype, without autograd."""
+    """W' = U (diag(lam) + S) V^T (out_features, in_features) in U's dtype: differentiable in lam and the S values
+    where autograd records (then by peft's dense torch math: the kernels' build has no backward)."""
     _check_adapter("frod_effective_weight", u, v, lam, s_values, s_indices)
     _check_index_values(s_indices, v.shape[0], "frod_effective_weight")
     backend = dispatch.select_backend(u.device, backend)
-    u, v, lam, s_values = (t.detach() for t in (u, v, lam, s_values))
-    if backend == "reference":
+    if backend == "reference" or _autograd.needs_grad(lam, s_values):
         return reference.effective_weight(u, v, lam, s_values, s_indices)
     coef = torch.cat([lam, s_values]).to(_acc_dtype(u.dtype))
     return u @ dispatch.kernels("frod", backend).mix(_v_t(v, u.dtype), coef, *_plan(s_indices, v.shape[0], False))

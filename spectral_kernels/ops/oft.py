@@ -184,11 +184,9 @@ _OFTRotateFunction = _autograd.function("_OFTRotateFunction", _rotate_forward, _
 
 
 def _check_rotation(name, x, rot, in_features):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() == 0 or x.shape[-1] != in_features or in_features == 0:
-        raise ValueError(f"{name}: x has {x.shape[-1] if x.dim() else 0} features, "
-                         f"the layer expects in_features={in_features} (positive)")
+    _autograd.check_input(name, x, in_features)
+    if in_features == 0:
+        raise ValueError(f"{name}: x has 0 features (in_features must be positive)")
     if not isinstance(rot, torch.Tensor) or not rot.is_floating_point() or rot.dim() != 3 \
             or rot.shape[1] != rot.shape[2]:
         raise ValueError(f"{name}: rot must be floating-point rotation blocks (n, b, b), "
