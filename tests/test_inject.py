@@ -472,3 +472,24 @@ def test_fourierft_on_the_meta_device():
     model.load_state_dict(source.state_dict())
     x = torch.randn(3, 16)
     assert_close(model(x), source(x), torch.float32)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: sk.FourierFTLinear(nn.Linear(16, 12), config=sk.FourierFTConfig(n_frequency=20, **kw)),
+    lambda **kw: sk.OFTLinear(nn.Linear(16, 12), config=sk.OFTConfig(oft_block_size=4, **kw)),
+    lambda **kw: sk.FrodLinear(nn.Linear(16, 12), config=sk.FrodConfig(progressbar=False, **kw)),
+], ids=["fourierft", "oft", "frod"])
+def test_layers_take_inference_mode_like_peft(make):
+    """As peft's layers: a config's inference_mode freezes the new adapter, and set_adapter(..., inference_mode)
+    activates adapters frozen."""
+    def trainable(layer):  # the adapter's (the base layer is left as it is, as by peft's layers)
+        return {n for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base_layer.")}
+
+    assert not trainable(make(inference_mode=True))
+    layer = make()
+    own = trainable(layer)
+    assert own
+    layer.set_adapter("default", inference_mode=True)
+    assert not trainable(layer)
+    layer.set_adapter("default")
+    assert trainable(layer) == own

@@ -81,15 +81,15 @@ class AdapterLayer(nn.Module):
     def _adapters(self):
         return getattr(self, self.adapter_layer_names[0]).keys()
 
-    def set_adapter(self, adapter_names):
-        """Activate ``adapter_names`` (str or list); only their parameters train."""
+    def set_adapter(self, adapter_names, inference_mode=False):
+        """Activate ``adapter_names`` (str or list); only their parameters train, and those not in inference mode."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self._adapters()]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self._adapters())}")
         for layer_name in self.adapter_layer_names:
             for key, param in getattr(self, layer_name).items():
-                param.requires_grad_(key in names)
+                param.requires_grad_(key in names and not inference_mode)
         self._active_adapter = names
 
     def enable_adapters(self, enabled):

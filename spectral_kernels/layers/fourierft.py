@@ -54,7 +54,7 @@ class FourierFTLinear(AdapterLayer):
             spectrum.zero_()
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.fourierft_spectrum[adapter_name] = nn.Parameter(spectrum.to(weight.device, dtype))
-        self.set_adapter(self.active_adapters or [adapter_name])
+        self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
     def _indices(self, adapter, spectrum):
         """The indices of ``adapter`` on the device of its ``spectrum``."""

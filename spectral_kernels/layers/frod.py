@@ -203,7 +203,7 @@ class FrodLinear(AdapterLayer):
         self.frod_lambda_s_values[adapter_name] = nn.Parameter(s_values)
         self.frod_lambda_l[adapter_name] = nn.Parameter(lam)
         self.frod_U[adapter_name] = u.to(weight.device, dtype)
-        self.set_adapter(self.active_adapters or [adapter_name])
+        self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
     def _tensors(self, adapter):
         """(U, V, lambda, s values, s indices) of ``adapter``, on lambda's device."""

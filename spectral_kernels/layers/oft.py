@@ -106,7 +106,7 @@ class OFTLinear(AdapterLayer):
         weight = self.base_layer.weight
         self.oft_R[adapter_name] = module.to(weight.device, weight.dtype if weight.is_floating_point() else None)
         self.r[adapter_name], self.oft_block_size[adapter_name] = r, block_size
-        self.set_adapter(self.active_adapters or [adapter_name])
+        self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
     def _rotation(self, name):
         """(key, R) of adapter ``name``: R differentiable with autograd on (key None), else cached
