@@ -96,6 +96,8 @@ class OFTConfig:
             raise ValueError(f"module_dropout must be in [0, 1], got {self.module_dropout!r}")
         if self.bias not in ("none", "all", "oft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
+        if not isinstance(self.init_weights, bool):  # peft's OFT layer refuses other values too
+            raise ValueError(f"Unknown initialization init_weights={self.init_weights!r} (True or False)")
 
 
 @dataclass

@@ -299,6 +299,9 @@ def test_bad_layer_and_hyperparameters():
     sk.OFTConfig(use_cayley_neumann=False, num_cayley_neumann_terms=0)  # unused then, as in peft
     with pytest.raises(ValueError, match="bias"):
         sk.OFTConfig(bias="some")
+    for init_weights in ("gaussian", 1, 0, None):
+        with pytest.raises(ValueError, match="Unknown initialization"):
+            sk.OFTConfig(init_weights=init_weights)
     with pytest.raises(ValueError, match="exactly one of r and oft_block_size"):
         sk.OFTLinear(torch.nn.Linear(8, 4), config=sk.OFTConfig(oft_block_size=4)).update_layer(
             "b", sk.OFTConfig(oft_block_size=4), r=2)
@@ -339,3 +342,25 @@ def test_path_selection(monkeypatch):
     monkeypatch.setenv("SPECTRAL_KERNELS_OFT_PATH", "slow")
     with pytest.raises(ValueError, match="unknown OFT path"):
         sk.dispatch.oft_path(1, 4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_half_precision_merge_rounds_once(backend):
+    """A bf16 layer with float32 adapter parameters (what inject and peft make of bf16 models) merges and
+    unmerges in float32, rounding once, as peft: the merged weight is the exact one rounded to bf16, and
+    unmerge comes as close to the original weight as peft's does."""
+    torch.manual_seed(9)
+    ours, peft = pair(torch.nn.Linear(256, 128).to(torch.bfloat16), backend, oft_block_size=32)
+    for layer in (ours, peft):
+        layer.oft_R.float()
+    original = ours.base_layer.weight.detach().double()
+    exact = original @ ours.get_delta_weight("default").detach().double().t()
+    for layer in (ours, peft):
+        layer.merge()
+    merged = ours.base_layer.weight.detach().double()
+    assert ((merged - exact).abs() <= 2**-8 * exact.abs() + 1e-6).all()  # half a bf16 ulp (and float32's error)
+    assert (merged != peft.base_layer.weight.double()).float().mean() < 0.01  # ties of the last float32 bit
+    for layer in (ours, peft):
+        layer.unmerge()
+    restored, theirs = ((layer.base_layer.weight.double() - original).abs().max() for layer in (ours, peft))
+    assert restored <= theirs

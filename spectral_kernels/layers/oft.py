@@ -138,9 +138,11 @@ class OFTLinear(AdapterLayer):
         return reference.block_diagonal(self._merge_rotation(adapter), self.r[adapter])
 
     def _rotate_weight(self, rot):
-        """The base weight (out, in) times blockdiag(rot)^T, in the weight's dtype."""
+        """The base weight (out, in) times blockdiag(rot)^T, in the weight's dtype: computed in the wider of the
+        two, as peft merges (a bf16 layer's float32 rotation rounded to bf16 first cost a rounding more)."""
         weight = self._weight()
-        return oft_effective_weight(weight.contiguous(), rot.to(weight.dtype), self.backend)
+        dtype = torch.promote_types(weight.dtype, rot.dtype)
+        return oft_effective_weight(weight.to(dtype).contiguous(), rot.to(dtype), self.backend).to(weight.dtype)
 
     def _write_weight(self, new):
         self.base_layer.weight.data.copy_(new.t() if self._conv1d else new)
