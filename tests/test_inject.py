@@ -493,3 +493,22 @@ def test_layers_take_inference_mode_like_peft(make):
     assert not trainable(layer)
     layer.set_adapter("default")
     assert trainable(layer) == own
+
+
+def test_frod_later_adapter_of_a_half_precision_model_like_peft():
+    """On the CPU peft makes a later FRoD adapter in the dtype of the layer's existing ones (float32, once
+    autocast_adapter_dtype upcast a bf16 model's first), so its random initial values are drawn there, not in bf16."""
+    config = sk.FrodConfig(target_modules=["query", "value"], init_weights=False, progressbar=False)
+    models = bert().to(torch.bfloat16), bert().to(torch.bfloat16)
+    torch.manual_seed(1)
+    ours = sk.inject(sk.inject(models[0], config), config, "other")
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(models[1], peft_config(config))
+        theirs.add_adapter("other", peft_config(config))
+    expected = {n.removeprefix("base_model.model."): p for n, p in theirs.named_parameters() if "frod_lambda" in n}
+    own = {n: p for n, p in ours.named_parameters() if "frod_lambda" in n}
+    assert own.keys() == expected.keys() and any(".other" in n for n in own)
+    for name, p in own.items():
+        assert p.dtype == torch.float32 and torch.equal(p, expected[name]), name

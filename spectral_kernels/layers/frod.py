@@ -189,20 +189,28 @@ class FrodLinear(AdapterLayer):
             raise ValueError(f"FrodLinear: projection V {tuple(v.shape)} does not fit in_features={self.in_features}")
         if s_indices.numel() and (s_indices.min() < 0 or s_indices.max() >= self.in_features):
             raise ValueError(f"FrodLinear: sparse indices out of range for in_features={self.in_features}")
+        # As peft: the adapter is made on the device and in the dtype of the layer's adapters when the weight is on
+        # the CPU (float32 once autocast_adapter_dtype upcast a half-precision model's first), else the weight's,
+        # then goes to the weight's dtype (to be upcast again by autocast_adapter_dtype): so the random initial
+        # values of a later adapter are drawn in float32, then rounded.
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        existing = next((t for t in self.frod_lambda_l.values() if not t.is_meta), None)
+        device, draw_dtype = weight.device, dtype
+        if weight.device.type == "cpu" and existing is not None:
+            device, draw_dtype = existing.device, existing.dtype
         u, lam = frod_u_and_lambda(v, weight)
         self.r[adapter_name] = self.out_features
         self.runtime_offload_base_weight[adapter_name] = config.runtime_offload_base_weight
         self.frod_dropout[adapter_name] = nn.Dropout(config.frod_dropout) if config.frod_dropout > 0 else nn.Identity()
-        s_values = torch.zeros(s_indices.shape[1], device=weight.device, dtype=dtype)
-        lam = lam.to(weight.device, dtype)
+        s_values = torch.zeros(s_indices.shape[1], device=device, dtype=draw_dtype)
+        lam = lam.to(device, draw_dtype)
         if not config.init_weights:  # peft's order of random draws
             with torch.no_grad():
                 nn.init.normal_(s_values, std=0.1)
                 lam.add_(torch.randn_like(lam) * 0.1)
-        self.frod_lambda_s_values[adapter_name] = nn.Parameter(s_values)
-        self.frod_lambda_l[adapter_name] = nn.Parameter(lam)
-        self.frod_U[adapter_name] = u.to(weight.device, dtype)
+        self.frod_lambda_s_values[adapter_name] = nn.Parameter(s_values.to(dtype))
+        self.frod_lambda_l[adapter_name] = nn.Parameter(lam.to(dtype))
+        self.frod_U[adapter_name] = u.to(device, dtype)
         self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
     def _tensors(self, adapter):
