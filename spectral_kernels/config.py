@@ -102,7 +102,9 @@ class OFTConfig:
 
 @dataclass
 class FrodConfig:
-    """peft.FrodConfig's fields (peft 0.21): same names, same defaults, same validation."""
+    """peft.FrodConfig's fields (peft 0.21): same names, same defaults, peft's validation plus checks of the values
+    peft lets through to fail later or to compute nonsense: frod_dropout a probability, regularization_alpha a finite
+    non-negative ridge term, projection_prng_key a seed torch.Generator takes."""
 
     target_modules: Optional[Union[list[str], str]] = None
     projection_prng_key: int = 0
@@ -125,8 +127,11 @@ class FrodConfig:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         if not 0 <= self.sparse_rate <= 1:
             raise ValueError(f"`sparse_rate` should be between 0 and 1, got {self.sparse_rate}.")
-        if not 0 <= self.frod_dropout < 1:
-            raise ValueError(f"frod_dropout must be in [0, 1), got {self.frod_dropout}")
+        if not is_real(self.frod_dropout, 0.0, 1.0):
+            raise ValueError(f"frod_dropout must be in [0, 1], got {self.frod_dropout!r}")
+        if not is_integer(self.projection_prng_key) or not -2**63 <= self.projection_prng_key < 2**64:
+            raise ValueError(f"projection_prng_key must be an integer seed in [-2**63, 2**64), got "
+                             f"{self.projection_prng_key!r}")
         if not is_real(self.regularization_alpha, 0.0):
             raise ValueError(f"regularization_alpha must be a finite non-negative number, got "
                              f"{self.regularization_alpha!r}")

@@ -86,8 +86,9 @@ def test_category_and_index_rules(key):
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_peft_parity(conv1d, backend):
-    ours, peft_model, projections, keys = build_pair(conv1d, backend)
+@pytest.mark.parametrize("sparse_rate", [0.05, 1.0])  # 1.0: the largest, every off-diagonal position
+def test_peft_parity(conv1d, backend, sparse_rate):
+    ours, peft_model, projections, keys = build_pair(conv1d, backend, sparse_rate=sparse_rate)
     for category, (v, s_indices) in projections.items():
         assert torch.equal(v, peft_model.base_model.frod_V[category]["default"]), category
         assert torch.equal(s_indices, peft_model.base_model.frod_s_indices[category]["default"]), category
@@ -159,6 +160,9 @@ def test_dropout_and_two_adapters():
     assert_close(layer(x), expected, torch.float32)
     layer.enable_adapters(False)
     assert_close(layer(x), base(x), torch.float32)
+    dropped = sk.FrodLinear(copy.deepcopy(base), config=sk.FrodConfig(sparse_rate=0.2, init_weights=False,
+                                                                          frod_dropout=1.0)).train()
+    assert_close(dropped(x), base(x), torch.float32)  # p = 1 (peft takes it): every input dropped, the base's output
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -197,8 +201,12 @@ def test_init_weights_is_identity():
 def test_bad_input():
     with pytest.raises(ValueError, match="sparse_rate"):
         sk.FrodConfig(sparse_rate=1.5)
-    with pytest.raises(ValueError, match="frod_dropout"):
-        sk.FrodConfig(frod_dropout=1.0)
+    for dropout in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="frod_dropout"):
+            sk.FrodConfig(frod_dropout=dropout)
+    for key in (1.5, None, "0", 2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match="projection_prng_key"):
+            sk.FrodConfig(projection_prng_key=key)
     for alpha in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="regularization_alpha"):
             sk.FrodConfig(regularization_alpha=alpha)
