@@ -66,7 +66,8 @@ def _serves(name, device):
     if name == "cuda":
         return device.type == "cuda"
     if name == "triton":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        # The interpreter runs Triton kernels on CPU tensors.
+        return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return True
 
 

@@ -512,3 +512,15 @@ def test_frod_later_adapter_of_a_half_precision_model_like_peft():
     assert own.keys() == expected.keys() and any(".other" in n for n in own)
     for name, p in own.items():
         assert p.dtype == torch.float32 and torch.equal(p, expected[name]), name
+
+
+def test_fourierft_computes_shapes_on_meta_tensors():
+    """A FourierFT layer on 'meta' computes shapes, forward and backward, as peft's does (its index check has no
+    values to read there)."""
+    with torch.device("meta"):
+        layer = sk.FourierFTLinear(nn.Linear(16, 12), config=sk.FourierFTConfig(n_frequency=20))
+        x = torch.randn(2, 3, 16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.is_meta and y.shape == (2, 3, 12) and x.grad.shape == x.shape
+    assert layer.fourierft_spectrum["default"].grad.shape == (20,)

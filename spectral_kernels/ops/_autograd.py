@@ -70,7 +70,11 @@ _checked_indices = TensorCache()
 def check_index_values(indices, bounds, message):
     """ValueError(message) unless every index of ``indices`` (one row per entry of ``bounds``) is in [0, bound).
     The outcome is kept per indices tensor until it is modified in place or replaced, so a layer's index
-    buffers cost one check (a device sync on GPU) per change, e.g. after load_state_dict, not one per call."""
+    buffers cost one check (a device sync on GPU) per change, e.g. after load_state_dict, not one per call.
+    Meta tensors have no values to check."""
+    if indices.is_meta:
+        return
+
     def check():
         if indices.numel():
             ok = indices.min() >= 0
