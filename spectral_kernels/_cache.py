@@ -27,9 +27,14 @@ def version_key(*tensors):
     tensor, which has no version counter, and while torch.compile traces, as a graph cannot keep Python-side
     caches. As for autograd, in-place writes that bypass the version counter (through ``.data`` or a numpy view)
     are not seen."""
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+    if torch.compiler.is_compiling():
         return None
-    return tuple((_storage_serial(t), t.data_ptr(), t._version) for t in tensors)
+    key = []
+    for t in tensors:  # one plain loop: on the eval cache's per-call path
+        if t.is_inference():
+            return None
+        key.append((_storage_serial(t), t.data_ptr(), t._version))
+    return tuple(key)
 
 
 class TensorCache:
