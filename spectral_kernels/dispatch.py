@@ -3,7 +3,8 @@
 Backends: ``reference`` (pure PyTorch, peft's algorithm), ``cpu`` and ``cuda`` (C++
 kernels in csrc/), ``triton``. The choice per call is, in order: the ``backend``
 argument, the ``SPECTRAL_KERNELS_BACKEND`` environment variable, then the fastest
-available one for the tensors' device.
+available one for the tensors' device. Under torch.func transforms (vmap, grad, jacrev,
+...) only ``reference`` runs: the kernels have no batching or functorch rules.
 """
 import importlib
 import os
@@ -74,6 +75,11 @@ def _serves(name, device):
 def select_backend(device, requested=None):
     """Backend name for tensors on ``device``; raises if the requested one cannot run there."""
     requested = requested or os.environ.get(ENV_BACKEND) or None
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        if requested not in (None, "reference"):
+            raise RuntimeError(f"backend {requested!r} cannot run under torch.func transforms (vmap, grad, ...); "
+                               "backend='reference' can")
+        return "reference"
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}; expected one of {BACKENDS}")

@@ -1,4 +1,4 @@
-"""Second derivatives: the fused ops' gradients are first-order only, and say so.
+"""The fused ops under torch's autograd machinery: second derivatives, torch.func transforms, autocast.
 
 A graph recorded with create_graph=True must give the same first-order gradients as
 without it; differentiating those gradients once more must raise (the kernels'
@@ -87,3 +87,38 @@ def test_reference_has_second_derivatives(make, path):
     x = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(1))
     inputs = [t.double().requires_grad_() for t in (x, *params)]
     assert torch.autograd.gradgradcheck(lambda *args: fn(*args).pow(3).sum(), inputs)
+
+
+@pytest.mark.parametrize("make,path", CASES)
+def test_torch_func_transforms_run_the_reference(make, path):
+    """Under torch.func transforms (grad, vmap) the automatic choice is the reference backend, whose torch ops
+    have functorch's rules; a kernel backend asked for by name refuses with a clear error."""
+    def build(backend):
+        params, fn = make(backend, path, "cpu", torch.float64, torch.Generator().manual_seed(0))
+        return [t.double() for t in params], fn
+
+    (params, fn), (_, reference) = build(None), build("reference")
+    x = torch.randn(3, TOKENS, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    argnums = tuple(range(1, len(params) + 1))
+    grads = torch.func.grad(lambda x, *p: fn(x, *p).square().sum(), argnums)(x, *params)
+    inputs = [t.clone().requires_grad_() for t in params]
+    for got, expected in zip(grads, torch.autograd.grad(reference(x, *inputs).square().sum(), inputs)):
+        assert_close(got, expected, torch.float64)
+    assert_close(torch.vmap(lambda row: fn(row, *params))(x), reference(x, *params), torch.float64)
+    _, kernel = build("cpu")
+    with pytest.raises(RuntimeError, match="cannot run under torch.func transforms"):
+        torch.vmap(lambda row: kernel(row, *params))(x)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("make,path", CASES)
+def test_autocast_leaves_float64_alone(device, backend, make, path):
+    """torch.autocast does not cast float64 (F.linear stays float64 under it): neither do the fused ops."""
+    params, fn = make(backend, path, device, torch.float64, torch.Generator().manual_seed(0))
+    params = [t.to(device, torch.float64) for t in params]
+    x = torch.randn(TOKENS, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+    expected = fn(x, *params)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = fn(x, *params)
+    assert y.dtype == torch.float64
+    assert_close(y, expected, torch.float64)

@@ -271,12 +271,16 @@ def test_bad_input(match, args, error, backend):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_zero_features_rejected(backend):
-    """The rotation ops refuse zero-width inputs (the reference's block-diagonal matrix came out (1, 1) there)."""
+    """The rotation ops refuse zero-width inputs (the reference's block-diagonal matrix came out (1, 1) there) and
+    oft_effective_weight a weight that is not 2-D."""
     rot = sk.oft_rotation(torch.zeros(1, 6), 4)
     with pytest.raises(ValueError, match="positive"):
         sk.oft_effective_weight(torch.randn(5, 0), rot, backend=backend)
     with pytest.raises(ValueError, match="positive"):
         sk.oft_rotate(torch.randn(3, 0), rot, backend=backend)
+    for weight in (torch.randn(8), torch.randn(2, 6, 8)):  # the same error from every backend
+        with pytest.raises(ValueError, match="weight must be 2-D"):
+            sk.oft_effective_weight(weight, rot, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -30,14 +30,15 @@ def function(name, forward, setup_context, backward):
 
 
 def autocast_dtype(x):
-    """The dtype torch.autocast runs matmuls in on x's device, or None where it is off.
+    """The dtype torch.autocast runs matmuls in on x's device, or None where it is off (or x is float64, which
+    autocast leaves alone).
 
     Under autocast a fused op does what F.linear does there: x, the base weight and
     the bias go in that dtype, and so comes the result. The adapter's own parameters
     go in as they are (the kernels accumulate them in float32). The op then runs with
     autocast off, so every backend computes the same thing.
     """
-    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype == torch.float64:
         return None
     device = x.device.type
     # is_autocast_available guards is_autocast_enabled against device types autocast lacks; dynamo cannot trace

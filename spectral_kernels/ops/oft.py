@@ -302,6 +302,9 @@ def oft_rotate(x, rot, backend=None):
 
 def oft_effective_weight(weight, rot, backend=None):
     """weight · blockdiag(rot)^T, the weight that multiplies x directly (merging, eval caches; no autograd)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"oft_effective_weight: weight must be 2-D (out_features, in_features), got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
     _check_rotation("oft_effective_weight", weight, rot, weight.shape[-1])
     _check_devices("oft_effective_weight", weight=weight, rot=rot)
     backend = dispatch.select_backend(weight.device, backend)
