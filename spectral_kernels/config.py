@@ -10,8 +10,10 @@ def is_integer(value):
 
 
 def is_real(value, low=-math.inf, high=math.inf):
-    """Whether ``value`` is a finite real number in [low, high] (NaN and bools are not)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+    """Whether ``value`` is a finite real number in [low, high] (NaN and bools are not). Comparisons only, no
+    math.isfinite: torch.compile traces them for a symbolic float (a Python float argument that changed between
+    calls becomes one)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and -math.inf < value < math.inf \
         and low <= value <= high
 
 

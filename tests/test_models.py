@@ -213,3 +213,30 @@ def test_eval_cache_checks_input_as_the_op(method):
             for bad_x, error, match in bad:
                 with pytest.raises(error, match=match):
                     layer(bad_x)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_compile_dynamic_shapes(method):
+    """torch.compile(dynamic=True, fullgraph=True) traces the layers without a graph break at symbolic token counts
+    and scalings (FourierFT's finiteness check of the scaling broke the graph), and computes what eager does."""
+    torch._dynamo.reset()
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"]))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for tokens in (5, 9):
+        x = torch.randn(2, tokens, 24)
+        results = []
+        for module in (model, compiled):
+            y = module(x)
+            results.append((y, torch.autograd.grad(y.square().sum(), params)))
+        (expected, expected_grads), (y, grads) = results
+        assert_close(y, expected, torch.float32)
+        for got, want in zip(grads, expected_grads):
+            assert_close(got, want, torch.float32)
+    if method == "fourierft":
+        op = torch.compile(sk.fourierft_linear, fullgraph=True, dynamic=True, backend="aot_eager")
+        layer, x = model.proj, torch.randn(3, 24)
+        args = (layer.base_layer.weight, layer.base_layer.bias, layer.fourierft_spectrum["default"],
+                layer.indices["default"])
+        for scaling in (150.0, 100.0):
+            assert_close(op(x, *args, scaling), sk.fourierft_linear(x, *args, scaling), torch.float32)
