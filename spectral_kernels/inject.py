@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -201,8 +202,30 @@ def _method(config):
     method = METHODS.get(type(config))
     if method is None:
         names = ", ".join(c.__name__ for c in METHODS)
-        raise TypeError(f"unsupported config {type(config).__name__}; expected one of: {names}")
+        raise TypeError(f"unsupported config {type(config).__name__} (from {type(config).__module__}); expected "
+                        f"spectral_kernels' {names}, or peft's config of the same method")
     return method
+
+
+def _config_from_fields(peft_type, fields):
+    """Our config of peft's ``peft_type`` with the values of the fields it shares with ``fields`` (a dict), or
+    None for a peft_type no method here has."""
+    config_class = {m.peft_type: c for c, m in METHODS.items()}.get(peft_type)
+    if config_class is None:
+        return None
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in fields.items() if k in names})
+
+
+def own_config(config):
+    """``config``, or, for peft's config of one of the methods (peft.FourierFTConfig, ...), ours with its field
+    values (peft's own PeftConfig fields aside, inference_mode kept)."""
+    if type(config) in METHODS or not dataclasses.is_dataclass(config):
+        return config
+    peft_type = getattr(config, "peft_type", None)
+    converted = _config_from_fields(getattr(peft_type, "value", peft_type),
+                                    {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    return config if converted is None else converted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,7 +458,8 @@ def _add_modules_to_save(model, config, adapter_name):
 
 
 def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
-    """Adapt the modules ``config`` targets with the fused layers, in place; returns ``model``.
+    """Adapt the modules ``config`` targets with the fused layers, in place; returns ``model``. ``config`` is
+    one of ours or peft's config of the same method (peft.FourierFTConfig, ...).
 
     The first adapter becomes the active one; a further adapter (another ``inject`` with
     a new name) is added inactive and frozen, as in peft. Only the active adapters'
@@ -444,6 +468,7 @@ def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
     bfloat16 parameters are made float32, so that small updates do not round away; the
     fused ops take them so (they accumulate in float32 whatever their dtype).
     """
+    config = own_config(config)
     method = _method(config)
     state = getattr(model, STATE_ATTRIBUTE, None) or InjectedAdapters()
     if adapter_name in state.configs:
@@ -636,12 +661,17 @@ def _config_json(model, config, method):
 
 def save_adapter(model, save_directory, adapter_name="default"):
     """Write adapter ``adapter_name`` in peft's format (adapter_config.json and adapter_model.safetensors):
-    ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it."""
+    ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it (except OFT on transformers Conv1D
+    layers, which peft's OFT does not take: a warning says so; ``load_adapter`` loads it)."""
     from safetensors.torch import save_file
 
     config = adapters(model).configs.get(adapter_name)
     if config is None:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(adapters(model).configs)}")
+    if isinstance(config, OFTConfig) and any(layer._conv1d and adapter_name in layer._adapters()
+                                             for _, layer in _adapter_layers(model)):
+        warnings.warn(f"adapter {adapter_name!r} adapts transformers Conv1D layers with OFT, which peft's OFT does "
+                      "not take: peft cannot load what is saved here (spectral_kernels.load_adapter can)")
     os.makedirs(save_directory, exist_ok=True)
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         json.dump(_config_json(model, config, _method(config)), f, indent=2, sort_keys=True)
@@ -652,12 +682,10 @@ def save_adapter(model, save_directory, adapter_name="default"):
 def _read_adapter(directory):
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         fields = json.load(f)
-    by_type = {m.peft_type: c for c, m in METHODS.items()}
-    config_class = by_type.get(fields.get("peft_type"))
-    if config_class is None:
-        raise ValueError(f"{directory}: peft_type {fields.get('peft_type')!r} is not one of {sorted(by_type)}")
-    names = {f.name for f in dataclasses.fields(config_class)}
-    config = config_class(**{k: v for k, v in fields.items() if k in names})
+    config = _config_from_fields(fields.get("peft_type"), fields)
+    if config is None:
+        raise ValueError(f"{directory}: peft_type {fields.get('peft_type')!r} is not one of "
+                         f"{sorted(m.peft_type for m in METHODS.values())}")
     path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
     if os.path.exists(path):
         from safetensors.torch import load_file
@@ -671,10 +699,22 @@ def _read_adapter(directory):
 def load_adapter(model, directory, adapter_name="default", is_trainable=False, autocast_adapter_dtype=True):
     """Inject the adapter saved in peft's format in ``directory`` (by peft or ``save_adapter``) and load its
     weights; its parameters frozen unless ``is_trainable``, as peft's from_pretrained (whose config's ``bias``
-    still makes biases trainable; ``autocast_adapter_dtype`` as for ``inject``). Returns ``model``."""
+    still makes biases trainable; ``autocast_adapter_dtype`` as for ``inject``). Returns ``model``. When the
+    saved tensors do not fit, it raises, and a model that had no adapters before is given its own layers back."""
     config, weights = _read_adapter(directory)
     config.inference_mode = not is_trainable
+    had_adapters = getattr(model, STATE_ATTRIBUTE, None) is not None
     inject(model, config, adapter_name, autocast_adapter_dtype)
+    try:
+        _load_adapter_weights(model, directory, adapter_name, weights)
+    except ValueError:
+        if not had_adapters:
+            unload(model)
+        raise
+    return model
+
+
+def _load_adapter_weights(model, directory, adapter_name, weights):
     layers, wrappers = dict(_adapter_layers(model)), dict(_wrappers(model))
     attributes = _model_attributes(model)
     state = {_model_key(k, adapter_name, layers, wrappers, attributes): v for k, v in weights.items()}
@@ -686,4 +726,3 @@ def load_adapter(model, directory, adapter_name="default", is_trainable=False, a
     if missing:
         raise ValueError(f"{directory}: the saved adapter lacks tensors the model needs: {missing[:5]}")
     model.load_state_dict(state, strict=False)
-    return model

@@ -18,7 +18,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 import spectral_kernels as sk
 from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, FROD_DEFAULT_TARGETS, LINEAR_DEFAULT_TARGETS,
-                                     ModulesToSave, NoTargetModulesError)
+                                     STATE_ATTRIBUTE, ModulesToSave, NoTargetModulesError, adapters)
 from spectral_kernels.layers.base import AdapterLayer
 
 from conftest import assert_close
@@ -370,8 +370,12 @@ def test_load_adapter_rejects_mismatch(tmp_path):
         sk.save_adapter(model, tmp_path, "nope")
     smaller = bert()
     smaller.bert.encoder.layer = smaller.bert.encoder.layer[:1]
-    with pytest.raises(ValueError, match="tensors the model does not"):
-        sk.load_adapter(smaller, tmp_path)
+    before = copy.deepcopy(smaller)
+    for _ in range(2):  # the model is left as it was, so the same error comes again
+        with pytest.raises(ValueError, match="tensors the model does not"):
+            sk.load_adapter(smaller, tmp_path)
+    assert str(smaller) == str(before) and smaller.state_dict().keys() == before.state_dict().keys()
+    assert not hasattr(smaller, STATE_ATTRIBUTE)
 
 
 @pytest.mark.parametrize("field,value", [("projection_prng_key", 1), ("save_projection", False),
@@ -524,3 +528,39 @@ def test_fourierft_computes_shapes_on_meta_tensors():
     y.sum().backward()
     assert y.is_meta and y.shape == (2, 3, 12) and x.grad.shape == x.shape
     assert layer.fourierft_spectrum["default"].grad.shape == (20,)
+
+
+@pytest.mark.parametrize("config", [
+    sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"], init_weights=False),
+    sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"], init_weights=False),
+    sk.FrodConfig(target_modules=["query", "value"], init_weights=False, progressbar=False),
+], ids=["fourierft", "oft", "frod"])
+def test_inject_takes_peft_s_config(config):
+    """A peft script's config goes to inject unchanged: the same model as with ours of the same values."""
+    torch.manual_seed(3)
+    ours = sk.inject(bert(), config)
+    torch.manual_seed(3)
+    theirs = sk.inject(bert(), peft_config(config))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[key]), key
+    assert type(adapters(theirs).configs["default"]) is type(config)
+    with pytest.raises(TypeError, match="or peft's config of the same method"):
+        sk.inject(bert(), peft.LoraConfig(target_modules=["query"]))
+
+
+def test_saving_oft_on_conv1d_warns_that_peft_cannot_load_it(tmp_path):
+    """peft's OFT does not take transformers Conv1D layers, which inject adapts: saving says peft cannot load the
+    adapter, and load_adapter still can."""
+    model = sk.inject(gpt2(), sk.OFTConfig(oft_block_size=8, target_modules=["c_attn"], init_weights=False))
+    with pytest.warns(UserWarning, match="peft cannot load"):
+        sk.save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TypeError, match="not supported"):
+            peft.PeftModel.from_pretrained(gpt2(), tmp_path)
+    ids = tokens(model)
+    assert_close(sk.load_adapter(gpt2(), tmp_path)(ids).logits, model(ids).logits, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.save_adapter(sk.inject(gpt2(), sk.FourierFTConfig(n_frequency=16)), tmp_path / "fourierft")
