@@ -707,7 +707,7 @@ def load_adapter(model, directory, adapter_name="default", is_trainable=False, a
     inject(model, config, adapter_name, autocast_adapter_dtype)
     try:
         _load_adapter_weights(model, directory, adapter_name, weights)
-    except ValueError:
+    except Exception:  # mismatched names (ValueError) or shapes (load_state_dict's RuntimeError)
         if not had_adapters:
             unload(model)
         raise

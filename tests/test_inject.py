@@ -376,6 +376,13 @@ def test_load_adapter_rejects_mismatch(tmp_path):
             sk.load_adapter(smaller, tmp_path)
     assert str(smaller) == str(before) and smaller.state_dict().keys() == before.state_dict().keys()
     assert not hasattr(smaller, STATE_ATTRIBUTE)
+    other = sk.inject(bert(), sk.FourierFTConfig(n_frequency=30, target_modules=["query"]))  # other shapes
+    sk.save_adapter(other, tmp_path / "other")
+    (tmp_path / "other" / "adapter_config.json").write_text((tmp_path / "adapter_config.json").read_text())
+    fresh = bert()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        sk.load_adapter(fresh, tmp_path / "other")
+    assert str(fresh) == str(bert()) and not hasattr(fresh, STATE_ATTRIBUTE)
 
 
 @pytest.mark.parametrize("field,value", [("projection_prng_key", 1), ("save_projection", False),
