@@ -12,8 +12,9 @@ training step):
   peak_mem peak CUDA memory of fwd_bwd above the inputs and parameters (CUDA only).
 Each implementation is warmed up, then all are repeated round-robin, so drift hits
 all alike, for about 1 s each (0.2 s with --quick; at least 3 repetitions); CUDA times
-come from CUDA events. Reported: median, min and max, and the ratio of medians to base,
-plus the cores other processes kept busy meanwhile (other_load), which skews CPU timings.
+come from CUDA events. Reported: median, min and max, the median over the rounds of each
+round's ratio to base, and the cores other processes kept busy meanwhile (other_load),
+which skews CPU timings.
 
 Output: a table on the terminal, <out>/<device>-<date>.json (device, versions, commit,
 arguments, every raw timing) and PNG plots of the ratios next to it. python -m
