@@ -240,3 +240,30 @@ def test_compile_dynamic_shapes(method):
                 layer.indices["default"])
         for scaling in (150.0, 100.0):
             assert_close(op(x, *args, scaling), sk.fourierft_linear(x, *args, scaling), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_delta_weight_is_differentiable_like_peft(method, dtype):
+    """get_delta_weight carries gradients to the adapter's parameters as peft's does (a regulariser on ΔW trains
+    them): the same ΔW and the same gradients."""
+    base = _OneLayer().to(dtype)
+    config = CONFIGS[method](["proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(config)).base_model.model
+    ours = sk.inject(copy.deepcopy(base), config)
+    ours.load_state_dict(theirs.state_dict(), strict=False)  # FRoD's projections are the same values
+    results = []
+    for model in (ours, theirs):
+        delta = model.proj.get_delta_weight("default")
+        delta.square().sum().backward()
+        results.append((delta.detach(), {n: p.grad for n, p in model.proj.named_parameters() if p.requires_grad}))
+    (delta, grads), (expected_delta, expected_grads) = results
+    assert delta.dtype == expected_delta.dtype == dtype
+    # peft builds FourierFT's dW in float32 whatever the spectrum's dtype (ours in float64 for float64)
+    tolerance = torch.float32 if method == "fourierft" else dtype
+    assert_close(delta, expected_delta, tolerance)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], tolerance)
