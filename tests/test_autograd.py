@@ -89,22 +89,23 @@ def test_reference_has_second_derivatives(make, path):
     assert torch.autograd.gradgradcheck(lambda *args: fn(*args).pow(3).sum(), inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("make,path", CASES)
-def test_torch_func_transforms_run_the_reference(make, path):
+def test_torch_func_transforms_run_the_reference(make, path, dtype):
     """Under torch.func transforms (grad, vmap) the automatic choice is the reference backend, whose torch ops
     have functorch's rules; a kernel backend asked for by name refuses with a clear error."""
     def build(backend):
-        params, fn = make(backend, path, "cpu", torch.float64, torch.Generator().manual_seed(0))
-        return [t.double() for t in params], fn
+        params, fn = make(backend, path, "cpu", dtype, torch.Generator().manual_seed(0))
+        return [t.to(dtype) for t in params], fn
 
     (params, fn), (_, reference) = build(None), build("reference")
-    x = torch.randn(3, TOKENS, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, TOKENS, D_IN, generator=torch.Generator().manual_seed(1)).to(dtype)
     argnums = tuple(range(1, len(params) + 1))
     grads = torch.func.grad(lambda x, *p: fn(x, *p).square().sum(), argnums)(x, *params)
     inputs = [t.clone().requires_grad_() for t in params]
     for got, expected in zip(grads, torch.autograd.grad(reference(x, *inputs).square().sum(), inputs)):
-        assert_close(got, expected, torch.float64)
-    assert_close(torch.vmap(lambda row: fn(row, *params))(x), reference(x, *params), torch.float64)
+        assert_close(got, expected, dtype)
+    assert_close(torch.vmap(lambda row: fn(row, *params))(x), reference(x, *params), dtype)
     _, kernel = build("cpu")
     with pytest.raises(RuntimeError, match="cannot run under torch.func transforms"):
         torch.vmap(lambda row: kernel(row, *params))(x)
