@@ -31,12 +31,12 @@ def make_case(m, n, nf, lead, dtype, device, seed=0):
 
 
 def run(fn, x, weight, bias, spectrum, grad_out=None):
-    """Output and gradients w.r.t. x, spectrum and bias."""
-    x, spectrum, bias = (t.detach().requires_grad_() for t in (x, spectrum, bias))
+    """Output and gradients w.r.t. x, weight, spectrum and bias."""
+    x, weight, spectrum, bias = (t.detach().requires_grad_() for t in (x, weight, spectrum, bias))
     y = fn(x, weight, bias, spectrum)
     if grad_out is None:
         grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(y, (x, spectrum, bias), grad_out.to(y.device, y.dtype))
+    grads = torch.autograd.grad(y, (x, weight, spectrum, bias), grad_out.to(y.device, y.dtype))
     return [y.detach(), *grads], grad_out
 
 
@@ -52,7 +52,7 @@ def check(device, backend, path, m, n, nf, lead, dtype):
 
     exact, g = run(ref, x64, w64, b64, c64)
     got, _ = run(ours, x, w, b, c, g)
-    names = ("y", "dx", "dspectrum", "dbias")
+    names = ("y", "dx", "dweight", "dspectrum", "dbias")
     if dtype in (torch.float32, torch.float64):
         for name, a, e in zip(names, got, exact):
             assert a.dtype == dtype, name
@@ -93,6 +93,23 @@ def test_matches_reference_many_tokens(device, backend, path, dtype):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_frozen_input(device, backend, path, dtype):
+    """x without a gradient (a first layer's input): the kernels skip dx, and the other gradients are the
+    reference's."""
+    (x, w, b, c), _, indices = make_case(24, 40, 100, (2, 3), dtype, device)
+
+    def grads(backend):
+        c_, b_ = (t.detach().requires_grad_() for t in (c, b))
+        y = sk.fourierft_linear(x, w, b_, c_, indices, 150.0, backend=backend, path=path)
+        return torch.autograd.grad(y.square().sum(), (c_, b_))
+
+    for got, expected in zip(grads(backend), grads("reference")):
+        assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_backward_in_token_chunks(device, backend, path, dtype, monkeypatch):
     """The backward's spectra in chunks of 7 tokens over 45 (the last one partial)."""
@@ -125,11 +142,18 @@ def test_gradcheck(device, backend, path):
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_delta_weight(device, backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+def test_delta_weight(device, backend, dtype):
     for m, n, nf in SMALL:
-        _, (_, _, _, c), indices = make_case(m, n, nf, (1,), torch.float64, device)
-        expected = reference.fourierft_delta_weight(c, indices, m, n, 150.0)
-        assert_close(sk.fourierft_delta_weight(c, indices, m, n, 150.0, backend=backend), expected, torch.float64)
+        (_, _, _, c), (_, _, _, c64), indices = make_case(m, n, nf, (1,), dtype, device)
+        got = sk.fourierft_delta_weight(c, indices, m, n, 150.0, backend=backend)
+        exact = reference.fourierft_delta_weight(c64, indices, m, n, 150.0)
+        assert got.dtype == dtype
+        if dtype in (torch.float32, torch.float64):
+            assert_close(got, exact.to(dtype), dtype)
+        else:
+            assert_low_precision_close(got, reference.fourierft_delta_weight(c, indices, m, n, 150.0), exact)
 
 
 @pytest.mark.parametrize("device,backend", device_backends() + [pytest.param("cpu", "reference", id="reference")])

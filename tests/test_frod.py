@@ -91,6 +91,31 @@ def test_matches_reference_large(device, backend, path, n_in, n_out, nnz, tokens
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_matches_reference_many_tokens(device, backend, path, dtype):
+    """135 tokens: several of the kernels' token tiles (64 on Triton) and a partial one, rows of many entries."""
+    check(device, backend, path, 40, 26, 300, (3, 45), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_frozen_input(device, backend, path, dtype):
+    """x without a gradient (a first layer's input): the kernels skip dx, and the other gradients are the
+    reference's."""
+    (x, u, v, lam, s, bias), _, indices = make_case(16, 40, 30, (2, 3), dtype, device)
+
+    def grads(backend):
+        lam_, s_, bias_ = (t.detach().requires_grad_() for t in (lam, s, bias))
+        y = sk.frod_linear(x, u, v, lam_, s_, indices, bias_, backend=backend, path=path)
+        return torch.autograd.grad(y.square().sum(), (lam_, s_, bias_))
+
+    for got, expected in zip(grads(backend), grads("reference")):
+        assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
 def test_gradcheck(device, backend, path):
     (x, u, v, lam, s, bias), _, indices = make_case(9, 5, 12, (2, 3), torch.float64, device)
     inputs = [t.detach().requires_grad_() for t in (x, lam, s, bias)]
@@ -103,10 +128,16 @@ def test_gradcheck(device, backend, path):
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_effective_weight(device, backend):
-    (_, u, v, lam, s, _), _, indices = make_case(11, 6, 20, (1,), torch.float64, device)
-    expected = reference.effective_weight(u, v, lam, s, indices)
-    assert_close(sk.frod_effective_weight(u, v, lam, s, indices, backend=backend), expected, torch.float64)
+@DTYPES
+def test_effective_weight(device, backend, dtype):
+    (_, u, v, lam, s, _), (_, u64, v64, lam64, s64, _), indices = make_case(11, 6, 20, (1,), dtype, device)
+    got = sk.frod_effective_weight(u, v, lam, s, indices, backend=backend)
+    exact = reference.effective_weight(u64, v64, lam64, s64, indices)
+    assert got.dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        assert_close(got, exact.to(dtype), dtype)
+    else:
+        assert_low_precision_close(got, reference.effective_weight(u, v, lam, s, indices), exact)
 
 
 def test_duplicate_entries_are_summed():

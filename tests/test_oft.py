@@ -32,12 +32,12 @@ def make_case(n_in, n_out, b, lead, dtype, device, shared=False, seed=0):
 
 
 def run(fn, x, weight, bias, params, grad_out=None):
-    """Output and gradients w.r.t. x, params and bias."""
-    x, params, bias = (t.detach().requires_grad_() for t in (x, params, bias))
+    """Output and gradients w.r.t. x, weight, params and bias."""
+    x, weight, params, bias = (t.detach().requires_grad_() for t in (x, weight, params, bias))
     y = fn(x, weight, bias, params)
     if grad_out is None:
         grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(y, (x, params, bias), grad_out.to(y.device, y.dtype))
+    grads = torch.autograd.grad(y, (x, weight, params, bias), grad_out.to(y.device, y.dtype))
     return [y.detach(), *grads], grad_out
 
 
@@ -52,7 +52,7 @@ def check(device, backend, path, n_in, n_out, b, lead, dtype, neumann=True, term
 
     exact, g = run(ref, x64, w64, bias64, p64)
     got, _ = run(ours, x, w, bias, p, g)
-    names = ("y", "dx", "dparams", "dbias")
+    names = ("y", "dx", "dweight", "dparams", "dbias")
     if dtype in (torch.float32, torch.float64):
         for name, a, e in zip(names, got, exact):
             assert a.dtype == dtype, name
@@ -80,6 +80,33 @@ def test_matches_reference(device, backend, path, n_in, n_out, b, lead, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rotation_modes(device, backend, path, name, neumann, terms, shared, n_in, n_out, b, dtype):
     check(device, backend, path, n_in, n_out, b, (2, 3), dtype, neumann, terms, shared)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_in,n_out,b", [(96, 20, 48), (160, 21, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_matches_reference_many_tokens(device, backend, path, n_in, n_out, b, dtype):
+    """135 tokens: several of the kernels' token tiles (64 on Triton), a partial one, and the rotation gradient's
+    reduction split over them; blocks of 48 (one 64-wide Triton tile) and 80 (wider than one tile)."""
+    check(device, backend, path, n_in, n_out, b, (3, 45), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_frozen_input(device, backend, path, dtype):
+    """x without a gradient (a first layer's input): the kernels skip dx, and the other gradients are the
+    reference's."""
+    (x, w, bias, p), _ = make_case(40, 13, 8, (2, 3), dtype, device)
+
+    def grads(backend):
+        p_, bias_ = (t.detach().requires_grad_() for t in (p, bias))
+        y = sk.oft_linear(x, w, bias_, sk.oft_rotation(p_, 8, backend=backend), backend=backend, path=path)
+        return torch.autograd.grad(y.square().sum(), (p_, bias_))
+
+    for got, expected in zip(grads(backend), grads("reference")):
+        assert_close(got, expected, dtype)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.id != "triton-cpu"])
@@ -116,12 +143,31 @@ def test_rotate_gradcheck(device, backend, shared):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("shared", [False, True])
-def test_rotate_and_effective_weight(device, backend, shared):
-    (x, w, _, p), _ = make_case(40, 9, 8, (3, 5), torch.float64, device, shared)
-    rot = sk.oft_rotation(p, 8)
-    assert_close(sk.oft_rotate(x, rot, backend=backend), reference.rotate(x, rot), torch.float64)
-    dense = reference.block_diagonal(rot, 5)
-    assert_close(sk.oft_effective_weight(w, rot, backend=backend), w @ dense.t(), torch.float64)
+@pytest.mark.parametrize("lead", [(), (5,), (3, 5)], ids=["1d", "2d", "3d"])
+@DTYPES
+def test_rotate_and_effective_weight(device, backend, shared, lead, dtype):
+    """oft_rotate (output and the gradients of x and R) and oft_effective_weight against the reference."""
+    (x, w, _, p), (x64, w64, _, p64) = make_case(40, 9, 8, lead, dtype, device, shared)
+    rot64 = reference.cayley(p64, 8, True, 5)
+    rot = rot64.to(dtype)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+
+    def rotate(fn, x, rot, w):
+        x, rot = (t.detach().requires_grad_() for t in (x, rot))
+        y = fn(x, rot)
+        grads = torch.autograd.grad(y, (x, rot), grad_out.to(y.dtype))
+        return [y.detach(), *grads, w @ reference.block_diagonal(rot.detach(), 5).t()]
+
+    exact = rotate(reference.rotate, x64, rot64, w64)
+    got = rotate(lambda x, rot: sk.oft_rotate(x, rot, backend=backend), x, rot, w)
+    got[-1] = sk.oft_effective_weight(w, rot, backend=backend)
+    lowp = rotate(lambda x, rot: reference.rotate(x, rot).to(dtype), x, rot, w)
+    for name, a, r, e in zip(("y", "dx", "drot", "effective weight"), got, lowp, exact):
+        assert a.dtype == dtype, name
+        if dtype in (torch.float32, torch.float64):
+            assert_close(a, e.to(dtype), dtype)
+        else:
+            assert_low_precision_close(a, r, e)
 
 
 # The backends with Neumann kernels of their own (the others build the rotations with peft's torch code).
