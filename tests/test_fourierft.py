@@ -95,8 +95,8 @@ def test_matches_reference_many_tokens(device, backend, path, dtype):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_frozen_input(device, backend, path, dtype):
-    """x without a gradient (a first layer's input): the kernels skip dx, and the other gradients are the
-    reference's."""
+    """x without a gradient (a first layer's input): no spectral dx is taken, and the spectrum's and the bias's
+    gradients are the reference's."""
     (x, w, b, c), _, indices = make_case(24, 40, 100, (2, 3), dtype, device)
 
     def grads(backend):

@@ -101,8 +101,8 @@ def test_matches_reference_many_tokens(device, backend, path, dtype):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_frozen_input(device, backend, path, dtype):
-    """x without a gradient (a first layer's input): the kernels skip dx, and the other gradients are the
-    reference's."""
+    """x without a gradient (a first layer's input): the sparse backward skips dz, and the gradients of lambda,
+    the S values and the bias are the reference's."""
     (x, u, v, lam, s, bias), _, indices = make_case(16, 40, 30, (2, 3), dtype, device)
 
     def grads(backend):

@@ -96,8 +96,8 @@ def test_matches_reference_many_tokens(device, backend, path, n_in, n_out, b, dt
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_frozen_input(device, backend, path, dtype):
-    """x without a gradient (a first layer's input): the kernels skip dx, and the other gradients are the
-    reference's."""
+    """x without a gradient (a first layer's input): the rotation's backward skips dx, and the gradients of the
+    rotation parameters and the bias are the reference's."""
     (x, w, bias, p), _ = make_case(40, 13, 8, (2, 3), dtype, device)
 
     def grads(backend):
