@@ -169,14 +169,15 @@ def test_eval_cache_sees_swapped_and_parametrized_weights(method):
         assert torch.allclose(doubled, expected) == (method == "frod")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_eval_cache_sees_new_tensors_at_old_addresses(method):
+def test_eval_cache_sees_new_tensors_at_old_addresses(method, dtype):
     """A tensor that replaces a parameter may get the memory of the one the cache was built from, at the same
     version (load_state_dict(assign=True), Module.half().float(): the allocator hands freed blocks back), and
     the cache must see it. Forced here with numpy-backed parameters: the new ones share the old ones' memory,
     not their storage."""
     torch.manual_seed(0)
-    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    model = sk.inject(_OneLayer().to(dtype), CONFIGS[method](["proj"])).eval()
     uncached = copy.deepcopy(model)
     uncached.proj.cache_effective_weight = False
     arrays = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
@@ -184,7 +185,7 @@ def test_eval_cache_sees_new_tensors_at_old_addresses(method):
     def load(layer):
         layer.load_state_dict({name: torch.from_numpy(a) for name, a in arrays.items()}, strict=False, assign=True)
 
-    x = torch.randn(5, 24)
+    x = torch.randn(5, 24, dtype=dtype)
     with torch.no_grad():
         load(model)
         before = model(x)  # the cache now holds the weight built from the arrays' old values
@@ -194,7 +195,7 @@ def test_eval_cache_sees_new_tensors_at_old_addresses(method):
         load(uncached)
         changed = uncached(x)
         assert not torch.allclose(changed, before)
-        assert_close(model(x), changed, torch.float32)
+        assert_close(model(x), changed, dtype)
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
