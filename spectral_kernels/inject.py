@@ -259,6 +259,12 @@ class ModulesToSave(nn.Module):
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == self.active_adapter)
 
+    def delete_adapter(self, adapter_name):
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
     def module(self):
         """The module the forward runs."""
         if self.disabled or self.active_adapter is None:
@@ -504,6 +510,38 @@ def set_adapter(model, adapter_names):
     mark_only_adapters_as_trainable(model)
 
 
+def delete_adapter(model, adapter_name):
+    """Remove adapter ``adapter_name`` from the model, as peft's delete_adapter: its parameters and state in every
+    layer, its modules_to_save copies and (FRoD) its projections. The other active adapters stay active; when it
+    was the only active one, the first remaining adapter becomes active (with a warning), or none. A merged
+    adapter must be unmerged first. The fused layers stay in place (``unload`` removes them)."""
+    state = adapters(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(state.configs)}")
+    layers = [layer for _, layer in _adapter_layers(model)]
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged: unmerge it first")
+    others = [name for name in state.configs if name != adapter_name]
+    active = [name for name in state.active if name != adapter_name]
+    if adapter_name in state.active and not active and others:
+        active = others[:1]
+        warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
+    set_adapter(model, active)  # first, so that no layer picks a new active adapter of its own
+    for layer in layers:
+        if adapter_name in layer._adapters():
+            layer.delete_adapter(adapter_name)
+    for _, wrapper in _wrappers(model):
+        wrapper.delete_adapter(adapter_name)
+    for attribute in _model_attributes(model):
+        holders = getattr(model, attribute)
+        for key, holder in list(holders.items()):
+            if adapter_name in holder:
+                del holder[adapter_name]
+            if not len(holder.keys()):  # a later adapter then builds its own for this key (FRoD's category)
+                del holders[key]
+    del state.configs[adapter_name]
+
+
 def mark_only_adapters_as_trainable(model):
     """Freeze everything but the active adapters' parameters, their modules_to_save copies and, per their
     configs' ``bias``, biases; the parameters of an adapter whose config has ``inference_mode`` stay frozen (its
@@ -570,7 +608,7 @@ def _unload(model, merge, safe_merge=False, adapter_names=None):
     for name, layer in _adapter_layers(model):
         if merge:
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        _set_submodule(model, name, layer.base_layer)
+        _set_submodule(model, name, layer.release_base_layer())
     for name, wrapper in _wrappers(model):
         _set_submodule(model, name, wrapper.module() if merge else wrapper.original_module)
     for attribute in _model_attributes(model):
@@ -700,16 +738,23 @@ def load_adapter(model, directory, adapter_name="default", is_trainable=False, a
     """Inject the adapter saved in peft's format in ``directory`` (by peft or ``save_adapter``) and load its
     weights; its parameters frozen unless ``is_trainable``, as peft's from_pretrained (whose config's ``bias``
     still makes biases trainable; ``autocast_adapter_dtype`` as for ``inject``). Returns ``model``. When the
-    saved tensors do not fit, it raises, and a model that had no adapters before is given its own layers back."""
+    saved tensors do not fit, it raises and gives the model back its adapters and layers as they were."""
     config, weights = _read_adapter(directory)
     config.inference_mode = not is_trainable
     had_adapters = getattr(model, STATE_ATTRIBUTE, None) is not None
+    wrapped = {name for name, _ in [*_adapter_layers(model), *_wrappers(model)]}
     inject(model, config, adapter_name, autocast_adapter_dtype)
     try:
         _load_adapter_weights(model, directory, adapter_name, weights)
     except Exception:  # mismatched names (ValueError) or shapes (load_state_dict's RuntimeError)
         if not had_adapters:
             unload(model)
+            raise
+        delete_adapter(model, adapter_name)
+        for name, module in [*_adapter_layers(model), *_wrappers(model)]:
+            if name not in wrapped:  # wrapped for this adapter alone
+                _set_submodule(model, name, module.original_module if isinstance(module, ModulesToSave)
+                               else module.release_base_layer())
         raise
     return model
 

@@ -190,6 +190,31 @@ def test_runtime_offload_base_weight():
     assert_close(layer(x), y, torch.float32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the base weight is offloaded from a GPU to the CPU")
+def test_offloaded_base_weight_comes_back():
+    """unload and deleting the last adapter give the base layer back on the model's device, as peft's unload."""
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    config = sk.FrodConfig(target_modules=["proj"], runtime_offload_base_weight=True, progressbar=False)
+    x = torch.randn(2, 8, device="cuda")
+    model = sk.inject(Holder().cuda(), config)
+    model(x)
+    assert model.proj.base_layer.weight.device.type == "cpu"
+    sk.unload(model)
+    assert model.proj.weight.device.type == "cuda"
+    layer = sk.inject(model, config).proj
+    model(x)
+    sk.delete_adapter(model, "default")
+    assert layer.base_layer.weight.device.type == "cuda"
+    assert_close(model(x), layer.base_layer(x), torch.float32)
+
+
 def test_init_weights_is_identity():
     """Default init: W' = W, so the layer computes the base layer (as in peft)."""
     base = nn.Linear(9, 5)

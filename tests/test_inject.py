@@ -571,3 +571,116 @@ def test_saving_oft_on_conv1d_warns_that_peft_cannot_load_it(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sk.save_adapter(sk.inject(gpt2(), sk.FourierFTConfig(n_frequency=16)), tmp_path / "fourierft")
+
+
+def peft_state(theirs):
+    """peft's state dict under our keys."""
+    return {k.removeprefix("base_model.model.").removeprefix("base_model."): v for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("first, second", [
+    (sk.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"], init_weights=False),
+     sk.FourierFTConfig(n_frequency=12, target_modules=["v_proj", "up_proj"], init_weights=False, random_loc_seed=3,
+                        modules_to_save=["lm_head"])),
+    (sk.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+     sk.OFTConfig(oft_block_size=4, target_modules=["v_proj", "up_proj"], init_weights=False)),
+    (sk.FrodConfig(target_modules=["v_proj"], init_weights=False, sparse_rate=0.05, progressbar=False),
+     sk.FrodConfig(target_modules=["k_proj", "v_proj"], init_weights=False, sparse_rate=0.1, progressbar=False)),
+], ids=["fourierft", "oft", "frod"])
+@pytest.mark.parametrize("order", [("default", "other"), ("other", "default")], ids=["active-first", "inactive-first"])
+def test_delete_adapter_like_peft(first, second, order):
+    """delete_adapter removes what peft's removes (the layers' tensors, modules_to_save copies, FRoD's projections)
+    and activates what peft activates; the model then computes what peft's does, and the base model at the end."""
+    ours, theirs, expected = two_adapters(llama, first, second)
+    assert ours.state_dict().keys() == expected.keys()
+    ids = tokens(ours)
+    for step, name in enumerate(order):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs.delete_adapter(name)
+        remaining = list(theirs.peft_config)
+        if name == "default" and remaining:
+            with pytest.warns(UserWarning, match=f"Setting active adapter to {remaining[0]}"):
+                sk.delete_adapter(ours, name)
+        else:
+            sk.delete_adapter(ours, name)
+        state = ours.state_dict()
+        assert state.keys() == peft_state(theirs).keys()
+        for key, value in peft_state(theirs).items():
+            assert torch.equal(state[key], value), key
+        assert adapters(ours).active == remaining
+        assert list(adapters(ours).configs) == remaining
+        if remaining:
+            theirs.set_adapter(remaining[0])  # the PeftModel keeps the deleted name active until told
+            assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+            assert sk.trainable_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+    assert_close(ours(ids).logits, theirs.base_model.model(ids).logits, torch.float32)
+    assert not any(p.requires_grad for p in ours.parameters())
+    sk.inject(ours, first, "again")  # the emptied model takes a new adapter
+    assert adapters(ours).active == ["again"] and sk.trainable_parameters(ours)[0] > 0
+
+
+@pytest.mark.parametrize("cls, config", [
+    (sk.FourierFTLinear, sk.FourierFTConfig(n_frequency=20, init_weights=False)),
+    (sk.OFTLinear, sk.OFTConfig(oft_block_size=4, init_weights=False)),
+    (sk.FrodLinear, sk.FrodConfig(init_weights=False, progressbar=False)),
+], ids=["fourierft", "oft", "frod"])
+def test_layer_delete_adapter(cls, config):
+    """A layer's delete_adapter as peft's: the adapter's entries go from every per-adapter table, the other active
+    adapters stay active, the first remaining one takes over (with peft's warning) from a sole active one; it
+    refuses a merged adapter and an unknown name. Without adapters the layer computes its base layer."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    layer = cls(copy.deepcopy(base), config=config)
+    layer.update_layer("b", config)
+    x = torch.randn(3, 16)
+    layer.set_adapter("b")
+    expected = layer(x).detach()
+    layer.set_adapter(["default", "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.delete_adapter("default")
+    assert layer.active_adapters == ["b"]
+    assert not [t for t in layer.adapter_layer_names + layer.other_param_names if "default" in getattr(layer, t)]
+    assert_close(layer(x), expected, torch.float32)
+    layer.update_layer("c", config)
+    with pytest.warns(UserWarning, match="Setting active adapter to c"):
+        layer.delete_adapter("b")
+    assert layer.active_adapters == ["c"]
+    layer.merge()
+    with pytest.raises(ValueError, match="while it is merged"):
+        layer.delete_adapter("c")
+    layer.unmerge()
+    with pytest.raises(ValueError, match="unknown adapter 'b'"):
+        layer.delete_adapter("b")
+    layer.delete_adapter("c")
+    assert layer.active_adapters == [] and all(n.startswith("base_layer.") for n, _ in layer.named_parameters())
+    assert_close(layer(x), base(x), torch.float32)
+
+
+def test_delete_adapter_refuses_merged_and_unknown_adapters():
+    config = sk.FourierFTConfig(n_frequency=20, target_modules=["query"], init_weights=False)
+    model = sk.inject(sk.inject(bert(), config), config, "other")
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        sk.delete_adapter(model, "nope")
+    model.bert.encoder.layer[1].attention.self.query.merge()
+    with pytest.raises(ValueError, match="while it is merged"):
+        sk.delete_adapter(model, "default")
+    assert list(adapters(model).configs) == ["default", "other"]
+
+
+def test_failed_load_adapter_leaves_the_adapters_as_they_were(tmp_path):
+    """A load that does not fit a model with adapters raises and leaves its adapters, layers and trainable
+    parameters as they were, so that the same load fails the same way again."""
+    saved = sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"], modules_to_save=["classifier"])
+    sk.save_adapter(sk.inject(bert(), saved), tmp_path)
+    model = sk.inject(bert(), sk.FourierFTConfig(n_frequency=10, target_modules=["query"], init_weights=False))
+    model.bert.encoder.layer = model.bert.encoder.layer[:1]  # the saved adapter has tensors for two layers
+    before = str(model), copy.deepcopy(model.state_dict()), [n for n, p in model.named_parameters() if p.requires_grad]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="tensors the model does not"):
+            sk.load_adapter(model, tmp_path, "loaded")
+    assert str(model) == before[0] and model.state_dict().keys() == before[1].keys()
+    assert all(torch.equal(value, before[1][key]) for key, value in model.state_dict().items())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == before[2]
+    assert list(adapters(model).configs) == adapters(model).active == ["default"]

@@ -39,7 +39,8 @@ def adapter_entries(layer, table, kind):
 
 
 class AdapterLayer(nn.Module):
-    """Subclasses define ``adapter_layer_names`` and ``delta_weight(adapter)`` (out, in).
+    """Subclasses define ``adapter_layer_names`` (the adapters' parameters by name), ``other_param_names`` and
+    ``delta_weight(adapter)`` (out, in).
 
     Eval cache: in eval mode without autograd a layer runs one GEMM with its effective
     weight (base and adapters folded together), built on the first call and reused
@@ -51,6 +52,7 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_layer_names: tuple = ()
+    other_param_names: tuple = ()  # the other per-adapter tables (dicts by adapter name), as in peft
 
     def __init__(self, base_layer):
         super().__init__()
@@ -92,6 +94,28 @@ class AdapterLayer(nn.Module):
                 param.requires_grad_(key in names and not inference_mode)
         self._active_adapter = names
 
+    def delete_adapter(self, adapter_name):
+        """peft's delete_adapter: drop ``adapter_name``'s parameters and per-adapter state. If it was active, the
+        other active adapters stay active; if it was the only one, the first remaining adapter becomes active (with
+        a warning, as peft), or none. Unlike peft's layer, it refuses a merged adapter (its delta would stay in
+        the base weight) and an unknown name."""
+        if adapter_name not in self._adapters():
+            raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self._adapters())}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged: unmerge it first")
+        for table in (*self.adapter_layer_names, *self.other_param_names):
+            entries = getattr(self, table)
+            if adapter_name in entries:  # tables shared between layers (FRoD's projections) go once
+                del entries[adapter_name]
+        self._cache = None
+        if adapter_name not in self._active_adapter:
+            return
+        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
+        if not self._active_adapter and len(self._adapters()):
+            first = next(iter(self._adapters()))
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {first}.")
+            self.set_adapter(first)
+
     def enable_adapters(self, enabled):
         """peft's enable_adapters: False runs the base layer alone (unmerging first)."""
         if not enabled and self.merged:
@@ -132,6 +156,10 @@ class AdapterLayer(nn.Module):
         if x.dtype != weight.dtype and autocast_dtype(x) is None:
             raise TypeError(f"{op}: x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
         return nn.functional.linear(x, weight, bias)
+
+    def release_base_layer(self):
+        """The base layer, as unload hands it back to the model."""
+        return self.base_layer
 
     def _base_layer(self):
         return member(self, "_modules", "base_layer")

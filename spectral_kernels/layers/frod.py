@@ -126,6 +126,9 @@ class BufferDict(nn.Module):
     def __getitem__(self, key):
         return self._buffers[key]
 
+    def __delitem__(self, key):
+        delattr(self, key)
+
     def __contains__(self, key):
         return key in self._buffers
 
@@ -259,10 +262,20 @@ class FrodLinear(AdapterLayer):
             weight.data = weight.data.cpu()
 
     def _restore_base_weight(self):
+        """The base weight back on the adapters' device (where the model is); a layer without adapters has none
+        offloaded (delete_adapter restores it first)."""
+        adapter = next(iter(self.frod_lambda_l.values()), None)
         weight = self.base_layer.weight
-        device = next(iter(self.frod_lambda_l.values())).device
-        if weight.device != device:
-            weight.data = weight.data.to(device)
+        if adapter is not None and weight.device != adapter.device:
+            weight.data = weight.data.to(adapter.device)
+
+    def delete_adapter(self, adapter_name):
+        self._restore_base_weight()
+        super().delete_adapter(adapter_name)
+
+    def release_base_layer(self):
+        self._restore_base_weight()
+        return super().release_base_layer()
 
     def _frod(self, adapter, x, bias):
         tensors = self._tensors(adapter)

@@ -108,6 +108,10 @@ class OFTLinear(AdapterLayer):
         self.r[adapter_name], self.oft_block_size[adapter_name] = r, block_size
         self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
+    def delete_adapter(self, adapter_name):
+        super().delete_adapter(adapter_name)
+        self._rotations.pop(adapter_name, None)
+
     def _rotation(self, name):
         """(key, R) of adapter ``name``: R differentiable with autograd on (key None), else cached
         under the parameters' version."""
