@@ -259,7 +259,7 @@ class ModulesToSave(nn.Module):
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == self.active_adapter)
 
-    def delete_adapter(self, adapter_name):
+    def _drop_adapter(self, adapter_name):
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
@@ -481,15 +481,20 @@ def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
     config = copy.deepcopy(config)
     targets, config.target_modules = find_targets(model, config)
-    shared = method.prepare(model, targets, adapter_name, config) if method.prepare else None
-    for key, module in targets.items():
-        layer = method.adapt(module, key, adapter_name, config, shared)
-        config.fan_in_fan_out = layer._conv1d  # as in peft's saved config (the last module's layout); unused here
-        if layer is not module:
-            _set_submodule(model, key, layer)
-    if autocast_adapter_dtype:
-        _upcast_adapter(model, adapter_name)
-    _add_modules_to_save(model, config, adapter_name)
+    keep = _wrapped(model)
+    try:
+        shared = method.prepare(model, targets, adapter_name, config) if method.prepare else None
+        for key, module in targets.items():
+            layer = method.adapt(module, key, adapter_name, config, shared)
+            config.fan_in_fan_out = layer._conv1d  # as in peft's saved config (the last module's layout); unused
+            if layer is not module:
+                _set_submodule(model, key, layer)
+        if autocast_adapter_dtype:
+            _upcast_adapter(model, adapter_name)
+        _add_modules_to_save(model, config, adapter_name)
+    except Exception:  # e.g. a module too small for n_frequency: no half-made adapter stays in the model
+        _withdraw(model, adapter_name, keep)
+        raise
     state.configs[adapter_name] = config
     state.active = state.active or [adapter_name]
     setattr(model, STATE_ATTRIBUTE, state)
@@ -527,11 +532,24 @@ def delete_adapter(model, adapter_name):
         active = others[:1]
         warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
     set_adapter(model, active)  # first, so that no layer picks a new active adapter of its own
-    for layer in layers:
-        if adapter_name in layer._adapters():
-            layer.delete_adapter(adapter_name)
-    for _, wrapper in _wrappers(model):
-        wrapper.delete_adapter(adapter_name)
+    _withdraw(model, adapter_name)
+    del state.configs[adapter_name]
+
+
+def _wrapped(model):
+    """The names of the model's fused layers and modules_to_save wrappers."""
+    return {name for name, _ in [*_adapter_layers(model), *_wrappers(model)]}
+
+
+def _withdraw(model, adapter_name, keep=None):
+    """Remove adapter ``adapter_name`` (also as far as a failed inject made it) from the layers, the
+    modules_to_save wrappers and the methods' model attributes; layers and wrappers whose names are not in
+    ``keep`` (default: all of them) give the model back the modules they wrap."""
+    for name, module in [*_adapter_layers(model), *_wrappers(model)]:
+        module._drop_adapter(adapter_name)
+        if keep is not None and name not in keep:
+            _set_submodule(model, name, module.original_module if isinstance(module, ModulesToSave)
+                           else module.release_base_layer())
     for attribute in _model_attributes(model):
         holders = getattr(model, attribute)
         for key, holder in list(holders.items()):
@@ -539,7 +557,8 @@ def delete_adapter(model, adapter_name):
                 del holder[adapter_name]
             if not len(holder.keys()):  # a later adapter then builds its own for this key (FRoD's category)
                 del holders[key]
-    del state.configs[adapter_name]
+        if not len(holders):
+            delattr(model, attribute)
 
 
 def mark_only_adapters_as_trainable(model):
@@ -741,20 +760,21 @@ def load_adapter(model, directory, adapter_name="default", is_trainable=False, a
     saved tensors do not fit, it raises and gives the model back its adapters and layers as they were."""
     config, weights = _read_adapter(directory)
     config.inference_mode = not is_trainable
-    had_adapters = getattr(model, STATE_ATTRIBUTE, None) is not None
-    wrapped = {name for name, _ in [*_adapter_layers(model), *_wrappers(model)]}
+    before = getattr(model, STATE_ATTRIBUTE, None)
+    active, keep = list(before.active) if before else [], _wrapped(model)
+    trainable = {p: p.requires_grad for p in model.parameters()}
     inject(model, config, adapter_name, autocast_adapter_dtype)
     try:
         _load_adapter_weights(model, directory, adapter_name, weights)
     except Exception:  # mismatched names (ValueError) or shapes (load_state_dict's RuntimeError)
-        if not had_adapters:
-            unload(model)
-            raise
-        delete_adapter(model, adapter_name)
-        for name, module in [*_adapter_layers(model), *_wrappers(model)]:
-            if name not in wrapped:  # wrapped for this adapter alone
-                _set_submodule(model, name, module.original_module if isinstance(module, ModulesToSave)
-                               else module.release_base_layer())
+        _withdraw(model, adapter_name, keep)
+        if before is None:
+            delattr(model, STATE_ATTRIBUTE)
+        else:
+            del before.configs[adapter_name]
+            before.active = active
+        for p, requires_grad in trainable.items():
+            p.requires_grad_(requires_grad)
         raise
     return model
 

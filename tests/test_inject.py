@@ -684,3 +684,30 @@ def test_failed_load_adapter_leaves_the_adapters_as_they_were(tmp_path):
     assert all(torch.equal(value, before[1][key]) for key, value in model.state_dict().items())
     assert [n for n, p in model.named_parameters() if p.requires_grad] == before[2]
     assert list(adapters(model).configs) == adapters(model).active == ["default"]
+
+
+def test_failed_inject_leaves_the_model_as_it_was():
+    """An inject that fails part way leaves nothing of the adapter behind, in a fresh model or one with adapters:
+    all-linear reaches the classifier, too small for n_frequency, after the encoder's layers were adapted;
+    modules_to_save that match nothing fail after all layers were, FRoD's projections made."""
+    model = bert()
+    fresh = str(model)
+    with pytest.raises(ValueError, match="n_frequency"):
+        sk.inject(model, sk.FourierFTConfig(target_modules="all-linear"))
+    assert str(model) == fresh and not hasattr(model, STATE_ATTRIBUTE)
+    assert all(p.requires_grad for p in model.parameters())
+    sk.inject(model, sk.FourierFTConfig(n_frequency=20, target_modules=["query"]))
+    before = str(model), copy.deepcopy(model.state_dict()), [n for n, p in model.named_parameters() if p.requires_grad]
+    for config, error in [
+        (sk.FourierFTConfig(target_modules="all-linear"), "n_frequency"),
+        (sk.FourierFTConfig(n_frequency=20, target_modules=["value"], modules_to_save=["nothing"]), "modules_to_save"),
+        (sk.FrodConfig(target_modules=["value"], modules_to_save=["nothing"], progressbar=False), "modules_to_save"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            sk.inject(model, config, "other")
+        assert str(model) == before[0] and model.state_dict().keys() == before[1].keys()
+        assert all(torch.equal(value, before[1][key]) for key, value in model.state_dict().items())
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == before[2]
+        assert list(adapters(model).configs) == adapters(model).active == ["default"]
+    sk.inject(model, sk.FourierFTConfig(n_frequency=20, target_modules=["value"]), "other")
+    assert list(adapters(model).configs) == ["default", "other"]

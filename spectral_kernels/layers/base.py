@@ -103,8 +103,14 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self._adapters())}")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged: unmerge it first")
-        for table in (*self.adapter_layer_names, *self.other_param_names):
-            entries = getattr(self, table)
+        self._drop_adapter(adapter_name)
+
+    def _drop_adapter(self, adapter_name):
+        """delete_adapter without its checks: also what an update_layer that failed part way left."""
+        tables = [getattr(self, t) for t in (*self.adapter_layer_names, *self.other_param_names)]
+        if not any(adapter_name in entries for entries in tables):
+            return
+        for entries in tables:
             if adapter_name in entries:  # tables shared between layers (FRoD's projections) go once
                 del entries[adapter_name]
         self._cache = None

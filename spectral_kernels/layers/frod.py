@@ -269,9 +269,9 @@ class FrodLinear(AdapterLayer):
         if adapter is not None and weight.device != adapter.device:
             weight.data = weight.data.to(adapter.device)
 
-    def delete_adapter(self, adapter_name):
+    def _drop_adapter(self, adapter_name):
         self._restore_base_weight()
-        super().delete_adapter(adapter_name)
+        super()._drop_adapter(adapter_name)
 
     def release_base_layer(self):
         self._restore_base_weight()

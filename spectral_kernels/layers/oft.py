@@ -108,8 +108,8 @@ class OFTLinear(AdapterLayer):
         self.r[adapter_name], self.oft_block_size[adapter_name] = r, block_size
         self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
-    def delete_adapter(self, adapter_name):
-        super().delete_adapter(adapter_name)
+    def _drop_adapter(self, adapter_name):
+        super()._drop_adapter(adapter_name)
         self._rotations.pop(adapter_name, None)
 
     def _rotation(self, name):
