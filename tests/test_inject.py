@@ -14,7 +14,7 @@ from peft.utils.constants import (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULE
                                   TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING,
                                   TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING)
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+                          LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
 import spectral_kernels as sk
 from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, FROD_DEFAULT_TARGETS, LINEAR_DEFAULT_TARGETS,
@@ -46,6 +46,12 @@ def bert():
                                                     intermediate_size=64, vocab_size=64, max_position_embeddings=32,
                                                     num_labels=3, hidden_dropout_prob=0.0,
                                                     attention_probs_dropout_prob=0.0))
+
+
+def t5():
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=64,
+                                               dropout_rate=0.0, decoder_start_token_id=0))
 
 
 def peft_config(config):
@@ -711,3 +717,25 @@ def test_failed_inject_leaves_the_model_as_it_was():
         assert list(adapters(model).configs) == adapters(model).active == ["default"]
     sk.inject(model, sk.FourierFTConfig(n_frequency=20, target_modules=["value"]), "other")
     assert list(adapters(model).configs) == ["default", "other"]
+
+
+@pytest.mark.parametrize("config", [
+    sk.FourierFTConfig(n_frequency=20, target_modules=["q", "wo"], init_weights=False),
+    sk.OFTConfig(oft_block_size=8, target_modules=["q", "wo"], init_weights=False),
+    sk.FrodConfig(target_modules=["q", "wo"], init_weights=False, progressbar=False),
+], ids=["fourierft", "oft", "frod"])
+def test_layers_expose_the_base_layer_as_peft_s(config):
+    """T5's feed-forward casts to ``wo.weight.dtype`` in its forward: the layers expose the base layer's weight and
+    bias, and get_base_layer, as peft's do, and compute what peft's do there."""
+    torch.manual_seed(0)
+    ours = sk.inject(t5(), config)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(t5(), peft_config(config))
+    layer = ours.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(layer, AdapterLayer) and layer.get_base_layer() is layer.base_layer
+    assert layer.weight is layer.base_layer.weight and layer.bias is None
+    ids = tokens(ours)
+    assert_close(ours(input_ids=ids, decoder_input_ids=ids).logits,
+                 theirs(input_ids=ids, decoder_input_ids=ids).logits, torch.float32)

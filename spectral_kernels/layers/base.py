@@ -163,6 +163,20 @@ class AdapterLayer(nn.Module):
             raise TypeError(f"{op}: x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
         return nn.functional.linear(x, weight, bias)
 
+    def get_base_layer(self):
+        """peft's get_base_layer: the wrapped nn.Linear / Conv1D."""
+        return self._base_layer()
+
+    @property
+    def weight(self):
+        """The base layer's weight, as peft's layers expose it: model code reads it (T5's feed-forward casts to
+        ``wo.weight.dtype``)."""
+        return member(self._base_layer(), "_parameters", "weight")
+
+    @property
+    def bias(self):
+        return self._bias()
+
     def release_base_layer(self):
         """The base layer, as unload hands it back to the model."""
         return self.base_layer
