@@ -13,8 +13,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
                                   TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING,
                                   TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING)
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
+from transformers import (BertConfig, BertForSequenceClassification, FalconConfig, FalconForCausalLM, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
 import spectral_kernels as sk
 from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, FROD_DEFAULT_TARGETS, LINEAR_DEFAULT_TARGETS,
@@ -739,3 +739,33 @@ def test_layers_expose_the_base_layer_as_peft_s(config):
     ids = tokens(ours)
     assert_close(ours(input_ids=ids, decoder_input_ids=ids).logits,
                  theirs(input_ids=ids, decoder_input_ids=ids).logits, torch.float32)
+
+
+@pytest.mark.parametrize("config", [
+    sk.FourierFTConfig(n_frequency=20, target_modules="all-linear", init_weights=False),
+    sk.OFTConfig(oft_block_size=8, target_modules="all-linear", init_weights=False),
+    sk.FrodConfig(target_modules="all-linear", init_weights=False, progressbar=False),
+], ids=["fourierft", "oft", "frod"])
+def test_falcon_adds_into_the_layer_outputs_in_place(config):
+    """Falcon's decoder layer does ``mlp_output += attention_output``: training through it works (the fused ops'
+    outputs are no views made inside them) and gives peft's logits and gradients."""
+    def make():
+        torch.manual_seed(0)
+        return FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              vocab_size=64, hidden_dropout=0.0, attention_dropout=0.0))
+
+    ours = sk.inject(make(), config)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make(), peft_config(config))
+    ids = tokens(ours)
+    logits = ours(ids).logits, theirs(ids).logits
+    assert_close(*logits, torch.float32)
+    for out in logits:
+        out.square().sum().backward()
+    expected = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    own = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert own.keys() == expected.keys() and own
+    for name, grad in own.items():
+        assert_close(grad, expected[name], torch.float32)

@@ -58,8 +58,9 @@ def _delta_weight(k, coef, rows, cols, m, n, scaling, base):
 
 
 def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
-    """(y, state kept for the backward: the effective weight, or rfft(x) when the tokens fit
-    one chunk and else an empty spectrum); the forward op's body."""
+    """(y as (tokens, out_features), state kept for the backward: the effective weight, or rfft(x) when the
+    tokens fit one chunk and else an empty spectrum); the forward op's body. The caller gives y x's leading
+    dimensions, outside the op: an output that is a view made inside it could not be modified in place."""
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape
     acc = _acc_dtype(x.dtype)
@@ -78,7 +79,7 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
             y[part].add_(torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m))
             if tokens <= chunk:  # kept for the backward; several chunks' spectra are recomputed there
                 state = xf
-    return y.reshape(*x.shape[:-1], m), state
+    return y, state
 
 
 @torch.library.custom_op("spectral_kernels::fourierft_linear_fwd", mutates_args=())
@@ -91,13 +92,13 @@ def _fourierft_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @_fourierft_fwd.register_fake
 def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
     m, n = weight.shape
+    tokens = x.numel() // n
     if path == "weight":
         state = x.new_empty(m, n)
     else:
-        tokens = x.numel() // n
         kept = tokens if tokens <= dispatch.fourierft_chunk_tokens(x.device, m, n) else 0
         state = x.new_empty(kept, n // 2 + 1, dtype=_acc_dtype(x.dtype).to_complex())
-    return x.new_empty(*x.shape[:-1], m), state
+    return x.new_empty(tokens, m), state
 
 
 def _backward_body(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs):
@@ -242,7 +243,8 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
         return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)
     args = (x, weight, bias, spectrum, indices[0], indices[1], float(scaling), backend, path)
     needs_grad = _autograd.needs_grad(x, weight, spectrum, bias)
-    return _autograd.run(_fourierft_fwd, _FourierFTFunction, _forward, needs_grad, *args)[0]
+    y = _autograd.run(_fourierft_fwd, _FourierFTFunction, _forward, needs_grad, *args)[0]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling, backend=None):

@@ -76,7 +76,9 @@ def _v_t_operand(v, dtype):
 
 
 def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
-    """(y, state): state is z^T (factored path) or W' (weight path), what the backward needs."""
+    """(y as (tokens, out_features), state): state is z^T (factored path) or W' (weight path), what the backward
+    needs. The caller gives y x's leading dimensions, outside the op: an output that is a view made inside it
+    could not be modified in place."""
     k = dispatch.kernels("frod", backend)
     m, n = u.shape
     x2 = x.reshape(-1, n)
@@ -90,7 +92,7 @@ def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
         state = torch.mm(_v_t_operand(v, x.dtype), x2.t())
         h_t = k.mix(state, coef, *plan)
         y = torch.mm(h_t.t(), u.t()) if bias is None else torch.addmm(bias.to(x.dtype), h_t.t(), u.t())
-    return y.reshape(*x.shape[:-1], m), state
+    return y, state
 
 
 @torch.library.custom_op("spectral_kernels::frod_linear_fwd", mutates_args=())
@@ -104,7 +106,7 @@ def _frod_fwd(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lam: torch.Tens
 def _(x, u, v, lam, s_values, s_indices, bias, backend, path):
     m, n = u.shape
     state = x.new_empty(m, n) if path == "weight" else x.new_empty(n, x.numel() // n)
-    return x.new_empty(*x.shape[:-1], m), state
+    return x.new_empty(x.numel() // n, m), state
 
 
 def _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, needs):
@@ -128,7 +130,7 @@ def _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, 
         dz_t, dcoef = k.mix_backward(torch.mm(u.t(), dy2.t()), state, coef, *plan_t, need_dx)
         if need_dx:
             dx = torch.mm(dz_t.t(), _v_t_operand(v, dtype))
-    dx = dx.reshape(*dy.shape[:-1], n) if need_dx else state.new_empty(0)
+    dx = dx if need_dx else state.new_empty(0)
     dlam = dcoef[:n].to(lam.dtype, copy=True) if need_dlam else lam.new_empty(0)  # not a view of ds
     ds = dcoef[n:].to(s_values.dtype) if need_ds else s_values.new_empty(0)
     db = dy2.sum(0) if need_db else dy2.new_empty(0)
@@ -156,7 +158,7 @@ def _setup_context(ctx, inputs, output):
     x, u, v, lam, s_values, s_indices, bias, backend, path = inputs
     # The factored path's backward needs z^T = V^T x^T, not x; the weight path x and W'.
     ctx.save_for_backward(x if path == "weight" else None, output[1], u, v, lam, s_values, s_indices)
-    ctx.backend, ctx.path = backend, path
+    ctx.backend, ctx.path, ctx.x_shape = backend, path, x.shape
     ctx.bias_dtype = None if bias is None else bias.dtype
     # The state is an output only so the backward can reuse it; without this,
     # autograd would allocate and zero a gradient of its size every step.
@@ -173,7 +175,7 @@ def _backward(ctx, dy, _dstate):
                                                s_indices, ctx.backend, ctx.path, needs)
     # No S values (sparse_rate 0): no gradient for them, as peft, which then leaves S out of the graph.
     ds = ds if needs[2] and s_values.numel() else None
-    return (dx if needs[0] else None), None, None, (dlam if needs[1] else None), ds, \
+    return (dx.reshape(ctx.x_shape) if needs[0] else None), None, None, (dlam if needs[1] else None), ds, \
         None, (db.to(ctx.bias_dtype) if needs[3] else None), None, None
 
 
@@ -245,7 +247,7 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
     if backend == "reference":  # one algorithm, peft's: any valid path gives it
         return reference.frod_linear(x, u, v, lam, s_values, s_indices, bias)
     args = (x, u, v, lam, s_values, s_indices, bias, backend, path)
-    return _autograd.run(_frod_fwd, _FrodFunction, _forward, needs_grad, *args)[0]
+    return _autograd.run(_frod_fwd, _FrodFunction, _forward, needs_grad, *args)[0].reshape(*x.shape[:-1], m)
 
 
 def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):

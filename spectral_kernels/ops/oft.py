@@ -52,14 +52,15 @@ def _rotate_backward(k, g2, x2, rot, need_dx, need_drot):
 
 
 def _linear_forward(x, weight, bias, rot, backend, path):
-    """The body of the forward op."""
+    """The body of the forward op: y as (tokens, out_features); the caller gives it x's leading dimensions,
+    outside the op (an output that is a view made inside it could not be modified in place)."""
     k = _kernels(backend)
     x2 = x.reshape(-1, weight.shape[1])
     if path == "weight":
         y = F.linear(x2, k.rotate(weight, rot, True), bias)
     else:
         y = F.linear(k.rotate(x2, rot, False), weight, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y
 
 
 @torch.library.custom_op("spectral_kernels::oft_linear_fwd", mutates_args=())
@@ -70,7 +71,7 @@ def _oft_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 @_oft_linear_fwd.register_fake
 def _(x, weight, bias, rot, backend, path):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+    return x.new_empty(x.numel() // weight.shape[1], weight.shape[0])
 
 
 def _linear_backward_body(dy, x, weight, rot, backend, needs):
@@ -131,7 +132,8 @@ _OFTLinearFunction = _autograd.function("_OFTLinearFunction", _linear_forward, _
 
 
 def _rotate_forward(x, rot, backend):
-    return _kernels(backend).rotate(x.reshape(-1, x.shape[-1]), rot, False).reshape(x.shape)
+    """x rotated, as (tokens, features): its shape is given back outside the op, as for _linear_forward."""
+    return _kernels(backend).rotate(x.reshape(-1, x.shape[-1]), rot, False)
 
 
 @torch.library.custom_op("spectral_kernels::oft_rotate_fwd", mutates_args=())
@@ -141,7 +143,7 @@ def _oft_rotate_fwd(x: torch.Tensor, rot: torch.Tensor, backend: str) -> torch.T
 
 @_oft_rotate_fwd.register_fake
 def _(x, rot, backend):
-    return torch.empty_like(x)
+    return x.new_empty(x.numel() // x.shape[-1], x.shape[-1])
 
 
 def _rotate_backward_body(dy, x, rot, backend, needs):
@@ -281,8 +283,9 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
     if backend == "reference":  # one algorithm, peft's: any valid path gives it
         return reference.oft_linear(x, weight, bias, rot)
     needs_grad = _autograd.needs_grad(x, weight, bias, rot)
-    return _autograd.run(_oft_linear_fwd, _OFTLinearFunction, _linear_forward, needs_grad,
-                         x, weight, bias, rot, backend, path)
+    y = _autograd.run(_oft_linear_fwd, _OFTLinearFunction, _linear_forward, needs_grad, x, weight, bias, rot,
+                      backend, path)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def oft_rotate(x, rot, backend=None):
@@ -297,7 +300,8 @@ def oft_rotate(x, rot, backend=None):
     if backend == "reference":
         return reference.rotate(x, rot).to(x.dtype)
     needs_grad = _autograd.needs_grad(x, rot)
-    return _autograd.run(_oft_rotate_fwd, _OFTRotateFunction, _rotate_forward, needs_grad, x, rot, backend)
+    return _autograd.run(_oft_rotate_fwd, _OFTRotateFunction, _rotate_forward, needs_grad, x, rot,
+                         backend).reshape(x.shape)
 
 
 def oft_effective_weight(weight, rot, backend=None):
