@@ -54,6 +54,15 @@ def t5():
                                                dropout_rate=0.0, decoder_start_token_id=0))
 
 
+def each_method(targets):
+    """Parametrize a test over a config of each method that adapts ``targets``, with random initial values."""
+    return pytest.mark.parametrize("config", [
+        sk.FourierFTConfig(n_frequency=20, target_modules=targets, init_weights=False),
+        sk.OFTConfig(oft_block_size=8, target_modules=targets, init_weights=False),
+        sk.FrodConfig(target_modules=targets, init_weights=False, progressbar=False),
+    ], ids=["fourierft", "oft", "frod"])
+
+
 def peft_config(config):
     """peft's config with the same field values (peft's FrodConfig has no exclude_modules)."""
     cls = PEFT_CONFIG[type(config)]
@@ -543,11 +552,7 @@ def test_fourierft_computes_shapes_on_meta_tensors():
     assert layer.fourierft_spectrum["default"].grad.shape == (20,)
 
 
-@pytest.mark.parametrize("config", [
-    sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"], init_weights=False),
-    sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"], init_weights=False),
-    sk.FrodConfig(target_modules=["query", "value"], init_weights=False, progressbar=False),
-], ids=["fourierft", "oft", "frod"])
+@each_method(["query", "value"])
 def test_inject_takes_peft_s_config(config):
     """A peft script's config goes to inject unchanged: the same model as with ours of the same values."""
     torch.manual_seed(3)
@@ -719,11 +724,7 @@ def test_failed_inject_leaves_the_model_as_it_was():
     assert list(adapters(model).configs) == ["default", "other"]
 
 
-@pytest.mark.parametrize("config", [
-    sk.FourierFTConfig(n_frequency=20, target_modules=["q", "wo"], init_weights=False),
-    sk.OFTConfig(oft_block_size=8, target_modules=["q", "wo"], init_weights=False),
-    sk.FrodConfig(target_modules=["q", "wo"], init_weights=False, progressbar=False),
-], ids=["fourierft", "oft", "frod"])
+@each_method(["q", "wo"])
 def test_layers_expose_the_base_layer_as_peft_s(config):
     """T5's feed-forward casts to ``wo.weight.dtype`` in its forward: the layers expose the base layer's weight and
     bias, and get_base_layer, as peft's do, and compute what peft's do there."""
@@ -741,11 +742,7 @@ def test_layers_expose_the_base_layer_as_peft_s(config):
                  theirs(input_ids=ids, decoder_input_ids=ids).logits, torch.float32)
 
 
-@pytest.mark.parametrize("config", [
-    sk.FourierFTConfig(n_frequency=20, target_modules="all-linear", init_weights=False),
-    sk.OFTConfig(oft_block_size=8, target_modules="all-linear", init_weights=False),
-    sk.FrodConfig(target_modules="all-linear", init_weights=False, progressbar=False),
-], ids=["fourierft", "oft", "frod"])
+@each_method("all-linear")
 def test_falcon_adds_into_the_layer_outputs_in_place(config):
     """Falcon's decoder layer does ``mlp_output += attention_output``: training through it works (the fused ops'
     outputs are no views made inside them) and gives peft's logits and gradients."""
