@@ -130,7 +130,7 @@ def _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, 
         dz_t, dcoef = k.mix_backward(torch.mm(u.t(), dy2.t()), state, coef, *plan_t, need_dx)
         if need_dx:
             dx = torch.mm(dz_t.t(), _v_t_operand(v, dtype))
-    dx = dx if need_dx else state.new_empty(0)
+    dx = dx if need_dx else state.new_empty(0)  # (tokens, n): _backward gives it x's shape
     dlam = dcoef[:n].to(lam.dtype, copy=True) if need_dlam else lam.new_empty(0)  # not a view of ds
     ds = dcoef[n:].to(s_values.dtype) if need_ds else s_values.new_empty(0)
     db = dy2.sum(0) if need_db else dy2.new_empty(0)
