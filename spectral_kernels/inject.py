@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import FourierFTConfig, FrodConfig, OFTConfig
 from .layers import FourierFTLinear, FrodLinear, OFTLinear
-from .layers.base import AdapterLayer
+from .layers.base import AdapterLayer, warn_new_active_adapter
 from .layers.frod import BufferDict, frod_category, frod_layer_index, frod_projections
 
 STATE_ATTRIBUTE = "spectral_kernels_adapters"
@@ -530,7 +530,7 @@ def delete_adapter(model, adapter_name):
     active = [name for name in state.active if name != adapter_name]
     if adapter_name in state.active and not active and others:
         active = others[:1]
-        warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
+        warn_new_active_adapter(adapter_name, active[0])
     set_adapter(model, active)  # first, so that no layer picks a new active adapter of its own
     _withdraw(model, adapter_name)
     del state.configs[adapter_name]

@@ -125,17 +125,18 @@ def test_autocast_leaves_float64_alone(device, backend, make, path):
     assert_close(y, expected, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(D_IN,), (TOKENS, D_IN), (2, 3, D_IN)], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make,path", CASES)
-def test_outputs_can_be_modified_in_place(device, backend, make, path, shape):
+def test_outputs_can_be_modified_in_place(device, backend, make, path, shape, dtype):
     """Model code adds into a layer's output in place (Falcon: ``mlp_output += attention_output``): the ops'
     outputs are not views made inside them (autograd refuses in-place writes to those), and the gradients through
     the write are the reference's."""
     def run(backend):
         g = torch.Generator().manual_seed(0)
-        params, fn = make(backend, path, device, torch.float64, g)
-        inputs = [t.to(device, torch.float64).requires_grad_()
+        params, fn = make(backend, path, device, dtype, g)
+        inputs = [t.to(device, dtype).requires_grad_()
                   for t in (torch.randn(*shape, generator=g), *params)]
         y = fn(*inputs)
         y += 1.0
@@ -143,4 +144,4 @@ def test_outputs_can_be_modified_in_place(device, backend, make, path, shape):
         return [y.detach(), *torch.autograd.grad(y.square().sum(), inputs)]
 
     for got, expected in zip(run(backend), run("reference")):
-        assert_close(got, expected, torch.float64)
+        assert_close(got, expected, dtype)

@@ -38,6 +38,11 @@ def adapter_entries(layer, table, kind):
     return member(layer, "_modules", table).__dict__[kind]
 
 
+def warn_new_active_adapter(deleted, new):
+    """peft's warning when deleting the only active adapter makes another one active."""
+    warnings.warn(f"Adapter {deleted} was active which is now deleted. Setting active adapter to {new}.")
+
+
 class AdapterLayer(nn.Module):
     """Subclasses define ``adapter_layer_names`` (the adapters' parameters by name), ``other_param_names`` and
     ``delta_weight(adapter)`` (out, in).
@@ -119,7 +124,7 @@ class AdapterLayer(nn.Module):
         self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
         if not self._active_adapter and len(self._adapters()):
             first = next(iter(self._adapters()))
-            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {first}.")
+            warn_new_active_adapter(adapter_name, first)
             self.set_adapter(first)
 
     def enable_adapters(self, enabled):

@@ -112,6 +112,10 @@ def run(custom_op, eager_function, body, needs_grad, *args):
     """The forward op on ``args``: ``custom_op`` when torch.compile traces, ``eager_function`` when autograd
     records (``needs_grad``), else ``body`` alone (eager inference: at T=1, 4096 x 4096 on the CPU the
     wrappers' Python layers cost ~0.2 ms, a fifth of the GEMV, once the GEMV has pushed them out of the caches).
+
+    The ops' outputs are (tokens, features) and their callers give them x's leading dimensions after this returns:
+    a view made inside the autograd Function could not be modified in place (model code adds into a layer's
+    output, e.g. Falcon's mlp_output += attention_output).
     """
     if tracing():
         return custom_op(*args)

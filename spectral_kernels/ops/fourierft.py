@@ -58,9 +58,8 @@ def _delta_weight(k, coef, rows, cols, m, n, scaling, base):
 
 
 def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
-    """(y as (tokens, out_features), state kept for the backward: the effective weight, or rfft(x) when the
-    tokens fit one chunk and else an empty spectrum); the forward op's body. The caller gives y x's leading
-    dimensions, outside the op: an output that is a view made inside it could not be modified in place."""
+    """(y as (tokens, out_features) (see _autograd.run), state kept for the backward: the effective weight, or
+    rfft(x) when the tokens fit one chunk and else an empty spectrum); the forward op's body."""
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape
     acc = _acc_dtype(x.dtype)

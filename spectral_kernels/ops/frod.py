@@ -76,9 +76,8 @@ def _v_t_operand(v, dtype):
 
 
 def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
-    """(y as (tokens, out_features), state): state is z^T (factored path) or W' (weight path), what the backward
-    needs. The caller gives y x's leading dimensions, outside the op: an output that is a view made inside it
-    could not be modified in place."""
+    """(y as (tokens, out_features) (see _autograd.run), state): state is z^T (factored path) or W' (weight
+    path), what the backward needs."""
     k = dispatch.kernels("frod", backend)
     m, n = u.shape
     x2 = x.reshape(-1, n)

@@ -52,8 +52,7 @@ def _rotate_backward(k, g2, x2, rot, need_dx, need_drot):
 
 
 def _linear_forward(x, weight, bias, rot, backend, path):
-    """The body of the forward op: y as (tokens, out_features); the caller gives it x's leading dimensions,
-    outside the op (an output that is a view made inside it could not be modified in place)."""
+    """The body of the forward op: y as (tokens, out_features) (see _autograd.run)."""
     k = _kernels(backend)
     x2 = x.reshape(-1, weight.shape[1])
     if path == "weight":
@@ -132,7 +131,7 @@ _OFTLinearFunction = _autograd.function("_OFTLinearFunction", _linear_forward, _
 
 
 def _rotate_forward(x, rot, backend):
-    """x rotated, as (tokens, features): its shape is given back outside the op, as for _linear_forward."""
+    """x rotated, as (tokens, features) (see _autograd.run)."""
     return _kernels(backend).rotate(x.reshape(-1, x.shape[-1]), rot, False)
 
 
