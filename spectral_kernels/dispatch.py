@@ -10,6 +10,7 @@ import importlib
 import os
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_BACKEND = "SPECTRAL_KERNELS_BACKEND"
@@ -102,6 +103,19 @@ def select_backend(device, requested=None):
     return "reference"
 
 
+def holds(condition):
+    """``condition`` (on sizes, possibly symbolic) as a bool, for choosing between exact algorithms.
+
+    Under torch.compile a symbolic condition is decided for the traced sizes and
+    guarded, so each path gets its own graph. torch.export must give one program valid
+    for every size in its dynamic ranges: there, a condition the ranges do not settle
+    counts as False, which picks each op's path for few tokens (all paths are exact).
+    """
+    if isinstance(condition, torch.SymBool) and torch.compiler.is_exporting():
+        return statically_known_true(condition)
+    return bool(condition)
+
+
 def kernels(method, backend):
     """The module holding ``method``'s primitives for ``backend`` (not for ``reference``)."""
     package = "native" if backend in ("cpu", "cuda") else backend
@@ -138,7 +152,7 @@ def fourierft_path(tokens, out_features, in_features, requested=None):
         return requested
     ratio = tokens * (out_features + in_features) / (out_features * in_features)
     size = "small" if out_features * in_features <= FOURIERFT_SMALL_MATRIX else "large"
-    return "weight" if ratio >= FOURIERFT_WEIGHT_PATH_RATIO[size] else "token"
+    return "weight" if holds(ratio >= FOURIERFT_WEIGHT_PATH_RATIO[size]) else "token"
 
 
 # The FourierFT weight path transforms the rows of the sparse spectrum directly, at
@@ -190,7 +204,7 @@ def oft_path(tokens, out_features, requested=None):
         if requested not in OFT_PATHS:
             raise ValueError(f"unknown OFT path {requested!r}; expected one of {OFT_PATHS}")
         return requested
-    return "weight" if tokens >= OFT_WEIGHT_PATH_RATIO * out_features else "token"
+    return "weight" if holds(tokens >= OFT_WEIGHT_PATH_RATIO * out_features) else "token"
 
 
 ENV_FROD_PATH = "SPECTRAL_KERNELS_FROD_PATH"
@@ -216,4 +230,4 @@ def frod_path(tokens, out_features, in_features, needs_grad, requested=None):
         factored, weight = 2 * t * n * (n + m), 2 * m * n * n + 3 * t * m * n
     else:
         factored, weight = t * n * (n + m), m * n * n + t * m * n
-    return "weight" if weight <= factored else "factored"
+    return "weight" if holds(weight <= factored) else "factored"

@@ -230,14 +230,19 @@ def test_compile_fullgraph_public_op():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_opcheck(path, chunks, monkeypatch):
-    """The op's fake and real outputs agree, the token path's kept spectrum (one chunk) or its empty state."""
+    """The op's fake and real outputs agree, the token path's kept spectrum (one chunk) or its empty state; the
+    public op keeps the spectrum where the tokens fit one chunk."""
     per_token = 8 * (10 // 2 + 8 // 2 + 2)
     monkeypatch.setitem(dispatch.FOURIERFT_CHUNK_BYTES, "cpu", per_token * (7 if chunks == 1 else 3))
     (x, w, b, c), _, indices = make_case(10, 8, 12, (7,), torch.float32, "cpu")
-    args = (x.requires_grad_(), w, b, c.requires_grad_(), indices[0], indices[1], 2.0, "cpu", path)
+    keep = path == "token" and chunks == 1
+    args = (x.requires_grad_(), w, b, c.requires_grad_(), indices[0], indices[1], 2.0, "cpu", path, keep)
     _, state = torch.ops.spectral_kernels.fourierft_linear_fwd(*args)
+    y = sk.fourierft_linear(x, w, b, c, indices, 2.0, backend="cpu", path=path)
+    saved = y.grad_fn.next_functions[0][0].saved_tensors[-1]  # past the view to x's leading dimensions
+    assert saved.shape == state.shape
     if path == "token":
-        assert state.shape == ((7 if chunks == 1 else 0), 8 // 2 + 1)
+        assert state.shape == ((7 if keep else 0), 8 // 2 + 1)
     torch.library.opcheck(torch.ops.spectral_kernels.fourierft_linear_fwd.default, args)
 
 

@@ -10,6 +10,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 import spectral_kernels as sk
+from spectral_kernels import dispatch
 from spectral_kernels.peft import swap
 
 from conftest import assert_close
@@ -241,6 +242,30 @@ def test_compile_dynamic_shapes(method):
                 layer.indices["default"])
         for scaling in (150.0, 100.0):
             assert_close(op(x, *args, scaling), sk.fourierft_linear(x, *args, scaling), torch.float32)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_export_dynamic_token_counts(method, training, monkeypatch):
+    """torch.export with a dynamic token count gives one program for the whole range: the paths chosen by size
+    (and FourierFT's kept spectrum, here with chunks of 20 tokens) are not guarded on the traced size, and the
+    program computes what eager does, on both sides of every threshold, gradients included."""
+    monkeypatch.setitem(dispatch.FOURIERFT_CHUNK_BYTES, "cpu", 8 * (16 // 2 + 24 // 2 + 2) * 20)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).train(training)
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    program = torch.export.export(model, (torch.randn(5, 24),), dynamic_shapes=({0: tokens},)).module()
+    params = dict(model.named_parameters())
+    exported = {name: p for name, p in program.named_parameters() if params[name].requires_grad}
+    for count in (3, 12, 30, 70):  # below and above the paths' thresholds and one chunk
+        x = torch.randn(count, 24, requires_grad=True)
+        results = []
+        for module, trained in ((model, [params[name] for name in exported]), (program, list(exported.values()))):
+            y = module(x)
+            results.append((y, torch.autograd.grad(y.square().sum(), [x, *trained]) if training else ()))
+        (expected, expected_grads), (y, grads) = results
+        assert_close(y, expected, torch.float32)
+        for got, want in zip(grads, expected_grads):
+            assert_close(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

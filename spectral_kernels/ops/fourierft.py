@@ -57,9 +57,10 @@ def _delta_weight(k, coef, rows, cols, m, n, scaling, base):
     return k.real_mirror(torch.fft.fft(rows_done, dim=0).t(), base, n)
 
 
-def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
+def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path, keep):
     """(y as (tokens, out_features) (see _autograd.run), state kept for the backward: the effective weight, or
-    rfft(x) when the tokens fit one chunk and else an empty spectrum); the forward op's body."""
+    rfft(x) when ``keep`` (the tokens fit one chunk, see _apply) and else an empty spectrum); the forward op's
+    body."""
     k = dispatch.kernels("fourierft", backend)
     m, n = weight.shape
     acc = _acc_dtype(x.dtype)
@@ -76,7 +77,7 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
             part = slice(t0, t0 + chunk)
             xf = torch.fft.rfft(x2[part].to(acc), dim=-1)
             y[part].add_(torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m))
-            if tokens <= chunk:  # kept for the backward; several chunks' spectra are recomputed there
+            if keep:  # kept for the backward; several chunks' spectra are recomputed there
                 state = xf
     return y, state
 
@@ -84,19 +85,18 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
 @torch.library.custom_op("spectral_kernels::fourierft_linear_fwd", mutates_args=())
 def _fourierft_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor,
                    rows: torch.Tensor, cols: torch.Tensor, scaling: float, backend: str,
-                   path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path)
+                   path: str, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path, keep)
 
 
 @_fourierft_fwd.register_fake
-def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path):
+def _(x, weight, bias, spectrum, rows, cols, scaling, backend, path, keep):
     m, n = weight.shape
     tokens = x.numel() // n
     if path == "weight":
         state = x.new_empty(m, n)
     else:
-        kept = tokens if tokens <= dispatch.fourierft_chunk_tokens(x.device, m, n) else 0
-        state = x.new_empty(kept, n // 2 + 1, dtype=_acc_dtype(x.dtype).to_complex())
+        state = x.new_empty(tokens if keep else 0, n // 2 + 1, dtype=_acc_dtype(x.dtype).to_complex())
     return x.new_empty(tokens, m), state
 
 
@@ -150,7 +150,7 @@ def _(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, spectrum, rows, cols, scaling, backend, path = inputs
+    x, weight, bias, spectrum, rows, cols, scaling, backend, path, _keep = inputs
     ctx.save_for_backward(x, weight, spectrum, rows, cols, output[1])
     ctx.scaling, ctx.backend, ctx.path = scaling, backend, path
     ctx.has_bias = bias is not None
@@ -161,14 +161,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dstate):
     if dy is None:  # only the (internal) saved state was used
-        return (None,) * 9
+        return (None,) * 10
     x, weight, spectrum, rows, cols, state = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
              ctx.needs_input_grad[3]]
     dx, dw, db, dc = _autograd.backward_call(ctx, _fourierft_bwd, _backward_body, dy, x, weight, spectrum, rows, cols,
                                              state, ctx.scaling, ctx.backend, ctx.path, needs)
     grads = [g if need else None for g, need in zip((dx, dw, db, dc), needs)]
-    return grads[0], grads[1], grads[2], grads[3], None, None, None, None, None
+    return grads[0], grads[1], grads[2], grads[3], None, None, None, None, None, None
 
 
 _fourierft_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -237,13 +237,15 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
         raise TypeError(f"fourierft_linear: x ({x.dtype}), weight ({weight.dtype}) and bias "
                         f"({None if bias is None else bias.dtype}) must have the same dtype")
     backend = dispatch.select_backend(x.device, backend)
-    path = dispatch.fourierft_path(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], path)
+    (m, n), tokens = weight.shape, x.numel() // x.shape[-1]
+    path = dispatch.fourierft_path(tokens, m, n, path)
     if backend == "reference":  # one algorithm, peft's: any valid path gives it
         return reference.fourierft_linear(x, weight, bias, spectrum, indices, scaling)
-    args = (x, weight, bias, spectrum, indices[0], indices[1], float(scaling), backend, path)
+    keep = path == "token" and dispatch.holds(tokens <= dispatch.fourierft_chunk_tokens(x.device, m, n))
+    args = (x, weight, bias, spectrum, indices[0], indices[1], float(scaling), backend, path, keep)
     needs_grad = _autograd.needs_grad(x, weight, spectrum, bias)
     y = _autograd.run(_fourierft_fwd, _FourierFTFunction, _forward, needs_grad, *args)[0]
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.reshape(*x.shape[:-1], m)
 
 
 def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling, backend=None):
