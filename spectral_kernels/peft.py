@@ -9,7 +9,8 @@ peft's class. peft's classes themselves are never modified.
 
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
-that is not a plain nn.Linear / Conv1D (quantized), an input dtype other than the
+that is not a plain nn.Linear / Conv1D or whose weight is of another tensor type
+(quantized), an input dtype other than the
 base weight's outside torch.autocast (peft then casts; the fused ops take the base
 layer's dtype, or autocast's for both), and for FRoD several active adapters or
 active dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
@@ -24,6 +25,7 @@ from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
 from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._cache import ConcatCache, TensorCache
 from .ops._autograd import autocast_dtype
@@ -32,11 +34,16 @@ from .ops.frod import frod_linear
 from .ops.oft import oft_linear, oft_rotate, oft_rotation
 
 
+# The types of a plain dense weight: a parameter, a tensor that torch.func.functional_call put in its place, or its
+# stand-in while torch.export traces. Other tensor subclasses (quantized weights) go to peft's forward.
+_DENSE_WEIGHTS = (nn.Parameter, torch.Tensor, FakeTensor)
+
+
 def _base_weight(layer, x):
     """The base layer's (weight as (out, in), bias) when the fused op can replace the forward on ``x``, else None."""
     base = layer.get_base_layer()
     conv1d = type(base).__name__ == "Conv1D" and hasattr(base, "nf")
-    if not (isinstance(base, nn.Linear) or conv1d) or type(base.weight) is not nn.Parameter:
+    if not (isinstance(base, nn.Linear) or conv1d) or type(base.weight) not in _DENSE_WEIGHTS:
         return None
     if layer.disable_adapters or layer.merged or x.dim() == 0:
         return None

@@ -319,3 +319,79 @@ def test_frod_on_a_gpu_model_with_projections_on_the_cpu():
     ours = swap(copy.deepcopy(theirs))
     ids = tokens(ours).cuda()
     assert_same_outputs(ours, theirs, ids)
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 24), torch.nn.Linear(24, 16)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def two_layer_pair(method):
+    """A peft model of _TwoLayers and a swapped deep copy of it."""
+    config = {"fourierft": peft.FourierFTConfig(n_frequency=40, target_modules=["a", "b"], init_weights=False),
+              "oft": peft.OFTConfig(oft_block_size=8, target_modules=["a", "b"], init_weights=False),
+              "frod": peft.FrodConfig(target_modules=["a", "b"], init_weights=False, sparse_rate=0.1,
+                                      progressbar=False)}[method]
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(_TwoLayers(), config)
+    return swap(copy.deepcopy(theirs)), theirs
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("method", METHODS)
+def test_export_runs_fused(method, training, monkeypatch):
+    """torch.export of a swapped model with a dynamic token count traces the fused ops (the weights are fake
+    tensors there) and gives peft's eager outputs and gradients."""
+    calls = count_fused_calls(monkeypatch)
+    ours, theirs = two_layer_pair(method)
+    for model in (ours, theirs):
+        model.train(training)
+    tokens = torch.export.Dim("tokens", min=2, max=1024)
+    program = torch.export.export(ours.base_model.model, (torch.randn(5, 32),), dynamic_shapes=({0: tokens},))
+    assert len(calls) == 2
+    program = program.module()
+    for count in (3, 100):
+        x = torch.randn(count, 32, requires_grad=True)
+        results = [(y, torch.autograd.grad(y.square().sum(), x) if training else ())
+                   for y in (program(x), theirs(x))]
+        (y, grads), (expected, expected_grads) = results
+        assert_close(y, expected, torch.float32)
+        for got, want in zip(grads, expected_grads):
+            assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_functional_call_runs_fused(method, monkeypatch):
+    """torch.func.functional_call with plain tensors in place of the parameters runs the fused ops on them, as
+    peft's layers run on them."""
+    calls = count_fused_calls(monkeypatch)
+    ours, theirs = two_layer_pair(method)
+    x = torch.randn(2, 5, 32)
+    outputs = []
+    for model in (ours, theirs):
+        tensors = {name: 1.5 * p.detach() for name, p in model.named_parameters()}
+        outputs.append(torch.func.functional_call(model, tensors, (x,)))
+    assert len(calls) == 2
+    assert_close(outputs[0], outputs[1], torch.float32)
+    assert not torch.allclose(outputs[0], ours(x))
+
+
+class _QuantizedWeight(torch.nn.Parameter):
+    """Stands for a quantized weight type (bitsandbytes' and torchao's are tensor subclasses)."""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weight_subclasses_go_to_peft(method, monkeypatch):
+    """A base weight of another tensor type (quantized) is left to peft's forward."""
+    calls = count_fused_calls(monkeypatch)
+    ours, theirs = two_layer_pair(method)
+    for model in (ours, theirs):
+        base = model.base_model.model.a.get_base_layer()
+        base.weight = _QuantizedWeight(base.weight.detach())
+    x = torch.randn(2, 5, 32)
+    assert_close(ours(x), theirs(x), torch.float32)
+    assert len(calls) == 1  # layer b's
