@@ -3,11 +3,14 @@
 Backends: ``reference`` (pure PyTorch, peft's algorithm), ``cpu`` and ``cuda`` (C++
 kernels in csrc/), ``triton``. The choice per call is, in order: the ``backend``
 argument, the ``SPECTRAL_KERNELS_BACKEND`` environment variable, then the fastest
-available one for the tensors' device. Under torch.func transforms (vmap, grad, jacrev,
-...) only ``reference`` runs: the kernels have no batching or functorch rules.
+available one for the tensors' device (a deterministic one under
+torch.use_deterministic_algorithms, see NONDETERMINISTIC). Under torch.func
+transforms (vmap, grad, jacrev, ...) only ``reference`` runs: the kernels have no
+batching or functorch rules.
 """
 import importlib
 import os
+import warnings
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -73,8 +76,35 @@ def _serves(name, device):
     return True
 
 
-def select_backend(device, requested=None):
-    """Backend name for tensors on ``device``; raises if the requested one cannot run there."""
+# (method, backend) pairs whose kernels add floating-point numbers with atomics, so that their results vary from
+# run to run in the last bits: FourierFT's spectrum scatter and mix on the GPU (csrc/cuda/fourierft.cu,
+# kernels/triton/fourierft.py). The cpu backend's results depend only on the thread count, as torch's CPU ops do.
+NONDETERMINISTIC = {("fourierft", "cuda"), ("fourierft", "triton")}
+
+
+def _deterministic(method, name, requested):
+    """Whether backend ``name`` may run ``method`` as torch.use_deterministic_algorithms asks; a backend that was
+    requested and is not deterministic alerts as torch's own ops do (RuntimeError, or a warning with
+    warn_only=True)."""
+    if (method, name) not in NONDETERMINISTIC or not torch.are_deterministic_algorithms_enabled():
+        return True
+    if not requested:
+        return False
+    message = (f"{method} on the {name} backend does not have a deterministic implementation, but you set "
+               "'torch.use_deterministic_algorithms(True)'; backend='reference' (which the automatic choice takes "
+               "then) is deterministic")
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(message)
+    warnings.warn(message, stacklevel=4)
+    return True
+
+
+def select_backend(device, requested=None, method=None):
+    """Backend name for ``method``'s tensors on ``device``; raises if the requested one cannot run there.
+
+    Under torch.use_deterministic_algorithms(True) the automatic choice passes over the
+    backends whose kernels for ``method`` are not deterministic (NONDETERMINISTIC).
+    """
     requested = requested or os.environ.get(ENV_BACKEND) or None
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         if requested not in (None, "reference"):
@@ -89,6 +119,7 @@ def select_backend(device, requested=None):
             raise RuntimeError(f"backend {requested!r} is not available: {reason}")
         if not _serves(requested, device):
             raise RuntimeError(f"backend {requested!r} cannot run tensors on {device}")
+        _deterministic(method, requested, True)
         return requested
     # CUDA before Triton on a GPU. On the lent H100 machine a Triton launch costs the host several times what a
     # torch op's does (python -m bench.profile --python), and in a training step of many layers the host sets the
@@ -98,7 +129,7 @@ def select_backend(device, requested=None):
     # 6.42x the base layer in those two files).
     order = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
     for name in order:
-        if _unavailable_reason(name) is None and _serves(name, device):
+        if _unavailable_reason(name) is None and _serves(name, device) and _deterministic(method, name, False):
             return name
     return "reference"
 

@@ -145,3 +145,47 @@ def test_outputs_can_be_modified_in_place(device, backend, make, path, shape, dt
 
     for got, expected in zip(run(backend), run("reference")):
         assert_close(got, expected, dtype)
+
+
+@pytest.fixture
+def deterministic():
+    """Sets torch.use_deterministic_algorithms for the test (warn_only as given) and restores it after."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield lambda warn_only=False: torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("make,path", CASES)
+def test_deterministic_algorithms(device, backend, make, path, deterministic):
+    """Under torch.use_deterministic_algorithms(True) a backend whose kernels for the op add with atomics
+    (FourierFT's on the GPU backends, dispatch.NONDETERMINISTIC) refuses by name as torch's ops do, or warns with
+    warn_only=True; the others run as before."""
+    params, fn = make(backend, path, device, torch.float32, torch.Generator().manual_seed(0))
+    params = [t.to(device).requires_grad_() for t in params]
+    x = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(1)).to(device)
+    _, reference = make("reference", path, device, torch.float32, torch.Generator().manual_seed(0))
+    expected = reference(x, *params)
+    atomic = make is fourierft and (backend in ("cuda", "triton"))
+    deterministic()
+    if atomic:
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            fn(x, *params)
+        deterministic(warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            y = fn(x, *params)
+    else:
+        y = fn(x, *params)
+    assert_close(y, expected, torch.float32)
+
+
+def test_deterministic_algorithms_automatic_choice(monkeypatch, deterministic):
+    """With a GPU's backends available, the automatic choice for FourierFT on it is the reference backend under
+    torch.use_deterministic_algorithms(True), and the CUDA kernels otherwise and for the other methods."""
+    monkeypatch.setattr(dispatch, "_unavailable_reason", lambda name: None)
+    gpu = torch.device("cuda")
+    assert [dispatch.select_backend(gpu, method=m) for m in ("fourierft", "oft", "frod")] == ["cuda"] * 3
+    deterministic()
+    assert [dispatch.select_backend(gpu, method=m) for m in ("fourierft", "oft", "frod")] == \
+        ["reference", "cuda", "cuda"]
+    assert dispatch.select_backend(torch.device("cpu"), method="fourierft") == "cpu"

@@ -236,7 +236,7 @@ def _apply(x, weight, bias, spectrum, indices, scaling, backend, path):
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"fourierft_linear: x ({x.dtype}), weight ({weight.dtype}) and bias "
                         f"({None if bias is None else bias.dtype}) must have the same dtype")
-    backend = dispatch.select_backend(x.device, backend)
+    backend = dispatch.select_backend(x.device, backend, "fourierft")
     (m, n), tokens = weight.shape, x.numel() // x.shape[-1]
     path = dispatch.fourierft_path(tokens, m, n, path)
     if backend == "reference":  # one algorithm, peft's: any valid path gives it
@@ -258,7 +258,7 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
     if indices.device != spectrum.device:
         raise RuntimeError(f"{name}: spectrum on {spectrum.device}, indices on {indices.device}")
     _check_index_values(indices, out_features, in_features, name)
-    backend = dispatch.select_backend(spectrum.device, backend)
+    backend = dispatch.select_backend(spectrum.device, backend, "fourierft")
     if backend == "reference" or _autograd.needs_grad(spectrum):
         return reference.fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling)
     coef = spectrum.to(_acc_dtype(spectrum.dtype))

@@ -239,7 +239,7 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
             return _apply(x.to(dtype), u, v, lam, s_values, s_indices, _autograd.cast(bias, dtype), backend, path)
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"frod_linear: x ({x.dtype}) and bias ({bias.dtype}) must have the same dtype")
-    backend = dispatch.select_backend(x.device, backend)
+    backend = dispatch.select_backend(x.device, backend, "frod")
     m, n = u.shape
     needs_grad = _autograd.needs_grad(x, lam, s_values, bias)
     path = dispatch.frod_path(x.numel() // n, m, n, needs_grad, path)
@@ -254,7 +254,7 @@ def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
     where autograd records (then by peft's dense torch math: the kernels' build has no backward)."""
     _check_adapter("frod_effective_weight", u, v, lam, s_values, s_indices)
     _check_index_values(s_indices, v.shape[0], "frod_effective_weight")
-    backend = dispatch.select_backend(u.device, backend)
+    backend = dispatch.select_backend(u.device, backend, "frod")
     if backend == "reference" or _autograd.needs_grad(lam, s_values):
         return reference.effective_weight(u, v, lam, s_values, s_indices)
     coef = torch.cat([lam, s_values]).to(_acc_dtype(u.dtype))

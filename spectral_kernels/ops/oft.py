@@ -260,7 +260,7 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
     # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
     if use_cayley_neumann and num_cayley_neumann_terms > 1 and not _autograd.tracing():
-        name = dispatch.select_backend(params.device, backend)
+        name = dispatch.select_backend(params.device, backend, "oft")
         coef = reference.neumann_coefficients(num_cayley_neumann_terms)
         if name != "reference" and _kernels(name).neumann_fits(name, block_size, len(coef)):
             return _Neumann.apply(params, block_size, coef, name)
@@ -277,7 +277,7 @@ def oft_linear(x, weight, bias, rot, backend=None, path=None):
         with torch.autocast(x.device.type, enabled=False):
             return oft_linear(x.to(dtype), weight.to(dtype), _autograd.cast(bias, dtype), rot, backend, path)
     _check_linear(x, weight, bias, rot)
-    backend = dispatch.select_backend(x.device, backend)
+    backend = dispatch.select_backend(x.device, backend, "oft")
     path = dispatch.oft_path(x.numel() // x.shape[-1], weight.shape[0], path)
     if backend == "reference":  # one algorithm, peft's: any valid path gives it
         return reference.oft_linear(x, weight, bias, rot)
@@ -295,7 +295,7 @@ def oft_rotate(x, rot, backend=None):
             return oft_rotate(x.to(dtype), rot, backend)
     _check_rotation("oft_rotate", x, rot, x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else -1)
     _check_devices("oft_rotate", x=x, rot=rot)
-    backend = dispatch.select_backend(x.device, backend)
+    backend = dispatch.select_backend(x.device, backend, "oft")
     if backend == "reference":
         return reference.rotate(x, rot).to(x.dtype)
     needs_grad = _autograd.needs_grad(x, rot)
@@ -310,7 +310,7 @@ def oft_effective_weight(weight, rot, backend=None):
                          f"{tuple(getattr(weight, 'shape', ()))}")
     _check_rotation("oft_effective_weight", weight, rot, weight.shape[-1])
     _check_devices("oft_effective_weight", weight=weight, rot=rot)
-    backend = dispatch.select_backend(weight.device, backend)
+    backend = dispatch.select_backend(weight.device, backend, "oft")
     if backend == "reference":
         n_blocks = weight.shape[1] // rot.shape[-1]
         return (weight @ reference.block_diagonal(rot.to(weight.dtype), n_blocks).t()).detach()
