@@ -392,8 +392,8 @@ def find_targets(model, config):
         if isinstance(module, AdapterLayer) and not isinstance(module, method.layer_class):
             raise TypeError(f"{key} is already a {type(module).__name__}; a module takes adapters of one method")
         if not (_is_linear(module) or isinstance(module, method.layer_class)):
-            raise TypeError(f"target module {key} ({type(module).__name__}) is not supported: "
-                            "only torch.nn.Linear and transformers' Conv1D can be adapted")
+            raise TypeError(f"target module {key} ({type(module).__module__}.{type(module).__qualname__}) is not "
+                            "supported: only torch.nn.Linear and transformers' Conv1D can be adapted")
         targets[key] = module
     if not targets:
         raise _no_match_error(model, config, target_modules, excluded, skip)

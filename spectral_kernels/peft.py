@@ -9,8 +9,8 @@ peft's class. peft's classes themselves are never modified.
 
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
-that is not a plain nn.Linear / Conv1D or whose weight is of another tensor type
-(quantized), an input dtype other than the
+that is not a plain nn.Linear / Conv1D (another method's peft layer in a mixed model) or
+whose weight is of another tensor type (quantized), an input dtype other than the
 base weight's outside torch.autocast (peft then casts; the fused ops take the base
 layer's dtype, or autocast's for both), and for FRoD several active adapters or
 active dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
@@ -40,8 +40,13 @@ _DENSE_WEIGHTS = (nn.Parameter, torch.Tensor, FakeTensor)
 
 
 def _base_weight(layer, x):
-    """The base layer's (weight as (out, in), bias) when the fused op can replace the forward on ``x``, else None."""
-    base = layer.get_base_layer()
+    """The base layer's (weight as (out, in), bias) when the fused op can replace the forward on ``x``, else None.
+
+    The layer's own base layer, not get_base_layer(): in a PeftMixedModel (or after a second
+    inject_adapter_in_model) it can be another method's peft layer, e.g. LoRA's, whose output
+    peft's forward includes and the fused op alone would leave out.
+    """
+    base = layer.base_layer
     conv1d = type(base).__name__ == "Conv1D" and hasattr(base, "nf")
     if not (isinstance(base, nn.Linear) or conv1d) or type(base.weight) not in _DENSE_WEIGHTS:
         return None

@@ -395,3 +395,28 @@ def test_weight_subclasses_go_to_peft(method, monkeypatch):
     x = torch.randn(2, 5, 32)
     assert_close(ours(x), theirs(x), torch.float32)
     assert len(calls) == 1  # layer b's
+
+
+@pytest.mark.parametrize("method", ["fourierft", "oft"])
+def test_layer_over_another_method_s_layer_goes_to_peft(method, monkeypatch):
+    """A peft layer whose base layer is another method's peft layer (LoRA's here, as a PeftMixedModel or a second
+    inject_adapter_in_model nests them) is left to peft's forward, which includes LoRA's output: the fused op on
+    the innermost weight would leave it out (it did). peft's FrodModel cannot be nested so."""
+    calls = count_fused_calls(monkeypatch)
+    config = {"fourierft": peft.FourierFTConfig(n_frequency=40, target_modules=["a"], init_weights=False),
+              "oft": peft.OFTConfig(oft_block_size=8, target_modules=["a"], init_weights=False)}[method]
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(target_modules=["a", "b"], init_lora_weights=False)
+    theirs = peft.inject_adapter_in_model(config, peft.inject_adapter_in_model(lora, _TwoLayers(), "lora"), method)
+    assert isinstance(theirs.a.base_layer, peft.tuners.lora.LoraLayer)
+    ours = swap(copy.deepcopy(theirs))
+    x = torch.randn(2, 5, 32)
+    assert_close(ours(x), theirs(x), torch.float32)
+    assert not calls
+
+
+def test_inject_names_the_peft_layer_it_refuses():
+    """sk.inject into a module that is another method's peft layer refuses, naming the layer's class in full."""
+    model = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["a"]), _TwoLayers(), "lora")
+    with pytest.raises(TypeError, match=r"target module a \(peft\.tuners\.lora\.layer\.Linear\) is not supported"):
+        sk.inject(model, sk.OFTConfig(oft_block_size=8, target_modules=["a"]))

@@ -19,8 +19,8 @@ def base_weight_and_layout(base_layer):
     if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
         in_features, out_features = base_layer.weight.shape
         return in_features, out_features, True
-    raise TypeError(f"Unsupported layer type {type(base_layer).__name__}: only torch.nn.Linear and "
-                    "transformers' Conv1D can be adapted")
+    raise TypeError(f"Unsupported layer type {type(base_layer).__module__}.{type(base_layer).__qualname__}: "
+                    "only torch.nn.Linear and transformers' Conv1D can be adapted")
 
 
 def member(module, kind, name):
