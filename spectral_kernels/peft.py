@@ -101,9 +101,17 @@ class SwappedOFTLinear(PeftOFTLinear):
         return oft_rotation(module.weight, module.block_size, module.use_cayley_neumann,
                             module.num_cayley_neumann_terms)
 
+    def _offloaded(self, names):
+        """Whether accelerate keeps the weights on the meta device until the modules' forward loads them
+        (cpu_offload, device maps with offload): peft's forward calls those modules (and so runs there), the fused
+        op would read the meta tensors. peft's FourierFT and FRoD layers read their adapter weights without
+        calling the modules that hold them (their output is then wrong, or an error): their swapped layers refuse
+        the meta tensors instead."""
+        return self.base_layer.weight.is_meta or any(self.oft_R[n].weight.is_meta for n in names)
+
     def forward(self, x, *args, **kwargs):
         names = [n for n in self.active_adapters if n in self.oft_R]
-        base = None if args or kwargs or not names else _base_weight(self, x)
+        base = None if args or kwargs or not names or self._offloaded(names) else _base_weight(self, x)
         if base is None:
             return super().forward(x, *args, **kwargs)
         weight, bias = base

@@ -420,3 +420,24 @@ def test_inject_names_the_peft_layer_it_refuses():
     model = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["a"]), _TwoLayers(), "lora")
     with pytest.raises(TypeError, match=r"target module a \(peft\.tuners\.lora\.layer\.Linear\) is not supported"):
         sk.inject(model, sk.OFTConfig(oft_block_size=8, target_modules=["a"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_accelerate_offload(method):
+    """Under accelerate's cpu_offload the weights stay on the meta device until their module's forward loads
+    them. A swapped OFT layer then runs peft's forward, which calls those modules, and gives peft's output; peft's
+    FourierFT and FRoD layers read their adapter weights without that (wrong output, or an error), and their
+    swapped layers refuse with an error."""
+    from accelerate import cpu_offload
+
+    ours, theirs = two_layer_pair(method)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = theirs(x)
+        cpu_offload(ours.base_model.model, execution_device=torch.device("cpu"))
+        assert ours.base_model.model.a.base_layer.weight.is_meta
+        if method == "oft":
+            assert_close(ours(x), expected, torch.float32)
+        else:
+            with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+                ours(x)
