@@ -9,11 +9,11 @@ peft's class. peft's classes themselves are never modified.
 
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
-that is not a plain nn.Linear / Conv1D (another method's peft layer in a mixed model) or
-whose weight is of another tensor type (quantized), an input dtype other than the
-base weight's outside torch.autocast (peft then casts; the fused ops take the base
-layer's dtype, or autocast's for both), and for FRoD several active adapters or
-active dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
+that is not a plain nn.Linear / Conv1D (another method's peft layer in a mixed model),
+has forward hooks or a weight of another tensor type (quantized), an input dtype other
+than the base weight's outside torch.autocast (peft then casts; the fused ops take the
+base layer's dtype, or autocast's for both), for OFT weights that accelerate offloaded,
+and for FRoD several active adapters or active dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
 ``add_adapter`` creates later are peft's own until the next ``swap``.
 
 Importing this module imports peft; ``import spectral_kernels`` does not.
@@ -44,11 +44,15 @@ def _base_weight(layer, x):
 
     The layer's own base layer, not get_base_layer(): in a PeftMixedModel (or after a second
     inject_adapter_in_model) it can be another method's peft layer, e.g. LoRA's, whose output
-    peft's forward includes and the fused op alone would leave out.
+    peft's forward includes and the fused op alone would leave out. Likewise a base layer with
+    forward hooks, or a forward replaced on the instance (accelerate's hooks), runs them when
+    peft's forward calls it; the fused op would not.
     """
     base = layer.base_layer
     conv1d = type(base).__name__ == "Conv1D" and hasattr(base, "nf")
     if not (isinstance(base, nn.Linear) or conv1d) or type(base.weight) not in _DENSE_WEIGHTS:
+        return None
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
         return None
     if layer.disable_adapters or layer.merged or x.dim() == 0:
         return None

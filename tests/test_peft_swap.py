@@ -441,3 +441,22 @@ def test_accelerate_offload(method):
         else:
             with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
                 ours(x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_base_layer_hooks_run_as_in_peft(method, monkeypatch):
+    """A forward hook on a base layer runs, and changes the output, as in peft: that layer runs peft's forward,
+    which calls the base layer (peft's FRoD computes without it, and so does its swapped layer)."""
+    calls = count_fused_calls(monkeypatch)
+    ours, theirs = two_layer_pair(method)
+    seen = {"ours": 0, "theirs": 0}
+    for name, model in (("ours", ours), ("theirs", theirs)):
+        def hook(module, inputs, output, name=name):
+            seen[name] += 1
+            return 2 * output
+
+        model.base_model.model.a.base_layer.register_forward_hook(hook)
+    x = torch.randn(2, 5, 32)
+    assert_close(ours(x), theirs(x), torch.float32)
+    assert seen["ours"] == seen["theirs"] == (0 if method == "frod" else 1)
+    assert len(calls) == 1  # layer b's
