@@ -76,6 +76,11 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
 
     def forward(self, x, *args, **kwargs):
         names = [n for n in self.active_adapters if n in self.fourierft_spectrum]
+        if not (self.disable_adapters or self.merged) and any(self.fourierft_spectrum[n].is_meta for n in names):
+            # peft's forward would read them there as they are and return garbage (see SwappedOFTLinear._offloaded)
+            raise RuntimeError("FourierFT coefficients on the meta device (offloaded by accelerate?): peft's "
+                               "FourierFT layer reads them without loading them; keep the adapted modules' weights "
+                               "loaded on their execution device")
         base = None if args or kwargs or not names else _base_weight(self, x)
         if base is None:
             return super().forward(x, *args, **kwargs)
