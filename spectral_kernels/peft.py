@@ -10,11 +10,11 @@ peft's class. peft's classes themselves are never modified.
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
 that is not a plain nn.Linear / Conv1D (another method's peft layer in a mixed model),
-has forward hooks or a weight of another tensor type (quantized), an input dtype other
-than the base weight's outside torch.autocast (peft then casts; the fused ops take the
-base layer's dtype, or autocast's for both), for OFT weights that accelerate offloaded,
-and for FRoD several active adapters or active dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
-``add_adapter`` creates later are peft's own until the next ``swap``.
+has forward hooks (accelerate's too) or a weight of another tensor type (quantized), an
+input dtype other than the base weight's outside torch.autocast (peft then casts; the
+fused ops take the base layer's dtype, or autocast's for both), and for FRoD several
+active adapters or active dropout. Like peft's, a swapped layer returns its input's
+dtype. Layers that ``add_adapter`` creates later are peft's own until the next ``swap``.
 
 Importing this module imports peft; ``import spectral_kernels`` does not.
 """
@@ -77,7 +77,8 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
     def forward(self, x, *args, **kwargs):
         names = [n for n in self.active_adapters if n in self.fourierft_spectrum]
         if not (self.disable_adapters or self.merged) and any(self.fourierft_spectrum[n].is_meta for n in names):
-            # peft's forward would read them there as they are and return garbage (see SwappedOFTLinear._offloaded)
+            # Offloaded coefficients wait for their module's forward to load them, which peft's forward never calls:
+            # it would compute with them as they are and return garbage. (OFT's calls its rotation modules.)
             raise RuntimeError("FourierFT coefficients on the meta device (offloaded by accelerate?): peft's "
                                "FourierFT layer reads them without loading them; keep the adapted modules' weights "
                                "loaded on their execution device")
@@ -110,17 +111,9 @@ class SwappedOFTLinear(PeftOFTLinear):
         return oft_rotation(module.weight, module.block_size, module.use_cayley_neumann,
                             module.num_cayley_neumann_terms)
 
-    def _offloaded(self, names):
-        """Whether accelerate keeps the weights on the meta device until the modules' forward loads them
-        (cpu_offload, device maps with offload): peft's forward calls those modules (and so runs there), the fused
-        op would read the meta tensors. peft's FourierFT and FRoD layers read their adapter weights without
-        calling the modules that hold them (their output is then wrong, or an error): their swapped layers refuse
-        the meta tensors instead."""
-        return self.base_layer.weight.is_meta or any(self.oft_R[n].weight.is_meta for n in names)
-
     def forward(self, x, *args, **kwargs):
         names = [n for n in self.active_adapters if n in self.oft_R]
-        base = None if args or kwargs or not names or self._offloaded(names) else _base_weight(self, x)
+        base = None if args or kwargs or not names else _base_weight(self, x)
         if base is None:
             return super().forward(x, *args, **kwargs)
         weight, bias = base
