@@ -142,7 +142,7 @@ def holds(condition):
     for every size in its dynamic ranges: there, a condition the ranges do not settle
     counts as False, which picks each op's path for few tokens (all paths are exact).
     """
-    if isinstance(condition, torch.SymBool) and torch.compiler.is_exporting():
+    if torch.compiler.is_exporting():
         return statically_known_true(condition)
     return bool(condition)
 

@@ -244,16 +244,18 @@ def test_compile_dynamic_shapes(method):
             assert_close(op(x, *args, scaling), sk.fourierft_linear(x, *args, scaling), torch.float32)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_export_dynamic_token_counts(method, training, monkeypatch):
-    """torch.export with a dynamic token count gives one program for the whole range: the paths chosen by size
-    (and FourierFT's kept spectrum, here with chunks of 20 tokens) are not guarded on the traced size, and the
-    program computes what eager does, on both sides of every threshold, gradients included."""
+def test_export_dynamic_token_counts(method, training, strict, monkeypatch):
+    """torch.export (traced by dynamo or not) with a dynamic token count gives one program for the whole range:
+    the paths chosen by size (and FourierFT's kept spectrum, here with chunks of 20 tokens) are not guarded on the
+    traced size, and the program computes what eager does, on both sides of every threshold, gradients
+    included."""
     monkeypatch.setitem(dispatch.FOURIERFT_CHUNK_BYTES, "cpu", 8 * (16 // 2 + 24 // 2 + 2) * 20)
     model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).train(training)
     tokens = torch.export.Dim("tokens", min=2, max=4096)
-    program = torch.export.export(model, (torch.randn(5, 24),), dynamic_shapes=({0: tokens},)).module()
+    program = torch.export.export(model, (torch.randn(5, 24),), dynamic_shapes=({0: tokens},), strict=strict).module()
     params = dict(model.named_parameters())
     exported = {name: p for name, p in program.named_parameters() if params[name].requires_grad}
     for count in (3, 12, 30, 70):  # below and above the paths' thresholds and one chunk
