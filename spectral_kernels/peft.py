@@ -76,7 +76,8 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
 
     def forward(self, x, *args, **kwargs):
         names = [n for n in self.active_adapters if n in self.fourierft_spectrum]
-        if not (self.disable_adapters or self.merged) and any(self.fourierft_spectrum[n].is_meta for n in names):
+        spectra = [self.fourierft_spectrum[n] for n in names]
+        if not (self.disable_adapters or self.merged) and any(s.is_meta for s in spectra):
             # Offloaded coefficients wait for their module's forward to load them, which peft's forward never calls:
             # it would compute with them as they are and return garbage. (OFT's calls its rotation modules.)
             raise RuntimeError("FourierFT coefficients on the meta device (offloaded by accelerate?): peft's "
@@ -86,7 +87,6 @@ class SwappedFourierFTLinear(PeftFourierFTLinear):
         if base is None:
             return super().forward(x, *args, **kwargs)
         weight, bias = base
-        spectra = [self.fourierft_spectrum[n] for n in names]
         if len(names) == 1:
             name = names[0]
             spectrum, scaling = spectra[0], self.fourierft_scaling[name]

@@ -166,7 +166,7 @@ def test_deterministic_algorithms(device, backend, make, path, deterministic):
     x = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(1)).to(device)
     _, reference = make("reference", path, device, torch.float32, torch.Generator().manual_seed(0))
     expected = reference(x, *params)
-    atomic = make is fourierft and (backend in ("cuda", "triton"))
+    atomic = make is fourierft and backend in ("cuda", "triton")
     deterministic()
     if atomic:
         with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
