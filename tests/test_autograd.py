@@ -155,16 +155,17 @@ def deterministic():
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make,path", CASES)
-def test_deterministic_algorithms(device, backend, make, path, deterministic):
+def test_deterministic_algorithms(device, backend, make, path, dtype, deterministic):
     """Under torch.use_deterministic_algorithms(True) a backend whose kernels for the op add with atomics
     (FourierFT's on the GPU backends, dispatch.NONDETERMINISTIC) refuses by name as torch's ops do, or warns with
     warn_only=True; the others run as before."""
-    params, fn = make(backend, path, device, torch.float32, torch.Generator().manual_seed(0))
-    params = [t.to(device).requires_grad_() for t in params]
-    x = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(1)).to(device)
-    _, reference = make("reference", path, device, torch.float32, torch.Generator().manual_seed(0))
+    params, fn = make(backend, path, device, dtype, torch.Generator().manual_seed(0))
+    params = [t.to(device, dtype).requires_grad_() for t in params]
+    x = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    _, reference = make("reference", path, device, dtype, torch.Generator().manual_seed(0))
     expected = reference(x, *params)
     atomic = make is fourierft and backend in ("cuda", "triton")
     deterministic()
@@ -176,7 +177,7 @@ def test_deterministic_algorithms(device, backend, make, path, deterministic):
             y = fn(x, *params)
     else:
         y = fn(x, *params)
-    assert_close(y, expected, torch.float32)
+    assert_close(y, expected, dtype)
 
 
 def test_deterministic_algorithms_automatic_choice(monkeypatch, deterministic):

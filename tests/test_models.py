@@ -244,30 +244,32 @@ def test_compile_dynamic_shapes(method):
             assert_close(op(x, *args, scaling), sk.fourierft_linear(x, *args, scaling), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_export_dynamic_token_counts(method, training, strict, monkeypatch):
+def test_export_dynamic_token_counts(method, training, strict, dtype, monkeypatch):
     """torch.export (traced by dynamo or not) with a dynamic token count gives one program for the whole range:
     the paths chosen by size (and FourierFT's kept spectrum, here with chunks of 20 tokens) are not guarded on the
     traced size, and the program computes what eager does, on both sides of every threshold, gradients
     included."""
     monkeypatch.setitem(dispatch.FOURIERFT_CHUNK_BYTES, "cpu", 8 * (16 // 2 + 24 // 2 + 2) * 20)
-    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).train(training)
+    model = sk.inject(_OneLayer().to(dtype), CONFIGS[method](["proj"])).train(training)
     tokens = torch.export.Dim("tokens", min=2, max=4096)
-    program = torch.export.export(model, (torch.randn(5, 24),), dynamic_shapes=({0: tokens},), strict=strict).module()
+    program = torch.export.export(model, (torch.randn(5, 24, dtype=dtype),), dynamic_shapes=({0: tokens},),
+                                  strict=strict).module()
     params = dict(model.named_parameters())
     exported = {name: p for name, p in program.named_parameters() if params[name].requires_grad}
     for count in (3, 12, 30, 70):  # below and above the paths' thresholds and one chunk
-        x = torch.randn(count, 24, requires_grad=True)
+        x = torch.randn(count, 24, dtype=dtype, requires_grad=True)
         results = []
         for module, trained in ((model, [params[name] for name in exported]), (program, list(exported.values()))):
             y = module(x)
             results.append((y, torch.autograd.grad(y.square().sum(), [x, *trained]) if training else ()))
         (expected, expected_grads), (y, grads) = results
-        assert_close(y, expected, torch.float32)
+        assert_close(y, expected, dtype)
         for got, want in zip(grads, expected_grads):
-            assert_close(got, want, torch.float32)
+            assert_close(got, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -32,6 +32,7 @@ CONFIGS = {
 SWAPPED = (SwappedFourierFTLinear, SwappedOFTLinear, SwappedFrodLinear)
 PEFT_LAYERS = (PeftFourierFTLinear, PeftOFTLinear, PeftFrodLinear)
 METHODS = ["fourierft", "oft", "frod"]
+DTYPES, DTYPE_IDS = [torch.float32, torch.float64], ["fp32", "fp64"]
 
 
 def peft_model(method, seed=0, **kwargs):
@@ -330,53 +331,62 @@ class _TwoLayers(torch.nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def two_layer_pair(method):
-    """A peft model of _TwoLayers and a swapped deep copy of it."""
+def against_peft(method, dtype):
+    """The dtype whose tolerance bounds a comparison with peft: float32's for FourierFT, whose dense spectrum peft
+    builds in float32 whatever the model's dtype."""
+    return torch.float32 if method == "fourierft" else dtype
+
+
+def two_layer_pair(method, dtype=torch.float32):
+    """A peft model of _TwoLayers in ``dtype`` and a swapped deep copy of it."""
     config = {"fourierft": peft.FourierFTConfig(n_frequency=40, target_modules=["a", "b"], init_weights=False),
               "oft": peft.OFTConfig(oft_block_size=8, target_modules=["a", "b"], init_weights=False),
               "frod": peft.FrodConfig(target_modules=["a", "b"], init_weights=False, sparse_rate=0.1,
                                       progressbar=False)}[method]
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(_TwoLayers(), config)
+    theirs = peft.get_peft_model(_TwoLayers().to(dtype), config)
     return swap(copy.deepcopy(theirs)), theirs
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("method", METHODS)
-def test_export_runs_fused(method, training, monkeypatch):
+def test_export_runs_fused(method, training, dtype, monkeypatch):
     """torch.export of a swapped model with a dynamic token count traces the fused ops (the weights are fake
     tensors there) and gives peft's eager outputs and gradients."""
     calls = count_fused_calls(monkeypatch)
-    ours, theirs = two_layer_pair(method)
+    ours, theirs = two_layer_pair(method, dtype)
     for model in (ours, theirs):
         model.train(training)
     tokens = torch.export.Dim("tokens", min=2, max=1024)
-    program = torch.export.export(ours.base_model.model, (torch.randn(5, 32),), dynamic_shapes=({0: tokens},))
+    program = torch.export.export(ours.base_model.model, (torch.randn(5, 32, dtype=dtype),),
+                                  dynamic_shapes=({0: tokens},))
     assert len(calls) == 2
     program = program.module()
     for count in (3, 100):
-        x = torch.randn(count, 32, requires_grad=True)
+        x = torch.randn(count, 32, dtype=dtype, requires_grad=True)
         results = [(y, torch.autograd.grad(y.square().sum(), x) if training else ())
                    for y in (program(x), theirs(x))]
         (y, grads), (expected, expected_grads) = results
-        assert_close(y, expected, torch.float32)
+        assert_close(y, expected, against_peft(method, dtype))
         for got, want in zip(grads, expected_grads):
-            assert_close(got, want, torch.float32)
+            assert_close(got, want, against_peft(method, dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_functional_call_runs_fused(method, monkeypatch):
+def test_functional_call_runs_fused(method, dtype, monkeypatch):
     """torch.func.functional_call with plain tensors in place of the parameters runs the fused ops on them, as
     peft's layers run on them."""
     calls = count_fused_calls(monkeypatch)
-    ours, theirs = two_layer_pair(method)
-    x = torch.randn(2, 5, 32)
+    ours, theirs = two_layer_pair(method, dtype)
+    x = torch.randn(2, 5, 32, dtype=dtype)
     outputs = []
     for model in (ours, theirs):
         tensors = {name: 1.5 * p.detach() for name, p in model.named_parameters()}
         outputs.append(torch.func.functional_call(model, tensors, (x,)))
     assert len(calls) == 2
-    assert_close(outputs[0], outputs[1], torch.float32)
+    assert_close(outputs[0], outputs[1], against_peft(method, dtype))
     assert not torch.allclose(outputs[0], ours(x))
 
 
@@ -443,12 +453,13 @@ def test_accelerate_offload(method):
                 ours(x)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_base_layer_hooks_run_as_in_peft(method, monkeypatch):
+def test_base_layer_hooks_run_as_in_peft(method, dtype, monkeypatch):
     """A forward hook on a base layer runs, and changes the output, as in peft: that layer runs peft's forward,
     which calls the base layer (peft's FRoD computes without it, and so does its swapped layer)."""
     calls = count_fused_calls(monkeypatch)
-    ours, theirs = two_layer_pair(method)
+    ours, theirs = two_layer_pair(method, dtype)
     seen = {"ours": 0, "theirs": 0}
     for name, model in (("ours", ours), ("theirs", theirs)):
         def hook(module, inputs, output, name=name):
@@ -456,7 +467,7 @@ def test_base_layer_hooks_run_as_in_peft(method, monkeypatch):
             return 2 * output
 
         model.base_model.model.a.base_layer.register_forward_hook(hook)
-    x = torch.randn(2, 5, 32)
-    assert_close(ours(x), theirs(x), torch.float32)
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    assert_close(ours(x), theirs(x), against_peft(method, dtype))
     assert seen["ours"] == seen["theirs"] == (0 if method == "frod" else 1)
     assert len(calls) == 1  # layer b's
