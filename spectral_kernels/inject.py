@@ -217,15 +217,26 @@ def _config_from_fields(peft_type, fields):
     return config_class(**{k: v for k, v in fields.items() if k in names})
 
 
+# The heads that peft's PeftModelFor<task> adds to modules_to_save, by the config's task_type (peft_model.py).
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+
+
 def own_config(config):
     """``config``, or, for peft's config of one of the methods (peft.FourierFTConfig, ...), ours with its field
-    values (peft's own PeftConfig fields aside, inference_mode kept)."""
+    values (peft's own PeftConfig fields aside, inference_mode kept), and, as get_peft_model, its task_type's head
+    added to modules_to_save."""
     if type(config) in METHODS or not dataclasses.is_dataclass(config):
         return config
     peft_type = getattr(config, "peft_type", None)
     converted = _config_from_fields(getattr(peft_type, "value", peft_type),
                                     {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-    return config if converted is None else converted
+    if converted is None:
+        return config
+    task_type = getattr(config, "task_type", None)
+    heads = TASK_HEADS.get(str(getattr(task_type, "value", task_type)), [])
+    converted.modules_to_save = [*(converted.modules_to_save or []), *heads] or None
+    return converted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,13 +262,13 @@ class ModulesToSave(nn.Module):
     def add_adapter(self, adapter_name):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
 
-    def set_adapter(self, adapter_names):
+    def set_adapter(self, adapter_names, inference_mode=False):
         present = [n for n in adapter_names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(f"only one adapter with modules_to_save can be active at a time, got {present}")
         self.active_adapter = present[0] if present else None
         for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == self.active_adapter)
+            module.requires_grad_(name == self.active_adapter and not inference_mode)
 
     def _drop_adapter(self, adapter_name):
         if adapter_name in self.modules_to_save:
@@ -295,11 +306,12 @@ def _matches_list_entry(key, entry):
 
 
 def _layer_index(key, layers_pattern):
-    """The layer index in ``key``: the first number after ``<layers_pattern>.``, or after any component."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    if not patterns:
+    """The layer index in ``key``: the first number after ``<layers_pattern>.``, or after any component where the
+    pattern is empty (None, "" or [])."""
+    if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
     return None if match is None else int(match.group("idx"))
 
@@ -479,6 +491,9 @@ def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
     state = getattr(model, STATE_ATTRIBUTE, None) or InjectedAdapters()
     if adapter_name in state.configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    if config.bias != "none" and any(c.bias != "none" for c in state.configs.values()):
+        raise ValueError("only 1 adapter can have a bias, as in peft: when using multiple adapters, set bias to "
+                         "'none' for all adapters")
     config = copy.deepcopy(config)
     targets, config.target_modules = find_targets(model, config)
     keep = _wrapped(model)
@@ -499,20 +514,33 @@ def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
     state.active = state.active or [adapter_name]
     setattr(model, STATE_ATTRIBUTE, state)
     set_adapter(model, state.active)
+    mark_only_adapters_as_trainable(model)
     return model
 
 
-def set_adapter(model, adapter_names):
-    """Activate ``adapter_names`` (a name or a list) on every layer; only their parameters train."""
-    state = adapters(model)
+def set_adapter(model, adapter_names, inference_mode=False):
+    """Activate ``adapter_names`` (a name or a list) on every layer, as peft's set_adapter: their parameters and
+    modules_to_save copies train (unless ``inference_mode``), the other adapters' freeze, and the other
+    parameters, biases included, keep their requires_grad. A merged layer is unmerged first, with peft's warning
+    (it would otherwise go on running the merged adapters)."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    unknown = [n for n in names if n not in state.configs]
+    unknown = [n for n in names if n not in adapters(model).configs]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(state.configs)}")
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(adapters(model).configs)}")
     for _, layer in _adapter_layers(model):
-        layer.set_adapter([n for n in names if n in layer._adapters()])
-    state.active = names
-    mark_only_adapters_as_trainable(model)
+        if layer.merged:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            layer.unmerge()
+    _activate(model, names, inference_mode)
+
+
+def _activate(model, names, inference_mode=False):
+    """set_adapter without its checks and unmerging (peft's delete_adapter leaves the merged layers merged)."""
+    for _, wrapper in _wrappers(model):
+        wrapper.set_adapter(names, inference_mode)
+    for _, layer in _adapter_layers(model):
+        layer.set_adapter([n for n in names if n in layer._adapters()], inference_mode)
+    adapters(model).active = names
 
 
 def delete_adapter(model, adapter_name):
@@ -531,7 +559,7 @@ def delete_adapter(model, adapter_name):
     if adapter_name in state.active and not active and others:
         active = others[:1]
         warn_new_active_adapter(adapter_name, active[0])
-    set_adapter(model, active)  # first, so that no layer picks a new active adapter of its own
+    _activate(model, active)  # first, so that no layer picks a new active adapter of its own
     _withdraw(model, adapter_name)
     del state.configs[adapter_name]
 
@@ -572,7 +600,6 @@ def mark_only_adapters_as_trainable(model):
         for attribute in layer.adapter_layer_names:
             trainable.update(id(p) for p in getattr(layer, attribute).parameters())
     for wrapper in wrappers:
-        wrapper.set_adapter(state.active)
         trainable.update(id(p) for p in wrapper.modules_to_save.parameters())
     for p in model.parameters():
         if id(p) not in trainable:
@@ -628,8 +655,9 @@ def _unload(model, merge, safe_merge=False, adapter_names=None):
         if merge:
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         _set_submodule(model, name, layer.release_base_layer())
-    for name, wrapper in _wrappers(model):
-        _set_submodule(model, name, wrapper.module() if merge else wrapper.original_module)
+    for name, wrapper in _wrappers(model):  # as peft, the active adapter's copy, merged or not
+        active = wrapper.active_adapter
+        _set_submodule(model, name, wrapper.original_module if active is None else wrapper.modules_to_save[active])
     for attribute in _model_attributes(model):
         delattr(model, attribute)
     delattr(model, STATE_ATTRIBUTE)
@@ -643,7 +671,8 @@ def merge_and_unload(model, safe_merge=False, adapter_names=None):
 
 
 def unload(model):
-    """Remove the fused layers without merging (weights merged before stay merged, as in peft)."""
+    """Remove the fused layers without merging (weights merged before stay merged, and modules_to_save keep the
+    active adapter's copy, as in peft)."""
     return _unload(model, False)
 
 

@@ -13,7 +13,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
                                   TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING,
                                   TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING)
-from transformers import (BertConfig, BertForSequenceClassification, FalconConfig, FalconForCausalLM, GPT2Config,
+from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
+                          BertForTokenClassification, FalconConfig, FalconForCausalLM, GPT2Config,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
 import spectral_kernels as sk
@@ -40,9 +41,9 @@ def gpt2():
                                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
-def bert():
+def bert(cls=BertForSequenceClassification):
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    return cls(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                     intermediate_size=64, vocab_size=64, max_position_embeddings=32,
                                                     num_labels=3, hidden_dropout_prob=0.0,
                                                     attention_probs_dropout_prob=0.0))
@@ -105,6 +106,7 @@ TARGETING = {
     "layers-int-pattern": dict(target_modules=["q_proj"], layers_to_transform=1, layers_pattern="layers"),
     "layers-list-pattern": dict(target_modules=["v_proj"], layers_to_transform=[1, 2], layers_pattern=["layers"]),
     "layers-zero-pattern": dict(target_modules=["q_proj"], layers_to_transform=0, layers_pattern="layers"),
+    "layers-empty-pattern": dict(target_modules=["q_proj"], layers_to_transform=1, layers_pattern=""),
     "full-name-ignores-layers": dict(target_modules=["model.layers.1.mlp.up_proj"], layers_to_transform=[0]),
     "exclude-list": dict(target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
     "exclude-suffix": dict(target_modules="all-linear", exclude_modules=["gate_proj", "self_attn.k_proj"]),
@@ -196,6 +198,10 @@ def test_bad_targets_and_configs():
     assert isinstance(model[0], sk.OFTLinear) and model(torch.randn(2, 8)).shape == (2, 8)
 
 
+def layers(model):
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+
+
 def load_peft_weights(ours, theirs):
     """Copy peft's adapter tensors into ours: the state_dict keys are the same."""
     state = theirs.state_dict()
@@ -242,6 +248,98 @@ def test_adapters_like_peft():
     unloaded = sk.unload(ours)
     assert type(unloaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert torch.equal(unloaded(ids).logits, base_logits)
+
+
+@each_method(["q_proj", "v_proj"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_set_adapter_like_peft(config, dtype):
+    """set_adapter as peft's: it activates the adapter and unmerges merged layers first (with peft's warning;
+    a merged layer went on running the merged adapter), and leaves the requires_grad of other parameters as it
+    finds them (biases made trainable by the first adapter's ``bias``, parameters the user unfroze)."""
+    first, second = dataclasses.replace(config, bias="all"), dataclasses.replace(config, init_weights=False)
+    theirs = peft.get_peft_model(llama().to(dtype), peft_config(first))
+    theirs.add_adapter("other", peft_config(second))
+    ours = sk.inject(sk.inject(llama().to(dtype), first), second, "other")
+    missing, unexpected = ours.load_state_dict({k.removeprefix("base_model.model.").removeprefix("base_model."): v
+                                                for k, v in theirs.state_dict().items()}, strict=False)
+    assert not missing and not unexpected
+    for model in (ours, theirs):
+        model.get_submodule("model.norm" if model is ours else "base_model.model.model.norm").weight.requires_grad_()
+    ids = tokens(ours)
+
+    def trainable(model):
+        return sorted(n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad)
+
+    sk.set_adapter(ours, "other")
+    theirs.set_adapter("other")
+    assert trainable(ours) == trainable(theirs) and "model.norm.weight" in trainable(ours)
+    assert_close(ours(ids).logits, theirs(ids).logits, dtype if type(config) is not sk.FourierFTConfig
+                 else torch.float32)  # peft builds FourierFT's delta weight in float32
+
+    for layer in layers(ours):
+        layer.merge()
+    theirs.merge_adapter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sk.set_adapter(ours, "default")
+        theirs.set_adapter("default")
+    messages = [str(w.message) for w in caught if "merged" in str(w.message)]
+    assert len(messages) == 2 * len(layers(ours)) and len(set(messages)) == 1  # each layer, on either side
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)  # peft unmerges OFT in float32 too
+    assert not any(layer.merged for layer in layers(ours))
+
+
+@each_method(["q_proj", "v_proj"])
+def test_one_adapter_with_bias_like_peft(config):
+    """As peft: only one adapter can have a bias (they would share the biases they train and save)."""
+    with_bias = dataclasses.replace(config, bias="all")
+    theirs = peft.get_peft_model(llama(), peft_config(with_bias))
+    with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+        theirs.add_adapter("other", peft_config(with_bias))
+    ours = sk.inject(llama(), with_bias)
+    with pytest.raises(ValueError, match="only 1 adapter can have a bias"):
+        sk.inject(ours, with_bias, "other")
+    assert list(adapters(ours).configs) == ["default"]
+    sk.inject(ours, config, "other")  # bias="none"
+    assert list(adapters(ours).configs) == ["default", "other"]
+
+
+@each_method(["query", "value"])
+def test_unload_keeps_the_active_modules_to_save_copy(config):
+    """As peft's unload and merge_and_unload: a modules_to_save module comes back as the active adapter's
+    (trained) copy, not the original."""
+    config = dataclasses.replace(config, modules_to_save=["classifier"])
+    theirs = peft.get_peft_model(bert(), peft_config(config))
+    ours = sk.inject(bert(), config)
+    for model in (ours, theirs):
+        with torch.no_grad():
+            model.get_submodule("classifier" if model is ours else "base_model.model.classifier") \
+                .modules_to_save["default"].weight.add_(1.0)
+    for unload in ("unload", "merge_and_unload"):
+        kept = getattr(sk, unload)(copy.deepcopy(ours)).classifier
+        expected = getattr(copy.deepcopy(theirs), unload)().classifier
+        assert kept is not None and torch.equal(kept.weight, expected.weight)
+        assert not torch.equal(kept.weight, bert().classifier.weight)
+
+
+@pytest.mark.parametrize("task_type, model_class, head", [
+    ("SEQ_CLS", BertForSequenceClassification, "classifier"), ("TOKEN_CLS", BertForTokenClassification, "classifier"),
+    ("QUESTION_ANS", BertForQuestionAnswering, "qa_outputs")])
+@each_method(["query", "value"])
+def test_task_type_heads_like_peft(config, task_type, model_class, head):
+    """peft's config with a task_type: as get_peft_model (PeftModelForSequenceClassification, ...), the task's head
+    is trained and saved whole (modules_to_save) instead of being left frozen, or adapted by "all-linear"."""
+    targets = ["all-linear"] if task_type == "SEQ_CLS" else []  # peft adapts the other tasks' heads, then fails
+    for target_modules in [config.target_modules, *targets]:
+        theirs_config = dataclasses.replace(peft_config(config), task_type=task_type, target_modules=target_modules)
+        theirs = peft.get_peft_model(bert(model_class), copy.deepcopy(theirs_config))
+        ours = sk.inject(bert(model_class), theirs_config)
+        assert adapted(ours, AdapterLayer) == [n.removeprefix("base_model.model.")
+                                               for n in adapted(theirs, BaseTunerLayer)]
+        assert adapted(ours, ModulesToSave) == [head]
+        trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+        assert trainable == sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters()
+                                   if p.requires_grad)
 
 
 def test_trainable_counts_and_bias_like_peft(capsys):
@@ -307,10 +405,14 @@ def test_peft_format_round_trip(tmp_path, config):
     # not trainable, as peft loads it; `bias` still makes biases trainable there (peft's inference_mode)
     assert sk.trainable_parameters(loaded)[0] == theirs.get_nb_trainable_parameters()[0]
     assert_close(loaded(ids).logits, expected, torch.float32)
-    saved = sk.inject(bert(), config)
+    first = dataclasses.replace(config, bias="none")  # only one adapter can have a bias
+    saved = sk.inject(bert(), first)
     sk.load_adapter(saved, tmp_path / "ours", "again", is_trainable=True)
     sk.set_adapter(saved, "again")
-    assert sk.trainable_parameters(saved)[0] == sk.trainable_parameters(model)[0]
+    theirs = peft.get_peft_model(bert(), peft_config(first))
+    theirs.load_adapter(tmp_path / "ours", "again", is_trainable=True)
+    theirs.set_adapter("again")
+    assert sk.trainable_parameters(saved)[0] == theirs.get_nb_trainable_parameters()[0]
     assert_close(saved(ids).logits, expected, torch.float32)
 
 
