@@ -77,6 +77,25 @@ def test_merge_unmerge_disable():
     assert_close(ours(x), torch.nn.functional.linear(x, base_weight, ours.base_layer.bias), torch.float32)
 
 
+@pytest.mark.parametrize("safe_merge", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_rounds_once(dtype, safe_merge):
+    """A half-precision layer with float32 coefficients (what inject and peft make of such models) adds its float32
+    delta weight as peft does, rounding once: the merged weight is the exact sum rounded to the weight's dtype, and
+    unmerge is the exact difference rounded so (rounding the delta first cost a rounding more)."""
+    ours, peft = pair(torch.nn.Linear(64, 48).to(dtype), n_frequency=300)
+    ours.fourierft_spectrum.float()
+    original = ours.base_layer.weight.detach().clone()
+    with torch.no_grad():  # as merge computes it (with autograd it takes peft's torch.fft math)
+        delta = ours.get_delta_weight("default")
+    assert delta.dtype == torch.float32
+    ours.merge(safe_merge=safe_merge)
+    merged = ours.base_layer.weight.detach().clone()
+    assert merged.dtype == dtype and torch.equal(merged, (original.float() + delta).to(dtype))
+    ours.unmerge()
+    assert torch.equal(ours.base_layer.weight, (merged.float() - delta).to(dtype))
+
+
 def test_safe_merge_detects_nan():
     ours, _ = pair(torch.nn.Linear(8, 8), n_frequency=4)
     with torch.no_grad():

@@ -210,10 +210,11 @@ class AdapterLayer(nn.Module):
                           f"You are now additionally merging {','.join(names)}.")
         weight = self.base_layer.weight
         for name in names:
-            delta = self.delta_weight(name).to(weight.dtype)
+            # As peft: added in the wider of the two dtypes (a float32 delta to a bfloat16 weight), rounded once.
+            delta = self.delta_weight(name)
             delta = delta.t() if self._conv1d else delta
             if safe_merge:
-                merged = weight.data + delta
+                merged = (weight.data + delta).to(weight.dtype)
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 weight.data = merged
@@ -229,6 +230,5 @@ class AdapterLayer(nn.Module):
             return
         weight = self.base_layer.weight
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            delta = self.delta_weight(name).to(weight.dtype)
+            delta = self.delta_weight(self.merged_adapters.pop())
             weight.data -= delta.t() if self._conv1d else delta
