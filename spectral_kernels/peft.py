@@ -9,12 +9,13 @@ peft's class. peft's classes themselves are never modified.
 
 A swapped layer falls back to peft's own forward where the fused op does not apply:
 adapters disabled or merged, no active adapter, extra forward arguments, a base layer
-that is not a plain nn.Linear / Conv1D (another method's peft layer in a mixed model),
-has forward hooks (accelerate's too) or a weight of another tensor type (quantized), an
-input dtype other than the base weight's outside torch.autocast (peft then casts; the
-fused ops take the base layer's dtype, or autocast's for both), and for FRoD several
-active adapters or active dropout. Like peft's, a swapped layer returns its input's
-dtype. Layers that ``add_adapter`` creates later are peft's own until the next ``swap``.
+that is not a plain nn.Linear / Conv1D (another method's peft layer in a mixed model, a
+subclass with a forward of its own), has hooks (accelerate's too, and global module
+hooks) or a weight of another tensor type (quantized), an input dtype other than the
+base weight's outside torch.autocast (peft then casts; the fused ops take the base
+layer's dtype, or autocast's for both), and for FRoD several active adapters or active
+dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
+``add_adapter`` creates later are peft's own until the next ``swap``.
 
 Importing this module imports peft; ``import spectral_kernels`` does not.
 """
@@ -26,6 +27,7 @@ from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.modules import module as _module
 
 from ._cache import ConcatCache, TensorCache
 from .ops._autograd import autocast_dtype
@@ -39,20 +41,28 @@ from .ops.oft import oft_linear, oft_rotate, oft_rotation
 _DENSE_WEIGHTS = (nn.Parameter, torch.Tensor, FakeTensor)
 
 
+def _runs_more_than_its_weight(base):
+    """Whether calling ``base`` runs more than its own forward on its weight and bias: hooks (forward or backward,
+    on it or on every module), or a forward set on the instance (accelerate's hooks)."""
+    return bool(base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+                or "forward" in vars(base) or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
 def _base_weight(layer, x):
     """The base layer's (weight as (out, in), bias) when the fused op can replace the forward on ``x``, else None.
 
     The layer's own base layer, not get_base_layer(): in a PeftMixedModel (or after a second
     inject_adapter_in_model) it can be another method's peft layer, e.g. LoRA's, whose output
-    peft's forward includes and the fused op alone would leave out. Likewise a base layer with
-    forward hooks, or a forward replaced on the instance (accelerate's hooks), runs them when
-    peft's forward calls it; the fused op would not.
+    peft's forward includes and the fused op alone would leave out. Likewise peft's forward calls
+    the base layer with its hooks and its class's forward (an nn.Linear subclass may override it,
+    e.g. to fake-quantize its weight); the fused op computes nn.Linear's forward alone.
     """
     base = layer.base_layer
     conv1d = type(base).__name__ == "Conv1D" and hasattr(base, "nf")
-    if not (isinstance(base, nn.Linear) or conv1d) or type(base.weight) not in _DENSE_WEIGHTS:
+    if not (type(base).forward is nn.Linear.forward or conv1d) or type(base.weight) not in _DENSE_WEIGHTS:
         return None
-    if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
+    if _runs_more_than_its_weight(base):
         return None
     if layer.disable_adapters or layer.merged or x.dim() == 0:
         return None

@@ -1,4 +1,5 @@
 """spectral_kernels.peft.swap: peft's FourierFT and OFT layers on the fused ops, with peft's machinery intact."""
+import contextlib
 import copy
 import warnings
 
@@ -471,3 +472,49 @@ def test_base_layer_hooks_run_as_in_peft(method, dtype, monkeypatch):
     assert_close(ours(x), theirs(x), against_peft(method, dtype))
     assert seen["ours"] == seen["theirs"] == (0 if method == "frod" else 1)
     assert len(calls) == 1  # layer b's
+
+
+class _RoundedLinear(torch.nn.Linear):
+    """An nn.Linear whose own forward changes what it computes (a fake-quantized weight, as in QAT)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, torch.round(self.weight * 8) / 8, self.bias)
+
+
+def output_and_input_gradient(model, x):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    return y, torch.autograd.grad(y.square().sum(), x)[0]
+
+
+def _zero_input_gradient(module, grad_input, grad_output):
+    return tuple(None if g is None else torch.zeros_like(g) for g in grad_input)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", ["backward-hook", "global-hook", "linear-subclass"])
+@pytest.mark.parametrize("method", METHODS)
+def test_base_layer_calls_run_as_in_peft(method, case, dtype, monkeypatch):
+    """Whatever calling the base layer runs besides nn.Linear's forward, a swapped layer runs too (through peft's
+    forward), as peft's does: a backward hook on it, a global module hook, the forward of an nn.Linear subclass.
+    Before, the fused op skipped them: gradients, outputs silently wrong (peft's FRoD computes without the base
+    layer; it runs peft's forward all the same)."""
+    calls = count_fused_calls(monkeypatch)
+    ours, theirs = two_layer_pair(method, dtype)
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        for model in (ours, theirs):
+            layer = model.base_model.model.a
+            if case == "backward-hook":
+                layer.base_layer.register_full_backward_hook(_zero_input_gradient)
+            elif case == "linear-subclass":
+                rounded = _RoundedLinear(layer.in_features, layer.out_features, dtype=dtype)
+                rounded.load_state_dict(layer.base_layer.state_dict())
+                layer.base_layer = rounded
+        if case == "global-hook":  # doubles the output of every plain nn.Linear
+            stack.enter_context(torch.nn.modules.module.register_module_forward_hook(
+                lambda module, inputs, output: 2 * output if type(module) is torch.nn.Linear else None))
+        (y, dx), (expected, expected_dx) = [output_and_input_gradient(model, x) for model in (ours, theirs)]
+    assert_close(y, expected, against_peft(method, dtype))
+    assert_close(dx, expected_dx, against_peft(method, dtype))
+    assert len(calls) == {"backward-hook": 1, "global-hook": 0, "linear-subclass": 1}[case]  # layer b, unless global
