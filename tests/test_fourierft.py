@@ -1,4 +1,5 @@
 """FourierFT: every backend and path against the reference (peft's torch.fft math)."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -154,6 +155,15 @@ def test_delta_weight(device, backend, dtype):
             assert_close(got, exact.to(dtype), dtype)
         else:
             assert_low_precision_close(got, reference.fourierft_delta_weight(c, indices, m, n, 150.0), exact)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_delta_weight_takes_numpy_integers(device, backend, dtype):
+    """Sizes given as numpy integers reach the kernels as Python ints (the Triton launch rejected them)."""
+    (_, _, _, c), (_, _, _, c64), indices = make_case(6, 8, 10, (1,), dtype, device)
+    got = sk.fourierft_delta_weight(c, indices, np.int64(6), np.int64(8), 2.0, backend=backend)
+    assert_close(got, reference.fourierft_delta_weight(c64, indices, 6, 8, 2.0).to(dtype), dtype)
 
 
 @pytest.mark.parametrize("device,backend", device_backends() + [pytest.param("cpu", "reference", id="reference")])

@@ -230,6 +230,7 @@ def test_delta_weight_bad_input(backend):
         ("1-D floating-point", (c.long(), ind, 6, 5), ValueError),
         ("n_frequency", (c, ind, 2, 1), ValueError),
         ("positive", (c, ind, 0, 5), ValueError),
+        ("positive integers", (c, ind, 6.0, 5), ValueError),
         ("indices on meta", (c, ind.to("meta"), 6, 5), RuntimeError),
     ]:
         with pytest.raises(error, match=match):

@@ -1,4 +1,5 @@
 """OFT: every backend and path against the reference (peft's einsum rotation and Cayley math)."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -192,6 +193,16 @@ def test_rotation_matches_peft(neumann, device, backend):
     assert_close(got, expected, torch.float32)
     assert_close(torch.autograd.grad(got, module.weight, grad)[0],
                  torch.autograd.grad(expected, module.weight, grad)[0], torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_rotation_takes_numpy_integers(device, backend, dtype):
+    """Sizes that pass the integer checks as numbers.Integral (numpy's) reach the kernels as Python ints (the Triton
+    launch rejected a numpy block size)."""
+    params = 0.2 * torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    got = sk.oft_rotation(params, np.int64(4), True, np.int32(5), backend=backend)
+    assert_close(got, reference.cayley(params.double(), 4, True, 5), dtype)
 
 
 @pytest.mark.parametrize("device,backend", NEUMANN_BACKENDS)

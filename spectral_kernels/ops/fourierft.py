@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from ..config import is_real
+from ..config import is_integer, is_real
 from . import _autograd
 from ..kernels.reference import fourierft as reference
 
@@ -252,8 +252,10 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
     """dW (out_features, in_features) in spectrum.dtype, as peft's get_delta_weight returns it: differentiable in
     the spectrum where autograd records (then by peft's torch.fft math: the kernels' build has no backward)."""
     name = "fourierft_delta_weight"
-    if out_features < 1 or in_features < 1:
-        raise ValueError(f"{name}: out_features and in_features must be positive, got {out_features} x {in_features}")
+    if not (is_integer(out_features) and is_integer(in_features)) or out_features < 1 or in_features < 1:
+        raise ValueError(f"{name}: out_features and in_features must be positive integers, got {out_features!r} x "
+                         f"{in_features!r}")
+    out_features, in_features = int(out_features), int(in_features)  # numpy integers too, for the kernels
     _check_spectrum(name, spectrum, indices, out_features, in_features, scaling)
     if indices.device != spectrum.device:
         raise RuntimeError(f"{name}: spectrum on {spectrum.device}, indices on {indices.device}")

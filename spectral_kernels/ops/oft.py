@@ -258,6 +258,7 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
                          f"(n, {block_size * (block_size - 1) // 2}), got {tuple(params.shape)}")
     if use_cayley_neumann and num_cayley_neumann_terms < 1:
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
+    block_size, num_cayley_neumann_terms = int(block_size), int(num_cayley_neumann_terms)  # numpy integers too
     # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
     if use_cayley_neumann and num_cayley_neumann_terms > 1 and not _autograd.tracing():
         name = dispatch.select_backend(params.device, backend, "oft")
