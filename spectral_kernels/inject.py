@@ -546,7 +546,7 @@ def _activate(model, names, inference_mode=False):
 def delete_adapter(model, adapter_name):
     """Remove adapter ``adapter_name`` from the model, as peft's delete_adapter: its parameters and state in every
     layer, its modules_to_save copies and (FRoD) its projections. The other active adapters stay active; when it
-    was the only active one, the first remaining adapter becomes active (with a warning), or none. A merged
+    was the only active one, the first remaining one by name becomes active (with a warning), or none. A merged
     adapter must be unmerged first. The fused layers stay in place (``unload`` removes them)."""
     state = adapters(model)
     if adapter_name not in state.configs:
@@ -554,12 +554,13 @@ def delete_adapter(model, adapter_name):
     layers = [layer for _, layer in _adapter_layers(model)]
     if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged: unmerge it first")
-    others = [name for name in state.configs if name != adapter_name]
-    active = [name for name in state.active if name != adapter_name]
-    if adapter_name in state.active and not active and others:
-        active = others[:1]
-        warn_new_active_adapter(adapter_name, active[0])
-    _activate(model, active)  # first, so that no layer picks a new active adapter of its own
+    if adapter_name in state.active:  # as peft's layers: the others stay active, else the first name in sorted order
+        active = [name for name in state.active if name != adapter_name]
+        others = sorted(name for name in state.configs if name != adapter_name)
+        if not active and others:
+            active = others[:1]
+            warn_new_active_adapter(adapter_name, active[0])
+        _activate(model, active)  # first, so that no layer picks a new active adapter of its own
     _withdraw(model, adapter_name)
     del state.configs[adapter_name]
 

@@ -289,6 +289,73 @@ def test_set_adapter_like_peft(config, dtype):
     assert not any(layer.merged for layer in layers(ours))
 
 
+def adapter_flags(layer):
+    """requires_grad of a layer's adapter parameters, by name."""
+    return {n: p.requires_grad for n, p in layer.named_parameters() if not n.startswith("base_layer.")}
+
+
+@each_method(["q_proj"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_bookkeeping_like_peft(config, dtype):
+    """Our layers against peft's, method by method, where their bookkeeping differed: active_adapter is a list;
+    merge refuses a str and warns when all is merged; enable_adapters(False) freezes the adapters and leaves
+    merged adapters merged until the next call, enable_adapters(True) makes the active ones trainable again;
+    deleting an active adapter keeps the others active and trainable, or activates the first remaining name in
+    sorted order."""
+    def models():
+        theirs = peft.get_peft_model(llama().to(dtype), peft_config(config))
+        ours = sk.inject(llama().to(dtype), config)
+        for name in ["zed", "b", "y"]:  # added in this order: not sorted
+            theirs.add_adapter(name, peft_config(config))
+            sk.inject(ours, config, name)
+        missing, unexpected = ours.load_state_dict({k.removeprefix("base_model.model.").removeprefix("base_model."): v
+                                                    for k, v in theirs.state_dict().items()}, strict=False)
+        assert not missing and not unexpected
+        return ours, theirs
+
+    ours, theirs = models()
+    pairs = list(zip(layers(ours), [m for m in theirs.modules() if isinstance(m, BaseTunerLayer)], strict=True))
+    ids = tokens(ours)
+
+    def caught_warnings(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        return [str(w.message) for w in caught]
+
+    for our_layer, their_layer in pairs:
+        assert our_layer.active_adapter == their_layer.active_adapter == ["default"]
+        for layer in (our_layer, their_layer):
+            with pytest.raises(TypeError, match="adapter_names should be a list of strings"):
+                layer.merge(adapter_names="default")
+            layer.merge()
+            assert caught_warnings(layer.merge) == ["All adapters are already merged, nothing to do."]
+            layer.enable_adapters(False)
+            assert layer.merged and not any(adapter_flags(layer).values())
+            layer.enable_adapters(True)
+            assert layer.merged
+        assert adapter_flags(our_layer) == adapter_flags(their_layer)
+        assert_close(our_layer.base_layer.weight, their_layer.base_layer.weight, torch.float32)
+        for layer in (our_layer, their_layer):
+            layer.unmerge()
+    # Deletions last, layer by layer: FRoD's layers share their category's projections, which go with the first.
+    for our_layer, their_layer in pairs:
+        for layer in (our_layer, their_layer):
+            layer.set_adapter(["default", "y"], inference_mode=True)
+            layer.delete_adapter("y")
+            assert layer.active_adapter == ["default"]
+        assert adapter_flags(our_layer) == adapter_flags(their_layer) and any(adapter_flags(our_layer).values())
+        assert caught_warnings(lambda: our_layer.delete_adapter("default")) == \
+            caught_warnings(lambda: their_layer.delete_adapter("default"))
+        assert our_layer.active_adapter == their_layer.active_adapter == ["b"]
+        assert adapter_flags(our_layer) == adapter_flags(their_layer)
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)  # peft unmerges OFT in float32
+    ours, theirs = models()
+    theirs.delete_adapter("default")
+    sk.delete_adapter(ours, "default")
+    assert adapters(ours).active == theirs.active_adapters == ["b"]
+
+
 @each_method(["q_proj", "v_proj"])
 def test_one_adapter_with_bias_like_peft(config):
     """As peft: only one adapter can have a bias (they would share the biases they train and save)."""

@@ -142,7 +142,7 @@ def test_unmerge_restores_weight(base, mode):
     original = ours.base_layer.weight.detach().clone()
     x = torch.randn(4, 48)
     with torch.no_grad():
-        adapted = ours(x)
+        adapted, base_output = ours(x), ours.base_layer(x)
     ours.merge(safe_merge=True)
     assert ours.merged_adapters == ["default", "b"]
     assert not torch.allclose(ours.base_layer.weight, original)
@@ -150,10 +150,13 @@ def test_unmerge_restores_weight(base, mode):
     assert not ours.merged
     assert_close(ours.base_layer.weight, original, torch.float32)
     ours.merge(adapter_names=["b"])
-    ours.enable_adapters(False)  # unmerges first, then runs the base layer alone
+    ours.enable_adapters(False)  # as peft: the next call unmerges, then runs the base layer alone
+    assert ours.merged
+    with torch.no_grad():
+        assert_close(ours(x), base_output, torch.float32)
+    assert not ours.merged
     assert_close(ours.base_layer.weight, original, torch.float32)
     with torch.no_grad():
-        assert_close(ours(x), ours.base_layer(x), torch.float32)
         ours.enable_adapters(True)
         assert_close(ours(x), adapted, torch.float32)
 

@@ -75,7 +75,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def active_adapter(self):
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+        return list(self._active_adapter)  # as peft's layers, whose set_adapter stores a list
 
     @property
     def merged(self):
@@ -101,8 +101,8 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, adapter_name):
         """peft's delete_adapter: drop ``adapter_name``'s parameters and per-adapter state. If it was active, the
-        other active adapters stay active; if it was the only one, the first remaining adapter becomes active (with
-        a warning, as peft), or none. Unlike peft's layer, it refuses a merged adapter (its delta would stay in
+        other active adapters stay active (and trainable); if it was the only one, the first remaining one by name
+        becomes active (with a warning, as peft), or none. Unlike peft's layer, it refuses a merged adapter (its delta would stay in
         the base weight) and an unknown name."""
         if adapter_name not in self._adapters():
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self._adapters())}")
@@ -121,16 +121,21 @@ class AdapterLayer(nn.Module):
         self._cache = None
         if adapter_name not in self._active_adapter:
             return
-        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
-        if not self._active_adapter and len(self._adapters()):
-            first = next(iter(self._adapters()))
-            warn_new_active_adapter(adapter_name, first)
-            self.set_adapter(first)
+        # As peft: the other active adapters stay active (and trainable), else the first remaining name in sorted order.
+        active = [n for n in self._active_adapter if n != adapter_name]
+        if not active and len(self._adapters()):
+            active = sorted(self._adapters())[:1]
+            warn_new_active_adapter(adapter_name, active[0])
+        self.set_adapter(active)
 
     def enable_adapters(self, enabled):
-        """peft's enable_adapters: False runs the base layer alone (unmerging first)."""
-        if not enabled and self.merged:
-            self.unmerge()
+        """peft's enable_adapters: False freezes every adapter's parameters and runs the base layer alone (merged
+        adapters are unmerged at the next call); True makes the active adapters trainable again (set_adapter)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            for table in self.adapter_layer_names:
+                getattr(self, table).requires_grad_(False)
         self._disable_adapters = not enabled
 
     def train(self, mode=True):
@@ -200,14 +205,23 @@ class AdapterLayer(nn.Module):
     def get_delta_weight(self, adapter):
         return self.delta_weight(adapter)
 
+    def _adapters_to_merge(self, adapter_names):
+        """The adapters merge takes: ``adapter_names`` (a list; default: the active ones) that this layer has and has
+        not merged yet, with peft's warnings when some or all are merged already."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        if isinstance(names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {names!r}.")
+        names = [n for n in names if n not in self.merged_adapters]
+        if self.merged:
+            warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                          f"You are now additionally merging {','.join(names)}." if names else
+                          "All adapters are already merged, nothing to do.")
+        return [n for n in names if n in self._adapters()]
+
     @torch.no_grad()
     def merge(self, safe_merge=False, adapter_names=None):
         """Add the adapters' delta weights into the base weight (peft's merge)."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        names = [n for n in names if n in self._adapters() and n not in self.merged_adapters]
-        if self.merged and names:
-            warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
-                          f"You are now additionally merging {','.join(names)}.")
+        names = self._adapters_to_merge(adapter_names)
         weight = self.base_layer.weight
         for name in names:
             # As peft: added in the wider of the two dtypes (a float32 delta to a bfloat16 weight), rounded once.

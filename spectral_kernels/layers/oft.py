@@ -154,12 +154,7 @@ class OFTLinear(AdapterLayer):
     @torch.no_grad()
     def merge(self, safe_merge=False, adapter_names=None):
         """Fold the adapters' rotations into the base weight, W <- W·blockdiag(R)^T, in turn (peft's merge)."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        names = [n for n in names if n in self.oft_R and n not in self.merged_adapters]
-        if self.merged and names:
-            warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
-                          f"You are now additionally merging {','.join(names)}.")
-        for name in names:
+        for name in self._adapters_to_merge(adapter_names):
             merged = self._rotate_weight(self._merge_rotation(name))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
