@@ -270,6 +270,13 @@ class ModulesToSave(nn.Module):
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == self.active_adapter and not inference_mode)
 
+    def enable_adapters(self, enabled):
+        """peft's: disabled, the forward runs the original module and no copy trains; enabled, the active adapter's
+        copy trains again."""
+        self.disabled = not enabled
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(enabled and name == self.active_adapter)
+
     def _drop_adapter(self, adapter_name):
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
@@ -627,22 +634,20 @@ def mark_only_adapters_as_trainable(model):
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Within the block the model runs without its adapters (merged ones are unmerged first)."""
+    """Within the block the model runs without its adapters (merged ones are unmerged at its first call), and, as
+    peft's disable_adapter, their parameters and modules_to_save copies are frozen; after it the active ones train
+    again."""
     adapters(model)
     layers, wrappers = [m for _, m in _adapter_layers(model)], [m for _, m in _wrappers(model)]
     layer_states = [layer.disable_adapters for layer in layers]
     wrapper_states = [wrapper.disabled for wrapper in wrappers]
-    for layer in layers:
-        layer.enable_adapters(False)
-    for wrapper in wrappers:
-        wrapper.disabled = True
+    for module in [*layers, *wrappers]:
+        module.enable_adapters(False)
     try:
         yield model
     finally:
-        for layer, disabled in zip(layers, layer_states):
-            layer.enable_adapters(not disabled)
-        for wrapper, disabled in zip(wrappers, wrapper_states):
-            wrapper.disabled = disabled
+        for module, disabled in zip([*layers, *wrappers], [*layer_states, *wrapper_states]):
+            module.enable_adapters(not disabled)
 
 
 def _model_attributes(model):

@@ -203,8 +203,8 @@ def layers(model):
 
 
 def load_peft_weights(ours, theirs):
-    """Copy peft's adapter tensors into ours: the state_dict keys are the same."""
-    state = theirs.state_dict()
+    """Copy peft's adapter tensors into ours: the state_dict keys are the same, past a PeftModel's prefixes."""
+    state = {k.removeprefix("base_model.model.").removeprefix("base_model."): v for k, v in theirs.state_dict().items()}
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert not unexpected and not [k for k in missing if "fourierft" in k or "oft_R" in k]
 
@@ -260,9 +260,7 @@ def test_set_adapter_like_peft(config, dtype):
     theirs = peft.get_peft_model(llama().to(dtype), peft_config(first))
     theirs.add_adapter("other", peft_config(second))
     ours = sk.inject(sk.inject(llama().to(dtype), first), second, "other")
-    missing, unexpected = ours.load_state_dict({k.removeprefix("base_model.model.").removeprefix("base_model."): v
-                                                for k, v in theirs.state_dict().items()}, strict=False)
-    assert not missing and not unexpected
+    load_peft_weights(ours, theirs)
     for model in (ours, theirs):
         model.get_submodule("model.norm" if model is ours else "base_model.model.model.norm").weight.requires_grad_()
     ids = tokens(ours)
@@ -308,9 +306,7 @@ def test_layer_bookkeeping_like_peft(config, dtype):
         for name in ["zed", "b", "y"]:  # added in this order: not sorted
             theirs.add_adapter(name, peft_config(config))
             sk.inject(ours, config, name)
-        missing, unexpected = ours.load_state_dict({k.removeprefix("base_model.model.").removeprefix("base_model."): v
-                                                    for k, v in theirs.state_dict().items()}, strict=False)
-        assert not missing and not unexpected
+        load_peft_weights(ours, theirs)
         return ours, theirs
 
     ours, theirs = models()
@@ -354,6 +350,29 @@ def test_layer_bookkeeping_like_peft(config, dtype):
     theirs.delete_adapter("default")
     sk.delete_adapter(ours, "default")
     assert adapters(ours).active == theirs.active_adapters == ["b"]
+
+
+@each_method(["query", "value"])
+def test_disable_adapters_like_peft(config):
+    """sk.disable_adapters as peft's disable_adapter: the base model's output inside, the adapters' parameters and
+    modules_to_save copies frozen there, and the active ones trainable after it (also when they were loaded
+    frozen: peft's enable_adapters makes them so)."""
+    config = dataclasses.replace(config, modules_to_save=["classifier"], inference_mode=True)
+    theirs = peft.get_peft_model(bert(), peft_config(config))
+    ours = sk.inject(bert(), config)
+    load_peft_weights(ours, theirs)
+    ids = tokens(ours)
+
+    def trainable(model):
+        return sorted(n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad)
+
+    base_logits = bert()(ids).logits
+    with sk.disable_adapters(ours), theirs.disable_adapter():
+        assert trainable(ours) == trainable(theirs)
+        assert_close(ours(ids).logits, base_logits, torch.float32)
+        assert_close(theirs(ids).logits, base_logits, torch.float32)
+    assert trainable(ours) == trainable(theirs) and "classifier.modules_to_save.default.weight" in trainable(ours)
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
 
 
 @each_method(["q_proj", "v_proj"])
