@@ -139,8 +139,31 @@ def first_order(backward_op):
     (recording them still works, as with torch's own once_differentiable).
     """
     def backward(ctx, *grads):
-        raise RuntimeError(f"{backward_op._qualname}: the fused kernels' gradients are not differentiable (double "
-                           "backward, e.g. create_graph=True); use backend='reference' for higher derivatives")
+        raise _not_differentiable(backward_op._qualname)
 
     backward_op.register_autograd(backward)
     return backward_op
+
+
+def _not_differentiable(name):
+    return RuntimeError(f"{name}: the fused kernels' gradients are not differentiable (double backward, e.g. "
+                        "create_graph=True); use backend='reference' for higher derivatives")
+
+
+class _FirstOrderValue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, value, *inputs):
+        ctx.name = name
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _not_differentiable(ctx.name)
+
+
+def first_order_value(name, value, *inputs):
+    """``value``, a gradient an eager autograd.Function's backward computed with the kernels from ``inputs``: where
+    autograd records that backward (create_graph=True), tied to them by a node that raises when differentiated, as
+    first_order's ops do. (once_differentiable would leave it unconnected to the saved tensors it depends on, whose
+    second derivatives then came out as None.)"""
+    return _FirstOrderValue.apply(name, value, *inputs) if torch.is_grad_enabled() else value

@@ -32,7 +32,6 @@ Kernels accumulate in float32 (float64 for float64 inputs) for every input dtype
 """
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from ..config import is_integer
@@ -232,11 +231,11 @@ class _Neumann(torch.autograd.Function):
         return _kernels(backend).neumann(params, block_size, coef)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         (params,) = ctx.saved_tensors
-        dparams = _kernels(ctx.backend).neumann_backward(params, grad.contiguous(), ctx.block_size, ctx.coef)
-        return dparams, None, None, None
+        with torch.no_grad():
+            dparams = _kernels(ctx.backend).neumann_backward(params, grad.contiguous(), ctx.block_size, ctx.coef)
+        return _autograd.first_order_value("oft_rotation", dparams, params, grad), None, None, None
 
 
 def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann_terms=5, backend=None):
