@@ -199,6 +199,40 @@ def test_eval_cache_sees_new_tensors_at_old_addresses(method, dtype):
         assert_close(model(x), changed, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_with_several_active_adapters(method, dtype, monkeypatch):
+    """Several active adapters fold into one eval weight, built once and rebuilt when one of them changes, with the
+    training forward's result. FRoD rebuilt every adapter's W' on every call (one cache slot, keys taking turns):
+    slower than with the cache off; OFT rotated x by all but the last adapter on every call."""
+    import spectral_kernels.layers.oft as oft_layer
+
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer().to(dtype), CONFIGS[method](["proj"]))
+    sk.inject(model, CONFIGS[method](["proj"]), "other")
+    sk.set_adapter(model, ["default", "other"])
+    layer, x = model.proj, torch.randn(5, 24, dtype=dtype)
+    builds, rotations = [], []
+    build = layer._summed_weight if method == "frod" else layer._rotate_weight if method == "oft" else \
+        layer._effective_weight
+    monkeypatch.setattr(layer, build.__name__, lambda *args: builds.append(1) or build(*args))
+    rotate = oft_layer.oft_rotate
+    monkeypatch.setattr(oft_layer, "oft_rotate", lambda *args: rotations.append(1) or rotate(*args))
+    expected = model(x).detach()
+    rotations.clear()
+    model.eval()
+    with torch.no_grad():
+        outputs = [model(x) for _ in range(3)]
+        for y in outputs:
+            assert_close(y, expected, dtype)
+        assert builds == [1] and not rotations
+        next(p for n, p in layer.named_parameters() if ".other" in n).mul_(1.5)  # an optimizer step
+        changed = model(x)
+    assert builds == [1, 1] and not torch.allclose(changed, expected)
+    model.train()
+    assert_close(changed, model(x), dtype)
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_eval_cache_checks_input_as_the_op(method):
     """The eval cache runs its own GEMM instead of the fused op: bad input gets the op's errors there too, not

@@ -287,6 +287,17 @@ class FrodLinear(AdapterLayer):
                 u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, self.backend))
         return frod_linear(x, u, v, lam, s_values, s_indices, bias, self.backend)  # U and V go in x's dtype
 
+    def _summed_weight(self, names, dtype):
+        """W + sum over the adapters ``names`` of W'_k - W, in ``dtype``, summed in float32 at least."""
+        weight = self._weight()
+        acc = torch.promote_types(dtype, torch.float32)
+        total = weight.to(acc, copy=True)
+        for name in names:
+            u, v, lam, s_values, s_indices = self._tensors(name)
+            total += frod_effective_weight(u.to(dtype), v.to(dtype), lam, s_values, s_indices, self.backend).to(acc)
+            total -= weight.to(acc)
+        return total.to(dtype)
+
     def _forward(self, x, *args, **kwargs):
         if self._disable_adapters or self.merged_adapters:
             if self._disable_adapters and self.merged_adapters:
@@ -307,6 +318,10 @@ class FrodLinear(AdapterLayer):
             return self._frod(names[0], x, bias)
         # Several adapters or active dropout: peft's sum of each adapter's change of the base output.
         self._restore_base_weight()
+        if self._eval_cache_applies(x):  # no dropout: one GEMM with W + sum_k (W'_k - W)
+            tensors = [t for name in names for t in self._tensors(name)]
+            return self._cached_linear("frod_linear", x, bias, (*tensors, self._weight()), x.dtype,
+                                       lambda: self._summed_weight(names, x.dtype))
         result = self.base_layer(x, *args, **kwargs)
         base_out = result if bias is None else result - bias
         for name in names:

@@ -1,4 +1,5 @@
 """OFTLinear: peft's OFT layer, computed by the fused op."""
+import functools
 import warnings
 
 import torch
@@ -141,12 +142,16 @@ class OFTLinear(AdapterLayer):
         """peft's get_delta_weight: the dense blockdiag(R) (in_features, in_features) that merging applies."""
         return reference.block_diagonal(self._merge_rotation(adapter), self.r[adapter])
 
-    def _rotate_weight(self, rot):
-        """The base weight (out, in) times blockdiag(rot)^T, in the weight's dtype: computed in the wider of the
-        two, as peft merges (a bf16 layer's float32 rotation rounded to bf16 first cost a rounding more)."""
+    def _rotate_weight(self, *rotations):
+        """The base weight (out, in) times blockdiag(R)^T for each of ``rotations``, the last first (so that
+        x·B_1···B_k W^T = x W_eff^T), in the weight's dtype: computed in the widest of their dtypes, as peft merges
+        (a bf16 layer's float32 rotation rounded to bf16 first cost a rounding more)."""
         weight = self._weight()
-        dtype = torch.promote_types(weight.dtype, rot.dtype)
-        return oft_effective_weight(weight.to(dtype).contiguous(), rot.to(dtype), self.backend).to(weight.dtype)
+        dtype = functools.reduce(torch.promote_types, [rot.dtype for rot in rotations], weight.dtype)
+        folded = weight.to(dtype).contiguous()
+        for rot in reversed(rotations):
+            folded = oft_effective_weight(folded, rot.to(dtype), self.backend)
+        return folded.to(weight.dtype)
 
     def _write_weight(self, new):
         self.base_layer.weight.data.copy_(new.t() if self._conv1d else new)
@@ -186,15 +191,14 @@ class OFTLinear(AdapterLayer):
         names = [] if self.merged_adapters else [n for n in self._active_adapter if n in modules]
         if not names:
             return self._base_layer()(x, *args, **kwargs)
-        rotations = [self._rotation(n) for n in names]
-        # peft rotates by each active adapter in turn, then runs the base layer.
-        for _, rot in rotations[:-1]:
-            x = oft_rotate(x, rot, self.backend)
-        key, rot = rotations[-1]
+        keys, rotations = zip(*[self._rotation(n) for n in names])
         weight, bias = self._weight(), self._bias()
-        if key is not None and self._eval_cache_applies(x):
-            return self._cached_linear("oft_linear", x, bias, (weight,), key, lambda: self._rotate_weight(rot))
-        return oft_linear(x, weight, bias, rot, self.backend)
+        if None not in keys and self._eval_cache_applies(x):  # all the rotations folded into the weight
+            return self._cached_linear("oft_linear", x, bias, (weight,), keys, lambda: self._rotate_weight(*rotations))
+        # peft rotates by each active adapter in turn, then runs the base layer.
+        for rot in rotations[:-1]:
+            x = oft_rotate(x, rot, self.backend)
+        return oft_linear(x, weight, bias, rotations[-1], self.backend)
 
     def __repr__(self):
         return "spectral_kernels.oft." + super().__repr__()
