@@ -102,8 +102,8 @@ class AdapterLayer(nn.Module):
     def delete_adapter(self, adapter_name):
         """peft's delete_adapter: drop ``adapter_name``'s parameters and per-adapter state. If it was active, the
         other active adapters stay active (and trainable); if it was the only one, the first remaining one by name
-        becomes active (with a warning, as peft), or none. Unlike peft's layer, it refuses a merged adapter (its delta would stay in
-        the base weight) and an unknown name."""
+        becomes active (with a warning, as peft), or none. Unlike peft's layer, it refuses a merged adapter (its
+        delta would stay in the base weight) and an unknown name."""
         if adapter_name not in self._adapters():
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self._adapters())}")
         if adapter_name in self.merged_adapters:
