@@ -790,9 +790,10 @@ def _read_adapter(directory):
 
 def load_adapter(model, directory, adapter_name="default", is_trainable=False, autocast_adapter_dtype=True):
     """Inject the adapter saved in peft's format in ``directory`` (by peft or ``save_adapter``) and load its
-    weights; its parameters frozen unless ``is_trainable``, as peft's from_pretrained (whose config's ``bias``
-    still makes biases trainable; ``autocast_adapter_dtype`` as for ``inject``). Returns ``model``. When the
-    saved tensors do not fit, it raises and gives the model back its adapters and layers as they were."""
+    weights; unless ``is_trainable``, its parameters are frozen and the model is put in eval mode, as by peft's
+    from_pretrained (whose config's ``bias`` still makes biases trainable; ``autocast_adapter_dtype`` as for
+    ``inject``). Returns ``model``. When the saved tensors do not fit, it raises and gives the model back its
+    adapters and layers as they were."""
     config, weights = _read_adapter(directory)
     config.inference_mode = not is_trainable
     before = getattr(model, STATE_ATTRIBUTE, None)
@@ -801,6 +802,8 @@ def load_adapter(model, directory, adapter_name="default", is_trainable=False, a
     inject(model, config, adapter_name, autocast_adapter_dtype)
     try:
         _load_adapter_weights(model, directory, adapter_name, weights)
+        if not is_trainable:  # as peft's load_adapter: dropout off
+            model.eval()
     except Exception:  # mismatched names (ValueError) or shapes (load_state_dict's RuntimeError)
         _withdraw(model, adapter_name, keep)
         if before is None:
@@ -819,6 +822,11 @@ def _load_adapter_weights(model, directory, adapter_name, weights):
     attributes = _model_attributes(model)
     state = {_model_key(k, adapter_name, layers, wrappers, attributes): v for k, v in weights.items()}
     own = model.state_dict()
+    unused = sorted(k for k in state if k.split(".")[0] in attributes and k not in own)
+    if unused:  # as peft, which warns and builds its own
+        warnings.warn(f"{directory}: the saved adapter's FRoD projections {unused[:3]} are not loaded (its config "
+                      "has save_projection=False, or no layer here is in their category); the model's are used")
+        state = {k: v for k, v in state.items() if k not in unused}
     unexpected = sorted(k for k in state if k not in own)
     if unexpected:
         raise ValueError(f"{directory}: the saved adapter has tensors the model does not: {unexpected[:5]}")

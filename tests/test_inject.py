@@ -588,6 +588,35 @@ def test_load_adapter_rejects_mismatch(tmp_path):
     assert str(fresh) == str(bert()) and not hasattr(fresh, STATE_ATTRIBUTE)
 
 
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_sets_eval_mode_like_peft(tmp_path, is_trainable):
+    """As peft's from_pretrained / load_adapter: a model loaded for inference is put in eval mode (its dropout,
+    FRoD's frod_dropout too, off); one loaded to train is left as it is."""
+    config = sk.FrodConfig(target_modules=["q_proj"], init_weights=False, frod_dropout=0.3, progressbar=False)
+    sk.save_adapter(sk.inject(llama(), config), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(llama().train(), tmp_path, is_trainable=is_trainable)
+    ours = sk.load_adapter(llama().train(), tmp_path, is_trainable=is_trainable)
+    assert ours.training == theirs.training == is_trainable
+    if not is_trainable:
+        ids = tokens(ours)
+        assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+
+
+def test_load_adapter_skips_projections_saved_against_the_config(tmp_path):
+    """A FRoD checkpoint that holds projections although its config has save_projection=False: peft warns, leaves
+    them and builds the model's own from the base weights; so does load_adapter (it refused the checkpoint)."""
+    config = sk.FrodConfig(target_modules=["q_proj", "v_proj"], init_weights=False, progressbar=False)
+    sk.save_adapter(sk.inject(llama(), config), tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "save_projection": False}))
+    with pytest.warns(UserWarning, match="Specified to not load FRoD projection tensors"):
+        theirs = peft.PeftModel.from_pretrained(llama(), tmp_path)
+    with pytest.warns(UserWarning, match="projections .* are not loaded"):
+        ours = sk.load_adapter(llama(), tmp_path)
+    ids = tokens(ours)
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
+
+
 @pytest.mark.parametrize("field,value", [("projection_prng_key", 1), ("save_projection", False),
                                          ("runtime_offload_base_weight", True)])
 def test_frod_adapters_must_agree(field, value):
