@@ -15,6 +15,10 @@ import warnings
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+# Imported here, not at the first call: a first call inside a traced region (torch.compile of an activation
+# checkpoint) may not fill a module-level cache. It never fails: it records why the extension is unusable.
+from .kernels import native
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_BACKEND = "SPECTRAL_KERNELS_BACKEND"
 ENV_FOURIERFT_PATH = "SPECTRAL_KERNELS_FOURIERFT_PATH"
@@ -22,14 +26,6 @@ FOURIERFT_PATHS = ("token", "weight")
 
 
 _modules = {}
-
-
-def _native():
-    if "native" not in _modules:
-        from .kernels import native
-
-        _modules["native"] = native
-    return _modules["native"]
 
 
 def _triton_error():
@@ -45,7 +41,6 @@ def _triton_error():
 def _unavailable_reason(name):
     if name == "reference":
         return None
-    native = _native()
     if name == "cpu":
         return native.IMPORT_ERROR
     if name == "cuda":
@@ -106,7 +101,7 @@ def select_backend(device, requested=None, method=None):
     backends whose kernels for ``method`` are not deterministic (NONDETERMINISTIC).
     """
     requested = requested or os.environ.get(ENV_BACKEND) or None
-    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+    if torch._C._are_functorch_transforms_active():
         if requested not in (None, "reference"):
             raise RuntimeError(f"backend {requested!r} cannot run under torch.func transforms (vmap, grad, ...); "
                                "backend='reference' can")

@@ -4,6 +4,9 @@ A graph recorded with create_graph=True must give the same first-order gradients
 without it; differentiating those gradients once more must raise (the kernels'
 backward is not differentiable), never return silently wrong numbers.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -113,6 +116,49 @@ def test_torch_func_transforms_run_the_reference(make, path, dtype):
     _, kernel = build("cpu")
     with pytest.raises(RuntimeError, match="cannot run under torch.func transforms"):
         torch.vmap(lambda row: kernel(row, *params))(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("make,path", CASES)
+def test_compiled_torch_func_transforms(make, path, dtype):
+    """torch.compile of a torch.func transform runs the reference backend too (the kernels' custom ops went into
+    the traced graph and failed there: they have no functorch rules)."""
+    torch._dynamo.reset()
+    params, fn = make(None, path, "cpu", dtype, torch.Generator().manual_seed(0))
+    params = [t.to(dtype) for t in params]
+    x = torch.randn(TOKENS, D_IN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    argnums = tuple(range(1, len(params) + 1))
+    transform = torch.func.grad(lambda x, *p: fn(x, *p).square().sum(), argnums)
+    compiled = torch.compile(transform, backend="aot_eager")(x, *params)  # FRoD's reference breaks the graph
+    for got, expected in zip(compiled, transform(x, *params), strict=True):
+        assert_close(got, expected, dtype)
+
+
+_COLD_CHECKPOINT = """
+import torch
+from torch.utils.checkpoint import checkpoint
+import spectral_kernels as sk
+
+torch.manual_seed(0)
+for layer in (sk.FourierFTLinear(torch.nn.Linear(16, 12), config=sk.FourierFTConfig(n_frequency=20)),
+              sk.OFTLinear(torch.nn.Linear(16, 12), config=sk.OFTConfig(oft_block_size=4, init_weights=False)),
+              sk.FrodLinear(torch.nn.Linear(16, 12), config=sk.FrodConfig(sparse_rate=0.1, init_weights=False))):
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    layer.double()
+    def loss(x):
+        return checkpoint(layer, x, use_reentrant=False).square().sum()
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(x), x)[0]
+    eager = torch.autograd.grad(loss(x), x)[0]
+    assert (compiled - eager).abs().max() < 1e-10, (compiled - eager).abs().max()
+print("ok")
+"""
+
+
+def test_compiled_checkpoint_as_the_first_call():
+    """torch.compile of an activation checkpoint whose layer makes the process's first fused-op call: choosing the
+    backend filled a module-level cache there, a side effect the checkpoint's traced region refuses."""
+    result = subprocess.run([sys.executable, "-c", _COLD_CHECKPOINT], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
