@@ -531,9 +531,10 @@ def set_adapter(model, adapter_names, inference_mode=False):
     parameters, biases included, keep their requires_grad. A merged layer is unmerged first, with peft's warning
     (it would otherwise go on running the merged adapters)."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    unknown = [n for n in names if n not in adapters(model).configs]
+    configs = adapters(model).configs
+    unknown = [n for n in names if n not in configs]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(adapters(model).configs)}")
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(configs)}")
     for _, layer in _adapter_layers(model):
         if layer.merged:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")

@@ -289,13 +289,11 @@ class FrodLinear(AdapterLayer):
 
     def _summed_weight(self, names, dtype):
         """W + sum over the adapters ``names`` of W'_k - W, in ``dtype``, summed in float32 at least."""
-        weight = self._weight()
         acc = torch.promote_types(dtype, torch.float32)
-        total = weight.to(acc, copy=True)
+        total = (1 - len(names)) * self._weight().to(acc)
         for name in names:
             u, v, lam, s_values, s_indices = self._tensors(name)
             total += frod_effective_weight(u.to(dtype), v.to(dtype), lam, s_values, s_indices, self.backend).to(acc)
-            total -= weight.to(acc)
         return total.to(dtype)
 
     def _forward(self, x, *args, **kwargs):

@@ -181,7 +181,7 @@ def _check(x, weight, bias, spectrum, indices, scaling):
         raise ValueError(f"fourierft_linear: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
     m, n = weight.shape
     _autograd.check_input("fourierft_linear", x, n)
-    _check_spectrum("fourierft_linear", spectrum, indices, m, n, scaling)
+    _check_spectrum("fourierft_linear", spectrum, indices, scaling)
     if bias is not None and bias.shape != (m,):
         raise ValueError(f"fourierft_linear: bias must have shape ({m},), got {tuple(bias.shape)}")
     device = x.device
@@ -192,7 +192,7 @@ def _check(x, weight, bias, spectrum, indices, scaling):
         raise RuntimeError(f"fourierft_linear: tensors on different devices: {devices}")
 
 
-def _check_spectrum(name, spectrum, indices, m, n, scaling):
+def _check_spectrum(name, spectrum, indices, scaling):
     if isinstance(scaling, torch.Tensor):
         if scaling.requires_grad:
             raise TypeError(f"{name}: scaling is a fixed hyper-parameter; gradients with respect to it are not "
@@ -258,7 +258,7 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
         raise ValueError(f"{name}: out_features and in_features must be positive integers, got {out_features!r} x "
                          f"{in_features!r}")
     out_features, in_features = int(out_features), int(in_features)  # numpy integers too, for the kernels
-    _check_spectrum(name, spectrum, indices, out_features, in_features, scaling)
+    _check_spectrum(name, spectrum, indices, scaling)
     if indices.device != spectrum.device:
         raise RuntimeError(f"{name}: spectrum on {spectrum.device}, indices on {indices.device}")
     _check_index_values(indices, out_features, in_features, name)
