@@ -4,6 +4,8 @@ place (optimizer steps included)."""
 import itertools
 
 import torch
+from torch.autograd import forward_ad
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 # A serial number per storage, never reused: an address and a version count alone can repeat, since a new
@@ -22,19 +24,43 @@ def _storage_serial(t):
     return serial
 
 
+def caching():
+    """Whether values may be kept between calls: not while torch.compile traces, as a graph cannot keep Python-side
+    caches, nor under torch.func transforms or forward-mode AD, whose tensors carry what a kept value would drop."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or forward_ad._current_level >= 0)
+
+
 def version_key(*tensors):
-    """(storage serial, data_ptr, version) of each tensor, or None (nothing is cached) where one is an inference
-    tensor, which has no version counter, and while torch.compile traces, as a graph cannot keep Python-side
-    caches. As for autograd, in-place writes that bypass the version counter (through ``.data`` or a numpy view)
-    are not seen."""
-    if torch.compiler.is_compiling():
+    """(storage serial, data_ptr, version, shape, strides) of each tensor, or None (nothing is cached) where one is
+    an inference tensor, which has no version counter, or where ``caching()`` says no. As for autograd, in-place
+    writes that bypass the version counter (through ``.data`` or a numpy view) are not seen."""
+    if not caching():
         return None
     key = []
     for t in tensors:  # one plain loop: on the eval cache's per-call path
         if t.is_inference():
             return None
-        key.append((_storage_serial(t), t.data_ptr(), t._version))
+        key.append((_storage_serial(t), t.data_ptr(), t._version, t.shape, t.stride()))
     return tuple(key)
+
+
+# Fused optimizers (torch.optim's fused=True, transformers' default) write parameters without counting a version:
+# the layers' eval caches are keyed on the number of optimizer steps taken too.
+_optimizer_steps = 0
+
+
+def _count_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps():
+    """How many torch.optim optimizer steps this process has taken."""
+    return _optimizer_steps
 
 
 class TensorCache:

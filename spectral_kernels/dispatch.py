@@ -5,14 +5,15 @@ kernels in csrc/), ``triton``. The choice per call is, in order: the ``backend``
 argument, the ``SPECTRAL_KERNELS_BACKEND`` environment variable, then the fastest
 available one for the tensors' device (a deterministic one under
 torch.use_deterministic_algorithms, see NONDETERMINISTIC). Under torch.func
-transforms (vmap, grad, jacrev, ...) only ``reference`` runs: the kernels have no
-batching or functorch rules.
+transforms (vmap, grad, jacrev, ...) and forward-mode AD (torch.autograd.forward_ad)
+only ``reference`` runs: the kernels have no batching, functorch or forward-mode rules.
 """
 import importlib
 import os
 import warnings
 
 import torch
+from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # Imported here, not at the first call: a first call inside a traced region (torch.compile of an activation
@@ -101,10 +102,10 @@ def select_backend(device, requested=None, method=None):
     backends whose kernels for ``method`` are not deterministic (NONDETERMINISTIC).
     """
     requested = requested or os.environ.get(ENV_BACKEND) or None
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         if requested not in (None, "reference"):
-            raise RuntimeError(f"backend {requested!r} cannot run under torch.func transforms (vmap, grad, ...); "
-                               "backend='reference' can")
+            raise RuntimeError(f"backend {requested!r} cannot run under torch.func transforms (vmap, grad, ...) or "
+                               "forward-mode AD; backend='reference' can")
         return "reference"
     if requested is not None:
         if requested not in BACKENDS:

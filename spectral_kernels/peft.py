@@ -26,27 +26,13 @@ from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
 from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.nn.modules import module as _module
 
 from ._cache import ConcatCache, TensorCache
+from .layers.base import computes_product_only, is_conv1d
 from .ops._autograd import autocast_dtype
 from .ops.fourierft import fourierft_linear
 from .ops.frod import frod_linear
 from .ops.oft import oft_linear, oft_rotate, oft_rotation
-
-
-# The types of a plain dense weight: a parameter, a tensor that torch.func.functional_call put in its place, or its
-# stand-in while torch.export traces. Other tensor subclasses (quantized weights) go to peft's forward.
-_DENSE_WEIGHTS = (nn.Parameter, torch.Tensor, FakeTensor)
-
-
-def _runs_more_than_its_weight(base):
-    """Whether calling ``base`` runs more than its own forward on its weight and bias: hooks (forward or backward,
-    on it or on every module), or a forward set on the instance (accelerate's hooks)."""
-    return bool(base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-                or "forward" in vars(base) or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 def _base_weight(layer, x):
@@ -59,16 +45,13 @@ def _base_weight(layer, x):
     e.g. to fake-quantize its weight); the fused op computes nn.Linear's forward alone.
     """
     base = layer.base_layer
-    conv1d = type(base).__name__ == "Conv1D" and hasattr(base, "nf")
-    if not (type(base).forward is nn.Linear.forward or conv1d) or type(base.weight) not in _DENSE_WEIGHTS:
-        return None
-    if _runs_more_than_its_weight(base):
+    if not computes_product_only(base):
         return None
     if layer.disable_adapters or layer.merged or x.dim() == 0:
         return None
     if x.dtype != base.weight.dtype and autocast_dtype(x) is None:
         return None
-    return (base.weight.t() if conv1d else base.weight), base.bias
+    return (base.weight.t() if is_conv1d(base) else base.weight), base.bias
 
 
 _copies = TensorCache()

@@ -329,3 +329,29 @@ def test_indices_written_after_construction_are_checked(device, backend, bad):
         layer.train(train)
         with pytest.raises(ValueError, match="out of range"):
             layer(x)
+
+
+def test_forward_on_meta_leaves_the_indices():
+    """A forward on the meta device (shape propagation) leaves the indices where they were: they are not in the
+    state dict, so indices moved to meta could not be filled by a later to_empty + load_state_dict."""
+    torch.manual_seed(0)
+    layer = sk.FourierFTLinear(torch.nn.Linear(24, 16), config=sk.FourierFTConfig(n_frequency=20, init_weights=False))
+    x = torch.randn(3, 24)
+    expected, state = layer(x).detach(), layer.state_dict()
+    layer.to("meta")
+    assert layer(x.to("meta")).shape == (3, 16)
+    layer.to_empty(device="cpu").load_state_dict(state)
+    assert_close(layer(x), expected, torch.float32)
+
+
+def test_offloaded_coefficients_raise_where_the_base_layer_is_called():
+    """Coefficients left on meta (accelerate's offload before the adapter was added) raise where the layer calls
+    its base layer as peft's does (here for its hook), as the fused op does: peft's layer computes garbage."""
+    layer = sk.FourierFTLinear(torch.nn.Linear(24, 16), config=sk.FourierFTConfig(n_frequency=20))
+    layer.base_layer.register_forward_hook(lambda module, args, out: out)
+    layer.fourierft_spectrum["default"] = torch.nn.Parameter(layer.fourierft_spectrum["default"].to("meta"))
+    with pytest.raises(RuntimeError, match="different devices"):
+        layer(torch.randn(3, 24))
+    layer.base_layer._forward_hooks.clear()  # the fused op's own check
+    with pytest.raises(RuntimeError, match="different devices"):
+        layer(torch.randn(3, 24))

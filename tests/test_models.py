@@ -2,11 +2,13 @@
 spectral_kernels.inject and through peft + spectral_kernels.peft.swap, against peft itself: logits, gradients,
 the losses of a few optimizer steps, and merging the trained adapters."""
 import copy
+import pickle
 import warnings
 
 import peft
 import pytest
 import torch
+from torch.autograd import forward_ad
 from transformers.pytorch_utils import Conv1D
 
 import spectral_kernels as sk
@@ -136,9 +138,9 @@ class _Doubled(torch.nn.Module):
 
 
 class _OneLayer(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, in_features=24, out_features=16):
         super().__init__()
-        self.proj = torch.nn.Linear(24, 16)
+        self.proj = torch.nn.Linear(in_features, out_features)
 
     def forward(self, x):
         return self.proj(x)
@@ -331,3 +333,223 @@ def test_delta_weight_is_differentiable_like_peft(method, dtype):
     assert grads.keys() == expected_grads.keys() and grads
     for name, grad in grads.items():
         assert_close(grad, expected_grads[name], tolerance)
+
+
+def _fresh(model, x):
+    """``model(x)`` with autograd on: the fused op, never the eval cache."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_sees_writes_without_versions(method):
+    """Writes that skip version counters: a fused optimizer step (torch.optim's fused=True, transformers'
+    default) is seen with the layer in eval mode throughout and with training in between (OFT kept its rotations
+    across both); a write through .data is seen once the layer trained or the cache was turned off, as the
+    README advises (turning it off dropped nothing, and OFT kept its rotations in training)."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    layer, x = model.proj, torch.randn(5, 24)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+    for train_between in (False, True):
+        with torch.no_grad():
+            before = model(x)
+        model.train(train_between)
+        with torch.no_grad():
+            model(x)
+        model(x).square().sum().backward()
+        versions = [p._version for p in params]
+        optimizer.step()
+        assert [p._version for p in params] == versions  # what the cache cannot see by versions
+        optimizer.zero_grad()
+        model.eval()
+        expected = _fresh(model, x)
+        assert not torch.allclose(expected, before)
+        with torch.no_grad():
+            assert_close(model(x), expected, torch.float32)
+    for way in ("train", "cache off"):
+        with torch.no_grad():
+            model(x)
+            if way == "train":
+                model.train()
+                model(x)
+            else:
+                layer.cache_effective_weight = False
+            for p in params:
+                p.data.mul_(1.5)
+            model.eval()
+            layer.cache_effective_weight = True
+            expected = _fresh(model, x)
+            assert_close(model(x), expected, torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_keys(method):
+    """What the eval weight depends on besides the tensors' versions: their layout (a square weight and its
+    transpose share storage, address and version), autocast's dtype (FRoD kept a bfloat16 weight for float32
+    calls after an autocast call, and refused them), and OFT's Cayley settings."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(16, 16), CONFIGS[method](["proj"])).eval()
+    layer, x = model.proj, torch.randn(5, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            model(x)  # the eval weight built under autocast
+        assert_close(model(x), _fresh(model, x), torch.float32)
+        transposed = {"proj.base_layer.weight": layer.base_layer.weight.detach().t()}
+        assert_close(torch.func.functional_call(model, transposed, (x,)),
+                     _fresh(lambda v: torch.func.functional_call(model, transposed, (v,)), x), torch.float32)
+        if method == "oft":
+            rotation = layer.oft_R["default"]
+            for setting, value in (("num_cayley_neumann_terms", 2), ("use_cayley_neumann", False)):
+                setattr(rotation, setting, value)
+                assert_close(model(x), _fresh(model, x), torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_forward_mode_ad(method):
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) through a layer gives the directional
+    derivative in every mode, as through peft's layers: under no_grad the ops' bare forward dropped the tangents
+    and the eval cache the parameters' (silently), or failed on torch.func's wrapped tensors. Against central
+    differences, in float64. FRoD's sparse products fail loudly where peft's do."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer().double(), CONFIGS[method](["proj"]))
+    params = dict(model.named_parameters())
+    name, param = next((n, p.detach()) for n, p in params.items() if p.requires_grad)
+    x, tx, tp = torch.randn(5, 24, dtype=torch.float64), torch.randn(5, 24, dtype=torch.float64), torch.randn_like(param)
+
+    def f(x, p):
+        return torch.func.functional_call(model, {**params, name: p}, (x,))
+
+    def dual():
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(f(forward_ad.make_dual(x, tx), forward_ad.make_dual(param, tp))).tangent
+
+    eps = 1e-6
+    with torch.no_grad():
+        expected = (f(x + eps * tx, param + eps * tp) - f(x - eps * tx, param - eps * tp)) / (2 * eps)
+    for training in (True, False):
+        model.train(training)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                for jvp in (lambda: torch.func.jvp(f, (x, param), (tx, tp))[1], dual):
+                    try:
+                        tangent = jvp()
+                    except NotImplementedError as error:
+                        # peft's sparse products have no forward-mode formula (peft's layer fails too); the
+                        # dense eval weight has one
+                        assert method == "frod" and "forward AD" in str(error)
+                        continue
+                    assert_close(tangent, expected, torch.float32)
+
+
+ADAPTER_PARAMETER = {"fourierft": ("fourierft_spectrum", "default"), "oft": ("oft_R.default", "weight"),
+                     "frod": ("frod_lambda_l", "default")}
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_parametrized_adapter_parameter(method):
+    """An adapter parameter under torch.nn.utils.parametrize is used as its parametrization computes it, as in
+    peft: FourierFT's layer left the adapter out (silently) and FRoD's failed."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"]))
+    doubled = copy.deepcopy(model)
+    table, name = ADAPTER_PARAMETER[method]
+    with torch.no_grad():
+        getattr(doubled.proj.get_submodule(table), name).mul_(2)
+    torch.nn.utils.parametrize.register_parametrization(model.proj.get_submodule(table), name, _Doubled())
+    x = torch.randn(5, 24)
+    for training in (True, False):
+        model.train(training)
+        doubled.train(training)
+        assert_close(model(x), doubled(x), torch.float32)
+        with torch.no_grad():
+            assert_close(model(x), doubled(x), torch.float32)
+
+
+class _Halved(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) / 2
+
+
+def _hooked(model):
+    model.proj.register_forward_hook(lambda module, args, out: 3 * out)
+    return model
+
+
+def _weight_norm(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.nn.utils.weight_norm(model.proj)
+    return model
+
+
+@pytest.mark.parametrize("case", [_hooked, _weight_norm, lambda m: m], ids=["hook", "weight_norm", "subclass"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_base_layer_called_like_peft(method, case):
+    """Where calling the base layer does more than its product (a hook, weight_norm's recomputation, an nn.Linear
+    subclass's own forward), FourierFT's and OFT's layers call it as peft's do (they used to compute the product
+    alone); FRoD's replaces it, as peft's does. The same outputs and gradients as peft's layers."""
+    def base():  # weight_norm's modules cannot be deep-copied
+        torch.manual_seed(0)
+        model = _OneLayer()
+        if case.__name__ == "<lambda>":
+            model.proj = _Halved(24, 16)
+        return case(model)
+
+    config = CONFIGS[method](["proj"])
+    theirs = peft.get_peft_model(base(), peft_config(config)).base_model.model
+    ours = sk.inject(base(), config)
+    ours.load_state_dict(theirs.state_dict(), strict=False)
+    for model in (ours, theirs):
+        if case is _weight_norm:
+            with torch.no_grad():
+                model.proj.base_layer.weight_g.mul_(2)
+    x = torch.randn(5, 24)
+    results = []
+    for model in (ours, theirs):
+        y = model(x.requires_grad_())
+        trained = [p for p in model.parameters() if p.requires_grad]
+        results.append((y.detach(), torch.autograd.grad(y.square().sum(), [x, *trained])))
+        with torch.no_grad():
+            assert_close(model.eval()(x), y, torch.float32)
+    (y, grads), (expected, expected_grads) = results
+    assert_close(y, expected, torch.float32)
+    assert len(grads) == len(expected_grads)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_copies_leave_the_eval_cache_behind(method):
+    """Pickles and copies of a layer do not carry its eval weight (a copy of the base weight), and compute the
+    same."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    x = torch.randn(5, 24)
+    size = len(pickle.dumps(model))
+    with torch.no_grad():
+        expected = model(x)
+        assert len(pickle.dumps(model)) == size
+        assert_close(copy.deepcopy(model)(x), expected, torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_fsdp_flat_parameters(method, tmp_path):
+    """FSDP (use_orig_params=False, its default) puts plain tensors in the parameters' place while they are
+    unsharded: FourierFT's and FRoD's layers read their tables' registries alone and left the adapter out."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).requires_grad_(False)
+    x = torch.randn(5, 24)
+    expected = model(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = FullyShardedDataParallel(model, device_id=torch.device("cpu"))(x)
+    finally:
+        dist.destroy_process_group()
+    assert_close(y, expected, torch.float32)

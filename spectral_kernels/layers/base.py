@@ -7,8 +7,10 @@ import warnings
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.modules import module as _module
 
-from .._cache import version_key
+from .._cache import caching, optimizer_steps, version_key
 from ..ops._autograd import autocast_dtype, check_input
 
 
@@ -16,11 +18,34 @@ def base_weight_and_layout(base_layer):
     """(in_features, out_features, fan_in_fan_out) of an nn.Linear or transformers Conv1D."""
     if isinstance(base_layer, nn.Linear):
         return base_layer.in_features, base_layer.out_features, False
-    if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
+    if is_conv1d(base_layer):
         in_features, out_features = base_layer.weight.shape
         return in_features, out_features, True
     raise TypeError(f"Unsupported layer type {type(base_layer).__module__}.{type(base_layer).__qualname__}: "
                     "only torch.nn.Linear and transformers' Conv1D can be adapted")
+
+
+# The types of a plain dense weight: a parameter, a tensor that torch.func.functional_call put in its place, or its
+# stand-in while torch.export traces. Other tensor subclasses (quantized weights) are left to the base layer's call.
+_DENSE_WEIGHTS = (nn.Parameter, torch.Tensor, FakeTensor)
+
+
+def is_conv1d(layer):
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+
+
+def computes_product_only(base):
+    """Whether calling ``base``, an nn.Linear or transformers Conv1D, computes its product with its dense weight and
+    bias and nothing more, as the fused ops do: no hooks (forward or backward, its own or global ones), no forward
+    of its own (an nn.Linear subclass's, or one set on the instance, as accelerate's hooks do), no quantized
+    weight. Where it does more, the layers call it, as peft's layers do."""
+    if not (type(base).forward is nn.Linear.forward or is_conv1d(base)):
+        return False
+    if type(member(base, "_parameters", "weight")) not in _DENSE_WEIGHTS:
+        return False
+    return not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+                or "forward" in vars(base) or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 def member(module, kind, name):
@@ -34,8 +59,14 @@ def member(module, kind, name):
 
 def adapter_entries(layer, table, kind):
     """The tensors or modules by adapter name of ``layer.<table>`` (a ParameterDict, BufferDict or ModuleDict;
-    ``kind`` as for member), read as member reads them."""
-    return member(layer, "_modules", table).__dict__[kind]
+    ``kind`` as for member), read as member reads them; where the registry lacks some, by attribute lookup, as the
+    table's own indexing reads them: a parametrized parameter (torch.nn.utils.parametrize) is a property, and
+    FSDP (use_orig_params=False) puts plain tensors in the parameters' place."""
+    module = member(layer, "_modules", table)
+    entries = module.__dict__[kind]
+    if len(entries) != len(module):
+        entries = {name: getattr(module, name) for name in module.keys()}
+    return entries
 
 
 def warn_new_active_adapter(deleted, new):
@@ -50,10 +81,11 @@ class AdapterLayer(nn.Module):
     Eval cache: in eval mode without autograd a layer runs one GEMM with its effective
     weight (base and adapters folded together), built on the first call and reused
     until a tensor it was built from changes (its key holds their versions, so in-place
-    optimizer steps count; writes through ``.data`` bypass versions, as for autograd). It
+    writes count, and the count of optimizer steps, as fused optimizers write without
+    counting a version; writes through ``.data`` bypass versions, as for autograd). It
     holds one more copy of the base weight, is dropped when the layer goes back to
-    training, and ``cache_effective_weight = False`` turns it off (eval calls then run the
-    fused op, and OFT rebuilds its rotations without autograd too).
+    training, and ``cache_effective_weight = False`` drops it and turns it off (eval calls
+    then run the fused op, and OFT rebuilds its rotations without autograd too).
     """
 
     adapter_layer_names: tuple = ()
@@ -66,8 +98,26 @@ class AdapterLayer(nn.Module):
         self._active_adapter = []
         self.merged_adapters = []
         self._disable_adapters = False
-        self.cache_effective_weight = True
+        self._cache_enabled = True
         self._cache = None
+
+    @property
+    def cache_effective_weight(self):
+        return self._cache_enabled
+
+    @cache_effective_weight.setter
+    def cache_effective_weight(self, enabled):
+        self._cache_enabled = bool(enabled)
+        self._drop_caches()
+
+    def _drop_caches(self):
+        """Forget what the eval cache holds."""
+        self._cache = None
+
+    def __getstate__(self):  # copies and pickles of a layer leave its cache behind
+        state = super().__getstate__()
+        state["_cache"] = None
+        return state
 
     @property
     def active_adapters(self):
@@ -118,7 +168,7 @@ class AdapterLayer(nn.Module):
         for entries in tables:
             if adapter_name in entries:  # tables shared between layers (FRoD's projections) go once
                 del entries[adapter_name]
-        self._cache = None
+        self._drop_caches()
         if adapter_name not in self._active_adapter:
             return
         # As peft: the other active adapters stay active (and trainable), else the first remaining name in sorted order.
@@ -140,7 +190,7 @@ class AdapterLayer(nn.Module):
 
     def train(self, mode=True):
         if mode:
-            self._cache = None
+            self._drop_caches()
         return super().train(mode)
 
     def forward(self, x, *args, **kwargs):
@@ -149,24 +199,25 @@ class AdapterLayer(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _eval_cache_applies(self, x):
-        # Not in traced graphs, which run the fused op instead (they cannot keep the cache between calls).
-        return (self.cache_effective_weight and not self.training and not torch.is_grad_enabled() and x.dim()
-                and not torch.compiler.is_compiling())
+        # Where nothing can be cached (traced graphs, torch.func, forward-mode AD) the fused op runs instead.
+        return self._cache_enabled and not self.training and not torch.is_grad_enabled() and x.dim() and caching()
 
     def _cached_linear(self, op, x, bias, tensors, extra, build):
         """x W_eff^T + bias with the eval cache's effective weight W_eff, which ``build()`` makes when one of
-        ``tensors`` (those it is computed from) was replaced or modified in place, or ``extra`` changed (not kept
-        for inference tensors); x gets the checks the fused op ``op``, which the cache skips, would make."""
+        ``tensors`` (those it is computed from) was replaced or modified in place, an optimizer stepped, or
+        ``extra`` or autocast's dtype changed (not kept for inference tensors); x gets the checks the fused op
+        ``op``, which the cache skips, would make."""
         check_input(op, x, self.in_features)
         key = version_key(*tensors)
         if key is None:
             weight = build()
         else:
-            key += (extra,)
-            if self._cache is None or self._cache[0] != key:
+            key += (extra, autocast_dtype(x), optimizer_steps())
+            cache = self._cache  # read once: another thread may replace it
+            if cache is None or cache[0] != key:
                 self._cache = None  # drop the old one before building the new one
-                self._cache = (key, build())
-            weight = self._cache[1]
+                cache = self._cache = (key, build())
+            weight = cache[1]
         if x.device != weight.device:
             raise RuntimeError(f"{op}: tensors on different devices: x on {x.device}, the layer on {weight.device}")
         if x.dtype != weight.dtype and autocast_dtype(x) is None:

@@ -5,7 +5,7 @@ from torch import nn
 from .._cache import ConcatCache
 from ..config import FourierFTConfig
 from ..ops.fourierft import fourierft_delta_weight, fourierft_linear
-from .base import AdapterLayer, adapter_entries
+from .base import AdapterLayer, adapter_entries, computes_product_only
 
 
 def fourierft_indices(out_features, in_features, n_frequency, random_loc_seed):
@@ -60,7 +60,9 @@ class FourierFTLinear(AdapterLayer):
         """The indices of ``adapter`` on the device of its ``spectrum``."""
         indices, device = self.indices[adapter], spectrum.device
         if indices.device != device:  # the layer was moved: follow the spectrum
-            indices = self.indices[adapter] = indices.to(device)
+            indices = indices.to(device)
+            if device.type != "meta":  # kept on their device: they are not in the state dict that fills the layer later
+                self.indices[adapter] = indices
         return indices
 
     def delta_weight(self, adapter):
@@ -100,6 +102,12 @@ class FourierFTLinear(AdapterLayer):
         if terms is None:
             return base_layer(x, *args, **kwargs)
         spectrum, indices, scaling, (sources, scalings) = terms
+        if args or kwargs or not computes_product_only(base_layer):  # peft's forward: base_layer(x) + x dW^T
+            if spectrum.device != x.device:  # coefficients that accelerate offloaded: peft would compute garbage
+                raise RuntimeError(f"fourierft_linear: tensors on different devices: x on {x.device}, the "
+                                   f"coefficients on {spectrum.device}")
+            delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling, self.backend)
+            return base_layer(x, *args, **kwargs) + nn.functional.linear(x.to(delta.dtype), delta)
         weight, bias = self._weight(), self._bias()
         if self._eval_cache_applies(x):
             return self._cached_linear("fourierft_linear", x, bias, (*sources, weight), scalings,

@@ -135,6 +135,9 @@ class BufferDict(nn.Module):
     def __iter__(self):
         return iter(self._buffers)
 
+    def __len__(self):
+        return len(self._buffers)
+
     def keys(self):
         return self._buffers.keys()
 

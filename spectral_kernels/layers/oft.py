@@ -5,11 +5,11 @@ import warnings
 import torch
 from torch import nn
 
-from .._cache import version_key
+from .._cache import optimizer_steps, version_key
 from ..config import OFTConfig
 from ..kernels.reference import oft as reference
 from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
-from .base import AdapterLayer, adapter_entries, member
+from .base import AdapterLayer, adapter_entries, computes_product_only, member
 
 
 def adjust_oft_parameters(in_features, params):
@@ -78,9 +78,8 @@ class OFTRotation(nn.Module):
 class OFTLinear(AdapterLayer):
     """Wraps an nn.Linear or transformers Conv1D; parameters ``oft_R.<adapter>.weight`` as in peft.
 
-    Without autograd, each adapter's rotation blocks are kept until its parameters
-    change (tracked by tensor versions, so in-place optimizer steps invalidate them);
-    in eval mode W·blockdiag(R)^T comes from the eval cache (see AdapterLayer).
+    In eval mode without autograd, each adapter's rotation blocks and W·blockdiag(R)^T
+    come from the eval cache (see AdapterLayer).
     """
 
     adapter_layer_names = ("oft_R",)
@@ -109,21 +108,25 @@ class OFTLinear(AdapterLayer):
         self.r[adapter_name], self.oft_block_size[adapter_name] = r, block_size
         self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
-    def _drop_adapter(self, adapter_name):
-        super()._drop_adapter(adapter_name)
-        self._rotations.pop(adapter_name, None)
+    def _drop_caches(self):
+        super()._drop_caches()
+        self._rotations = {}
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_rotations": {}}
 
     def _rotation(self, name):
-        """(key, R) of adapter ``name``: R differentiable with autograd on (key None), else cached
-        under the parameters' version."""
+        """(key, R) of adapter ``name``: R differentiable with autograd on or in training (key None), else
+        cached as the eval cache is (see AdapterLayer)."""
         module = adapter_entries(self, "oft_R", "_modules")[name]
-        if torch.is_grad_enabled() or module.coft or not self.cache_effective_weight:
+        if torch.is_grad_enabled() or self.training or module.coft or not self._cache_enabled:
             return None, module.rotation(backend=self.backend)
         params = member(module, "_parameters", "weight")
         versions = version_key(params)
         if versions is None:
             return None, module.rotation(backend=self.backend)
-        key = (name, versions, params.dtype, params.device)
+        key = (name, versions, params.dtype, params.device, module.use_cayley_neumann,
+               module.num_cayley_neumann_terms, optimizer_steps())
         cached = self._rotations.get(name)
         if cached is None or cached[0] != key:
             self._rotations[name] = cached = (key, module.rotation(backend=self.backend))
@@ -192,6 +195,12 @@ class OFTLinear(AdapterLayer):
         if not names:
             return self._base_layer()(x, *args, **kwargs)
         keys, rotations = zip(*[self._rotation(n) for n in names])
+        base_layer = self._base_layer()
+        if args or kwargs or not computes_product_only(base_layer):  # peft's forward: base_layer(x rotated)
+            dtype = x.dtype
+            for rot in rotations:
+                x = oft_rotate(x, rot, self.backend)
+            return base_layer(x.to(dtype), *args, **kwargs)
         weight, bias = self._weight(), self._bias()
         if None not in keys and self._eval_cache_applies(x):  # all the rotations folded into the weight
             return self._cached_linear("oft_linear", x, bias, (weight,), keys, lambda: self._rotate_weight(*rotations))
