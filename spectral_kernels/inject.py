@@ -743,13 +743,16 @@ def _model_key(key, adapter_name, layers, wrappers, attributes):
 
 
 def _config_json(model, config, method):
-    fields = dataclasses.asdict(config)
-    if isinstance(fields["target_modules"], (set, list)):
+    """adapter_config.json's text as peft writes it: sets as lists, and, with no task_type, the model's class in
+    auto_mapping (peft's AutoPeftModel reads it)."""
+    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in dataclasses.asdict(config).items()}
+    if isinstance(fields["target_modules"], list):
         fields["target_modules"] = sorted(fields["target_modules"])
     model_config = getattr(model, "config", None)
-    return {**fields, "peft_type": method.peft_type, "peft_version": PEFT_FORMAT_VERSION, "task_type": None,
-            "inference_mode": True,
-            "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None}
+    fields = {**fields, "peft_type": method.peft_type, "peft_version": PEFT_FORMAT_VERSION, "task_type": None,
+              "inference_mode": True, "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
+              "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}}
+    return json.dumps(fields, indent=2, sort_keys=True)
 
 
 def save_adapter(model, save_directory, adapter_name="default"):
@@ -765,16 +768,30 @@ def save_adapter(model, save_directory, adapter_name="default"):
                                              for _, layer in _adapter_layers(model)):
         warnings.warn(f"adapter {adapter_name!r} adapts transformers Conv1D layers with OFT, which peft's OFT does "
                       "not take: peft cannot load what is saved here (spectral_kernels.load_adapter can)")
-    os.makedirs(save_directory, exist_ok=True)
+    text, state = _config_json(model, config, _method(config)), _adapter_state_dict(model, adapter_name)
+    os.makedirs(save_directory, exist_ok=True)  # written once both are ready: a failure leaves no half-saved adapter
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-        json.dump(_config_json(model, config, _method(config)), f, indent=2, sort_keys=True)
-    save_file(_adapter_state_dict(model, adapter_name), os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME),
-              metadata={"format": "pt"})
+        f.write(text)
+    save_file(state, os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _check_oft_fields(directory, fields):
+    """peft's checks of a saved OFT config (OFTConfig.check_kwargs): peft 0.14 changed OFT, and 0.18 its
+    Neumann series (peft_version is written since 0.18)."""
+    if "oft_block_size" not in fields:
+        raise ValueError(f"{directory}: an OFT adapter saved by peft before 0.14.0, whose OFT was another method: "
+                         "retrain it with a newer peft (peft 0.13 loads it)")
+    version = re.match(r"(\d+)\.(\d+)", fields.get("peft_version") or "0.0")
+    if fields.get("use_cayley_neumann") and tuple(map(int, version.groups())) < (0, 18):
+        warnings.warn(f"{directory}: an OFT adapter saved by peft before 0.18.0, whose Cayley-Neumann "
+                      "parameterization differed slightly: retrain it with a newer peft (peft 0.17 runs it as saved)")
 
 
 def _read_adapter(directory):
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         fields = json.load(f)
+    if fields.get("peft_type") == METHODS[OFTConfig].peft_type:
+        _check_oft_fields(directory, fields)
     config = _config_from_fields(fields.get("peft_type"), fields)
     if config is None:
         raise ValueError(f"{directory}: peft_type {fields.get('peft_type')!r} is not one of "
@@ -828,7 +845,11 @@ def _load_adapter_weights(model, directory, adapter_name, weights):
         warnings.warn(f"{directory}: the saved adapter's FRoD projections {unused[:3]} are not loaded (its config "
                       "has save_projection=False, or no layer here is in their category); the model's are used")
         state = {k: v for k, v in state.items() if k not in unused}
-    unexpected = sorted(k for k in state if k not in own)
+    # peft's bias="all" saves every tensor named "bias", a modules_to_save wrapper's inner ones too, which peft's
+    # loading leaves unused (the wrapper's own entries hold the copy): so does this one (strict=False below).
+    inner = tuple(f"{w}.modules_to_save.{adapter_name}.{part}." for w in wrappers
+                  for part in ("modules_to_save", "original_module"))
+    unexpected = sorted(k for k in state if k not in own and not (k.startswith(inner) and "bias" in k))
     if unexpected:
         raise ValueError(f"{directory}: the saved adapter has tensors the model does not: {unexpected[:5]}")
     missing = sorted(set(_adapter_state_dict(model, adapter_name)) - set(weights))

@@ -515,6 +515,35 @@ def test_saved_config_records_the_layout_as_peft(tmp_path, model, config):
     assert ours["fan_in_fan_out"] is theirs["fan_in_fan_out"] is (model is gpt2)
 
 
+def test_saved_config_loads_through_peft_s_auto_classes(tmp_path):
+    """A config holding a set (peft's configs make exclude_modules one) is saved as peft saves it (json.dump
+    failed half way through the file), with the model's class in auto_mapping, which peft's AutoPeftModel reads."""
+    llama().save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    config = peft.FourierFTConfig(n_frequency=16, target_modules=["q_proj", "v_proj"], init_weights=False,
+                                  exclude_modules=["model.layers.0.self_attn.q_proj"])
+    assert isinstance(config.exclude_modules, set)
+    sk.save_adapter(sk.inject(model, config), tmp_path / "ours")
+    ids = tokens(model)
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert_close(loaded(ids).logits, model(ids).logits, torch.float32)
+    assert not isinstance(loaded.get_submodule("base_model.model.model.layers.0.self_attn.q_proj"), BaseTunerLayer)
+
+
+def test_loads_peft_s_bias_all_with_modules_to_save(tmp_path):
+    """peft's bias="all" saves the biases inside a modules_to_save wrapper too, which its loading leaves unused:
+    load_adapter refused such checkpoints (every SEQ_CLS adapter with bias="all")."""
+    theirs = peft.get_peft_model(bert(), peft.FourierFTConfig(n_frequency=16, target_modules=["query", "value"],
+                                                              bias="all", task_type="SEQ_CLS", init_weights=False))
+    with torch.no_grad():
+        for param in theirs.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    ids = tokens(theirs)
+    assert_close(sk.load_adapter(bert(), tmp_path)(ids).logits, theirs.eval()(ids).logits, torch.float32)
+
+
 def two_adapters(make, first, second):
     """(ours, peft's model, peft's state dict under our keys) for adapters "default" (``first``) and "other"
     (``second``) on models from ``make``, each built from the same global RNG state."""
@@ -983,3 +1012,19 @@ def test_falcon_adds_into_the_layer_outputs_in_place(config):
     assert own.keys() == expected.keys() and own
     for name, grad in own.items():
         assert_close(grad, expected[name], torch.float32)
+
+
+def test_old_oft_checkpoints_as_peft(tmp_path):
+    """peft's checks of saved OFT configs: one without oft_block_size (before peft 0.14, another OFT) raises,
+    one with use_cayley_neumann saved before 0.18 (another series) warns; load_adapter loaded both silently."""
+    model = sk.inject(llama(1), sk.OFTConfig(oft_block_size=8, target_modules=["q_proj"]))
+    sk.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    path.write_text(json.dumps({**fields, "use_cayley_neumann": True, "peft_version": "0.17.1"}))
+    with pytest.warns(UserWarning, match="before 0.18.0"):
+        sk.load_adapter(llama(1), tmp_path)
+    del fields["oft_block_size"]
+    path.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match="before 0.14.0"):
+        sk.load_adapter(llama(1), tmp_path)
