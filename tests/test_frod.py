@@ -353,3 +353,23 @@ def test_native_kernels_reject_bad_arguments(device, backend):
                   ("different devices", lambda: native.mix_backward(g.cpu(), x[:4], coef, ptr, src, perm, True)),
                   ("different devices", lambda: native.mix_backward(g, x[:4], coef, ptr, src, perm.cpu(), True))]
     assert_raises_all(cases)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_weight_path_float16_gradients_stay_in_range(device, backend):
+    """The weight path's U^T dy^T x sums over tokens before sampling: in float16 it overflowed (under a loss scale
+    of 1000 here) where the exact gradients of lambda and S (float32 parameters, as peft keeps them in a float16
+    model), peft's and the factored path's are finite."""
+    (x, u, v, lam, s, _), _, indices = make_case(16, 16, 25, (256,), torch.float64, device)
+    x, u, v = (x + 1).half(), u.half(), v.half()  # activations with a mean, as after a GELU
+    grad_out = 1000 * torch.randn(256, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for fn, args in ((sk.frod_linear, (x, u, v, lam.float(), s.float())),
+                     (reference.frod_linear, [t.double() for t in (x, u, v, lam, s)])):
+        lam_, s_ = (t.detach().requires_grad_() for t in args[3:])
+        kwargs = {"backend": backend, "path": "weight"} if fn is sk.frod_linear else {}
+        y = fn(*args[:3], lam_, s_, indices, None, **kwargs)
+        results.append(torch.autograd.grad(y, (lam_, s_), grad_out.to(device, y.dtype)))
+    for got, exact in zip(*results):
+        assert torch.isfinite(got).all()
+        assert (got.double() - exact).abs().max() <= 1e-2 * exact.abs().max()

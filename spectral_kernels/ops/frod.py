@@ -123,8 +123,11 @@ def _backward_body(dy, x, state, u, v, lam, s_values, s_indices, backend, path, 
         if need_dx:
             dx = dy2 @ state
         if need_dlam or need_ds:
-            udw = u.t() @ (dy2.t() @ x.reshape(-1, n))
-            dcoef = k.mix_backward(udw, _v_t(v, dtype), coef, *plan_t, False)[1]
+            # U^T dy^T x sums over tokens what the factored path samples first: in float32 for float16, whose range
+            # it would leave where peft's gradients and the factored path's do not (bfloat16 has float32's range).
+            wide = torch.float32 if dtype == torch.float16 else dtype
+            udw = u.to(wide).t() @ (dy2.t().to(wide) @ x.reshape(-1, n).to(wide))
+            dcoef = k.mix_backward(udw, _v_t(v, wide), coef, *plan_t, False)[1]
     elif need_dx or need_dlam or need_ds:
         dz_t, dcoef = k.mix_backward(torch.mm(u.t(), dy2.t()), state, coef, *plan_t, need_dx)
         if need_dx:
