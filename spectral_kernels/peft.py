@@ -25,6 +25,7 @@ import torch
 from peft.tuners.fourierft.layer import FourierFTLinear as PeftFourierFTLinear
 from peft.tuners.frod.layer import Linear as PeftFrodLinear
 from peft.tuners.oft.layer import Linear as PeftOFTLinear
+from peft.tuners.oft.layer import OFTRotationModule
 from torch import nn
 
 from ._cache import ConcatCache, TensorCache
@@ -106,7 +107,11 @@ class SwappedOFTLinear(PeftOFTLinear):
 
     def forward(self, x, *args, **kwargs):
         names = [n for n in self.active_adapters if n in self.oft_R]
-        base = None if args or kwargs or not names else _base_weight(self, x)
+        # peft calls each rotation module: one wrapped (an FSDP unit of peft's fsdp_auto_wrap_policy, which gathers
+        # its parameter in the call) or hooked does more there than _rotation's read of its weight.
+        plain = all(type(m) is OFTRotationModule and not (m._forward_hooks or m._forward_pre_hooks)
+                    for m in (self.oft_R[n] for n in names))
+        base = None if args or kwargs or not names or not plain else _base_weight(self, x)
         if base is None:
             return super().forward(x, *args, **kwargs)
         weight, bias = base

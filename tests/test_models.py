@@ -553,3 +553,43 @@ def test_fsdp_flat_parameters(method, tmp_path):
     finally:
         dist.destroy_process_group()
     assert_close(y, expected, torch.float32)
+
+
+def _fsdp_oft_losses(rank, store, use_orig_params, out):
+    """One of two ranks of test_fsdp_units_of_oft_rotations: the losses of peft's, the swapped and the injected
+    model, each wrapped by peft's fsdp_auto_wrap_policy."""
+    import torch.distributed as dist
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    config = CONFIGS["oft"](["query", "value"])
+    theirs = peft.get_peft_model(bert(), peft_config(config))
+    swapped = swap(copy.deepcopy(theirs))
+    ours = sk.inject(bert(), config)
+    ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items()})
+    inputs = batch(ours)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    losses = []
+    for model in (theirs, swapped, ours):
+        wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params,
+                                           auto_wrap_policy=fsdp_auto_wrap_policy(model))
+        loss = wrapped(**inputs).loss
+        loss.backward()
+        losses.append(loss.detach())
+    dist.destroy_process_group()
+    if rank == 0:
+        torch.save(losses, out)
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp_units_of_oft_rotations(use_orig_params, tmp_path):
+    """peft's fsdp_auto_wrap_policy makes each OFT rotation module an FSDP unit, which gathers its parameter when
+    called: swapped and injected layers read it without calling it (sharded over two ranks) and failed; they get
+    peft's loss now."""
+    torch.multiprocessing.spawn(_fsdp_oft_losses, args=(tmp_path / "store", use_orig_params, tmp_path / "losses"),
+                                nprocs=2)
+    theirs, swapped, ours = torch.load(tmp_path / "losses")
+    assert_close(swapped, theirs, torch.float32)
+    assert_close(ours, theirs, torch.float32)

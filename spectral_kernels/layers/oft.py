@@ -56,8 +56,9 @@ class OFTRotation(nn.Module):
         self.use_cayley_neumann = config.use_cayley_neumann
         self.num_cayley_neumann_terms = config.num_cayley_neumann_terms
 
-    def rotation(self, params=None, backend=None):
-        """Rotation blocks R (n, b, b) of ``weight``, or of ``params``, ``weight`` cast for merging.
+    def forward(self, params=None, backend=None):
+        """Rotation blocks R (n, b, b) of ``weight``, or of ``params``, ``weight`` cast for merging. A forward, called
+        as peft's layer calls its rotation modules: their hooks run (FSDP's units gather the weight there).
 
         With COFT the parameters are first projected and the projection written back
         into ``weight``, as peft does on every forward and merge (in a merge, as in
@@ -120,16 +121,16 @@ class OFTLinear(AdapterLayer):
         cached as the eval cache is (see AdapterLayer)."""
         module = adapter_entries(self, "oft_R", "_modules")[name]
         if torch.is_grad_enabled() or self.training or module.coft or not self._cache_enabled:
-            return None, module.rotation(backend=self.backend)
+            return None, module(backend=self.backend)
         params = member(module, "_parameters", "weight")
         versions = version_key(params)
         if versions is None:
-            return None, module.rotation(backend=self.backend)
+            return None, module(backend=self.backend)
         key = (name, versions, params.dtype, params.device, module.use_cayley_neumann,
                module.num_cayley_neumann_terms, optimizer_steps())
         cached = self._rotations.get(name)
         if cached is None or cached[0] != key:
-            self._rotations[name] = cached = (key, module.rotation(backend=self.backend))
+            self._rotations[name] = cached = (key, module(backend=self.backend))
         return cached
 
     def _merge_rotation(self, name):
@@ -138,8 +139,8 @@ class OFTLinear(AdapterLayer):
         module = self.oft_R[name]
         params = module.weight
         if params.device.type == "cpu" and params.dtype in (torch.float16, torch.bfloat16):
-            return module.rotation(params.float(), self.backend).to(params.dtype)
-        return module.rotation(params, self.backend)
+            return module(params.float(), self.backend).to(params.dtype)
+        return module(params, self.backend)
 
     def delta_weight(self, adapter):
         """peft's get_delta_weight: the dense blockdiag(R) (in_features, in_features) that merging applies."""
