@@ -13,9 +13,10 @@ that is not a plain nn.Linear / Conv1D (another method's peft layer in a mixed m
 subclass with a forward of its own), has hooks (accelerate's too, and global module
 hooks) or a weight of another tensor type (quantized), an input dtype other than the
 base weight's outside torch.autocast (peft then casts; the fused ops take the base
-layer's dtype, or autocast's for both), and for FRoD several active adapters or active
-dropout. Like peft's, a swapped layer returns its input's dtype. Layers that
-``add_adapter`` creates later are peft's own until the next ``swap``.
+layer's dtype, or autocast's for both), for OFT a rotation module that is wrapped (FSDP)
+or hooked, and for FRoD several active adapters or active dropout. Like peft's, a swapped
+layer returns its input's dtype. Layers that ``add_adapter`` creates later are peft's own
+until the next ``swap``.
 
 Importing this module imports peft; ``import spectral_kernels`` does not.
 """
