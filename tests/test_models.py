@@ -416,7 +416,8 @@ def test_forward_mode_ad(method):
     model = sk.inject(_OneLayer().double(), CONFIGS[method](["proj"]))
     params = dict(model.named_parameters())
     name, param = next((n, p.detach()) for n, p in params.items() if p.requires_grad)
-    x, tx, tp = torch.randn(5, 24, dtype=torch.float64), torch.randn(5, 24, dtype=torch.float64), torch.randn_like(param)
+    x, tx = torch.randn(5, 24, dtype=torch.float64), torch.randn(5, 24, dtype=torch.float64)
+    tp = torch.randn_like(param)
 
     def f(x, p):
         return torch.func.functional_call(model, {**params, name: p}, (x,))

@@ -106,7 +106,8 @@ class FourierFTLinear(AdapterLayer):
             if spectrum.device != x.device:  # coefficients that accelerate offloaded: peft would compute garbage
                 raise RuntimeError(f"fourierft_linear: tensors on different devices: x on {x.device}, the "
                                    f"coefficients on {spectrum.device}")
-            delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling, self.backend)
+            delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling,
+                                           self.backend)
             return base_layer(x, *args, **kwargs) + nn.functional.linear(x.to(delta.dtype), delta)
         weight, bias = self._weight(), self._bias()
         if self._eval_cache_applies(x):
