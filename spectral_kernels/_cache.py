@@ -1,66 +1,65 @@
 """Caches keyed on tensor versions: what the ops and layers keep between calls (FRoD's sparse plans, V^T and
 LU factors, the layers' eval-mode weights) is rebuilt when a tensor it came from is replaced or modified in
-place (optimizer steps included)."""
+place (torch.optim steps included, fused ones too)."""
 import itertools
 
 import torch
 from torch.autograd import forward_ad
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-# A serial number per storage, never reused: an address and a version count alone can repeat, since a new
-# tensor (load_state_dict(assign=True), Module.half().float()) may get the freed memory of the one a cache
-# was built from, at version 0 or at the version its Parameter kept.
+# Per storage, [serial, optimizer steps]. The serial is never reused: an address and a version count alone can
+# repeat, since a new tensor (load_state_dict(assign=True), Module.half().float()) may get the freed memory of the
+# one a cache was built from, at version 0 or at the version its Parameter kept. The steps count the torch.optim
+# steps that update the storage's tensors: fused optimizers (fused=True, transformers' default) write them without
+# counting a version.
 _next_serial = itertools.count()
 
 
-def _storage_serial(t):
+def _record(storage):
     # torch keeps one Python object per storage while the storage lives, attributes included (an attribute costs
     # a tenth of a WeakIdKeyDictionary lookup, on the eval cache's per-call path).
-    storage = t.untyped_storage()
-    serial = getattr(storage, "_spectral_kernels_serial", None)
-    if serial is None:
-        serial = storage._spectral_kernels_serial = next(_next_serial)
-    return serial
+    record = getattr(storage, "_spectral_kernels", None)
+    if record is None:
+        record = storage._spectral_kernels = [next(_next_serial), 0]
+    return record
+
+
+def _count_step(optimizer, args, kwargs):
+    """Before and after each optimizer step (an optimizer's own post-step hooks run first), on its parameters."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            try:
+                _record(p.untyped_storage())[1] += 1
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage: no cache keys it
+                pass
+
+
+register_optimizer_step_pre_hook(_count_step)
+register_optimizer_step_post_hook(_count_step)
 
 
 def caching():
-    """Whether values may be kept between calls: not while torch.compile traces, as a graph cannot keep Python-side
-    caches, nor under torch.func transforms or forward-mode AD, whose tensors carry what a kept value would drop."""
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-                or forward_ad._current_level >= 0)
+    """Whether values may be kept between calls: not while torch.compile or torch.jit.trace traces, as a graph
+    cannot keep Python-side caches, nor under torch.func transforms or forward-mode AD, whose tensors carry what a
+    kept value would drop."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def version_key(*tensors):
-    """(storage serial, data_ptr, version, shape, strides) of each tensor, or None (nothing is cached) where one is
-    an inference tensor, which has no version counter, or where ``caching()`` says no. As for autograd, in-place
-    writes that bypass the version counter (through ``.data`` or a numpy view) are not seen."""
+    """(storage serial, optimizer steps, data_ptr, version, shape, strides) of each tensor, or None (nothing is
+    cached) where one is an inference tensor, which has no version counter, or where ``caching()`` says no. As for
+    autograd, in-place writes that bypass the version counter (through ``.data`` or a numpy view) are not seen."""
     if not caching():
         return None
     key = []
     for t in tensors:  # one plain loop: on the eval cache's per-call path
         if t.is_inference():
             return None
-        key.append((_storage_serial(t), t.data_ptr(), t._version, t.shape, t.stride()))
+        serial, steps = _record(t.untyped_storage())
+        key.append((serial, steps, t.data_ptr(), t._version, t.shape, t.stride()))
     return tuple(key)
-
-
-# Fused optimizers (torch.optim's fused=True, transformers' default) write parameters without counting a version:
-# the layers' eval caches are keyed on the number of optimizer steps taken too.
-_optimizer_steps = 0
-
-
-def _count_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_step)
-
-
-def optimizer_steps():
-    """How many torch.optim optimizer steps this process has taken."""
-    return _optimizer_steps
 
 
 class TensorCache:

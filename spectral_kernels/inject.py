@@ -743,8 +743,8 @@ def _model_key(key, adapter_name, layers, wrappers, attributes):
 
 
 def _config_json(model, config, method):
-    """adapter_config.json's text as peft writes it: sets as lists, and, with no task_type, the model's class in
-    auto_mapping (peft's AutoPeftModel reads it)."""
+    """adapter_config.json's text as peft writes a config without task_type (a task's head is in modules_to_save):
+    sets as lists, and the model's class in auto_mapping (peft's AutoPeftModel reads it)."""
     fields = {k: sorted(v) if isinstance(v, set) else v for k, v in dataclasses.asdict(config).items()}
     if isinstance(fields["target_modules"], list):
         fields["target_modules"] = sorted(fields["target_modules"])
@@ -781,8 +781,8 @@ def _check_oft_fields(directory, fields):
     if "oft_block_size" not in fields:
         raise ValueError(f"{directory}: an OFT adapter saved by peft before 0.14.0, whose OFT was another method: "
                          "retrain it with a newer peft (peft 0.13 loads it)")
-    version = re.match(r"(\d+)\.(\d+)", fields.get("peft_version") or "0.0")
-    if fields.get("use_cayley_neumann") and tuple(map(int, version.groups())) < (0, 18):
+    version = re.match(r"(\d+)\.(\d+)", str(fields.get("peft_version") or "0.0"))
+    if fields.get("use_cayley_neumann") and version and tuple(map(int, version.groups())) < (0, 18):
         warnings.warn(f"{directory}: an OFT adapter saved by peft before 0.18.0, whose Cayley-Neumann "
                       "parameterization differed slightly: retrain it with a newer peft (peft 0.17 runs it as saved)")
 

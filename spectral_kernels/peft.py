@@ -30,7 +30,7 @@ from peft.tuners.oft.layer import OFTRotationModule
 from torch import nn
 
 from ._cache import ConcatCache, TensorCache
-from .layers.base import computes_product_only, is_conv1d
+from .layers.base import computes_product_only, is_conv1d, runs_hooks
 from .ops._autograd import autocast_dtype
 from .ops.fourierft import fourierft_linear
 from .ops.frod import frod_linear
@@ -110,8 +110,7 @@ class SwappedOFTLinear(PeftOFTLinear):
         names = [n for n in self.active_adapters if n in self.oft_R]
         # peft calls each rotation module: one wrapped (an FSDP unit of peft's fsdp_auto_wrap_policy, which gathers
         # its parameter in the call) or hooked does more there than _rotation's read of its weight.
-        plain = all(type(m) is OFTRotationModule and not (m._forward_hooks or m._forward_pre_hooks)
-                    for m in (self.oft_R[n] for n in names))
+        plain = all(type(m) is OFTRotationModule and not runs_hooks(m) for m in (self.oft_R[n] for n in names))
         base = None if args or kwargs or not names or not plain else _base_weight(self, x)
         if base is None:
             return super().forward(x, *args, **kwargs)

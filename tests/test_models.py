@@ -594,3 +594,103 @@ def test_fsdp_units_of_oft_rotations(use_orig_params, tmp_path):
     theirs, swapped, ours = torch.load(tmp_path / "losses")
     assert_close(swapped, theirs, torch.float32)
     assert_close(ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_and_optimizer_steps(method):
+    """A fused step is seen from the optimizer's own post-step hooks too (they run before the global ones), and
+    a step on other parameters (a student's, next to a frozen teacher) keeps the teacher's eval weight."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    teacher = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    x = torch.randn(5, 24)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    seen = []
+
+    @torch.no_grad()
+    def evaluate(*_):
+        seen.append((model(x), _fresh(model, x)))
+
+    optimizer.register_step_post_hook(evaluate)
+    with torch.no_grad():
+        teacher(x)
+        model(x)
+    kept = teacher.proj._cache
+    for _ in range(2):
+        model(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            teacher(x)
+    assert len(seen) == 2
+    for cached, fresh in seen:
+        assert_close(cached, fresh, torch.float32)
+    assert kept is not None and teacher.proj._cache is kept
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_skips_parametrized_tensors(method, monkeypatch):
+    """A parametrized base weight or adapter parameter is a new tensor on every read: the eval cache rebuilt its
+    weight on every call (slower than the fused op), and now leaves such layers to the fused op."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 24)
+    table, name = ADAPTER_PARAMETER[method]
+    for parametrize in (lambda layer: layer.base_layer, lambda layer: layer.get_submodule(table)):
+        model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+        target = parametrize(model.proj)
+        torch.nn.utils.parametrize.register_parametrization(target, "weight" if target is model.proj.base_layer
+                                                            else name, _Doubled())
+        with torch.no_grad():
+            model(x)
+            assert model.proj._cache is None  # (OFT's rotations do not depend on a parametrized base weight)
+            assert_close(model(x), _fresh(model, x), torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_jit_trace_keeps_no_eval_weight(method):
+    """torch.jit.trace of an eval call after the cache was built recorded the cached weight as a constant, and the
+    traced module ignored later changes of the adapter."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    x = torch.randn(5, 24)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(x)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)
+        assert_close(traced(x), _fresh(model, x), torch.float32)
+
+
+def test_frod_calls_its_base_layer_with_several_adapters():
+    """With several active adapters peft's FRoD layer calls its base layer (its sum of each adapter's change of
+    the base output); the eval cache's summed weight skipped that, hooks included."""
+    def two(model):
+        sk.inject(model, CONFIGS["frod"](["proj"]), "other")
+        sk.set_adapter(model, ["default", "other"])
+        return model
+
+    torch.manual_seed(0)
+    model = two(sk.inject(_OneLayer(), CONFIGS["frod"](["proj"])))
+    x = torch.randn(5, 24)
+    expected = model(x).detach()
+    model.proj.base_layer.register_forward_hook(lambda module, args, out: out + 1)
+    hooked = model(x).detach()
+    assert not torch.allclose(hooked, expected)
+    with torch.no_grad():
+        assert_close(model.eval()(x), hooked, torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_layers_pickled_before_the_cache_flag_was_a_property(method):
+    """Layers pickled whole before cache_effective_weight became a property kept it in their __dict__ and lacked
+    _cache_enabled: loading them left every forward failing."""
+    layer = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).proj
+    state = layer.__getstate__()
+    state["cache_effective_weight"] = state.pop("_cache_enabled") and False
+    old = type(layer).__new__(type(layer))
+    old.__setstate__(state)
+    x = torch.randn(5, 24)
+    assert old.cache_effective_weight is False
+    assert_close(old(x), layer(x), torch.float32)

@@ -518,3 +518,18 @@ def test_base_layer_calls_run_as_in_peft(method, case, dtype, monkeypatch):
     assert_close(y, expected, against_peft(method, dtype))
     assert_close(dx, expected_dx, against_peft(method, dtype))
     assert len(calls) == {"backward-hook": 1, "global-hook": 0, "linear-subclass": 1}[case]  # layer b, unless global
+
+
+def test_oft_rotation_module_with_a_backward_hook_goes_to_peft(monkeypatch):
+    """peft calls each OFT rotation module: one with hooks of any kind (a backward hook here; FSDP units are
+    covered in test_models) is left to peft's forward, whose call runs them. The swap ran only forward hooks."""
+    calls = count_fused_calls(monkeypatch)
+    ours, theirs = two_layer_pair("oft")
+    fired = []
+    for model in (ours, theirs):
+        model.base_model.model.a.oft_R["default"].register_full_backward_hook(lambda *_: fired.append(1))
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    for model in (ours, theirs):
+        model(x).sum().backward()
+    assert fired == [1, 1]
+    assert len(calls) == 1  # layer b's

@@ -10,7 +10,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules import module as _module
 
-from .._cache import caching, optimizer_steps, version_key
+from .._cache import caching, version_key
 from ..ops._autograd import autocast_dtype, check_input
 
 
@@ -34,18 +34,22 @@ def is_conv1d(layer):
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
+def runs_hooks(module):
+    """Whether calling ``module`` runs more than its class's forward: hooks (forward or backward, its own or global
+    ones, as module trackers such as FlopCounterMode register) or a forward set on the instance (accelerate's)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in vars(module) or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks)
+
+
 def computes_product_only(base):
     """Whether calling ``base``, an nn.Linear or transformers Conv1D, computes its product with its dense weight and
-    bias and nothing more, as the fused ops do: no hooks (forward or backward, its own or global ones), no forward
-    of its own (an nn.Linear subclass's, or one set on the instance, as accelerate's hooks do), no quantized
-    weight. Where it does more, the layers call it, as peft's layers do."""
+    bias and nothing more, as the fused ops do: no hooks (runs_hooks), no forward of its own (an nn.Linear
+    subclass's), no quantized weight. Where it does more, the layers call it, as peft's layers do."""
     if not (type(base).forward is nn.Linear.forward or is_conv1d(base)):
         return False
-    if type(member(base, "_parameters", "weight")) not in _DENSE_WEIGHTS:
-        return False
-    return not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-                or "forward" in vars(base) or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+    return type(member(base, "_parameters", "weight")) in _DENSE_WEIGHTS and not runs_hooks(base)
 
 
 def member(module, kind, name):
@@ -81,7 +85,7 @@ class AdapterLayer(nn.Module):
     Eval cache: in eval mode without autograd a layer runs one GEMM with its effective
     weight (base and adapters folded together), built on the first call and reused
     until a tensor it was built from changes (its key holds their versions, so in-place
-    writes count, and the count of optimizer steps, as fused optimizers write without
+    writes count, and the torch.optim steps on them, as fused optimizers write without
     counting a version; writes through ``.data`` bypass versions, as for autograd). It
     holds one more copy of the base weight, is dropped when the layer goes back to
     training, and ``cache_effective_weight = False`` drops it and turns it off (eval calls
@@ -118,6 +122,10 @@ class AdapterLayer(nn.Module):
         state = super().__getstate__()
         state["_cache"] = None
         return state
+
+    def __setstate__(self, state):  # layers pickled before cache_effective_weight was a property kept it as is
+        state.setdefault("_cache_enabled", state.pop("cache_effective_weight", True))
+        super().__setstate__(state)
 
     @property
     def active_adapters(self):
@@ -200,11 +208,23 @@ class AdapterLayer(nn.Module):
 
     def _eval_cache_applies(self, x):
         # Where nothing can be cached (traced graphs, torch.func, forward-mode AD) the fused op runs instead.
-        return self._cache_enabled and not self.training and not torch.is_grad_enabled() and x.dim() and caching()
+        return (self._cache_enabled and not self.training and not torch.is_grad_enabled() and x.dim() and caching()
+                and not self._parametrized())
+
+    def _parametrized(self):
+        """Whether a parametrization (torch.nn.utils.parametrize) computes the base weight or an adapter's tensor:
+        a new tensor on every read, from which the eval cache would rebuild on every call."""
+        if "parametrizations" in self._base_layer()._modules:
+            return True
+        for table in self.adapter_layer_names:
+            entries = member(self, "_modules", table)._modules
+            if "parametrizations" in entries or any("parametrizations" in m._modules for m in entries.values()):
+                return True
+        return False
 
     def _cached_linear(self, op, x, bias, tensors, extra, build):
         """x W_eff^T + bias with the eval cache's effective weight W_eff, which ``build()`` makes when one of
-        ``tensors`` (those it is computed from) was replaced or modified in place, an optimizer stepped, or
+        ``tensors`` (those it is computed from) was replaced, modified in place or stepped on by an optimizer, or
         ``extra`` or autocast's dtype changed (not kept for inference tensors); x gets the checks the fused op
         ``op``, which the cache skips, would make."""
         check_input(op, x, self.in_features)
@@ -212,7 +232,7 @@ class AdapterLayer(nn.Module):
         if key is None:
             weight = build()
         else:
-            key += (extra, autocast_dtype(x), optimizer_steps())
+            key += (extra, autocast_dtype(x))
             cache = self._cache  # read once: another thread may replace it
             if cache is None or cache[0] != key:
                 self._cache = None  # drop the old one before building the new one

@@ -13,7 +13,7 @@ from torch import nn
 from .._cache import TensorCache
 from ..config import FrodConfig
 from ..ops.frod import frod_effective_weight, frod_linear
-from .base import AdapterLayer, adapter_entries
+from .base import AdapterLayer, adapter_entries, computes_product_only
 
 
 def frod_category(key):
@@ -319,11 +319,13 @@ class FrodLinear(AdapterLayer):
             return self._frod(names[0], x, bias)
         # Several adapters or active dropout: peft's sum of each adapter's change of the base output.
         self._restore_base_weight()
-        if self._eval_cache_applies(x):  # no dropout: one GEMM with W + sum_k (W'_k - W)
+        base_layer = self._base_layer()
+        if not (args or kwargs) and computes_product_only(base_layer) and self._eval_cache_applies(x):
+            # no dropout: one GEMM with W + sum_k (W'_k - W), where calling the base layer computes no more
             tensors = [t for name in names for t in self._tensors(name)]
             return self._cached_linear("frod_linear", x, bias, (*tensors, self._weight()), x.dtype,
                                        lambda: self._summed_weight(names, x.dtype))
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_layer(x, *args, **kwargs)
         base_out = result if bias is None else result - bias
         for name in names:
             dropout = self.frod_dropout[name]

@@ -5,7 +5,7 @@ import warnings
 import torch
 from torch import nn
 
-from .._cache import optimizer_steps, version_key
+from .._cache import version_key
 from ..config import OFTConfig
 from ..kernels.reference import oft as reference
 from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
@@ -127,7 +127,7 @@ class OFTLinear(AdapterLayer):
         if versions is None:
             return None, module(backend=self.backend)
         key = (name, versions, params.dtype, params.device, module.use_cayley_neumann,
-               module.num_cayley_neumann_terms, optimizer_steps())
+               module.num_cayley_neumann_terms)
         cached = self._rotations.get(name)
         if cached is None or cached[0] != key:
             self._rotations[name] = cached = (key, module(backend=self.backend))
