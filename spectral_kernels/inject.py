@@ -5,7 +5,7 @@
 (tuners_utils.check_target_module_exists and friends), re-stated here:
 
 - ``target_modules`` a str: ``re.fullmatch`` against the module's full name;
-  "all-linear": every Linear/Conv1D except the model's output embedding;
+  "all-linear": every Linear/Conv1D except a transformers model's output embedding;
   a list: the full name, or a suffix after a dot ("q_proj" matches "...attn.q_proj");
   None: peft's default for the transformers ``model.config.model_type``.
 - ``layers_to_transform`` (+ ``layers_pattern``) filter list matches by layer index, the
@@ -14,7 +14,8 @@
   modules of ``modules_to_save`` are never adapted.
 - ``modules_to_save``: modules whose name ends with an entry are wrapped in
   ``ModulesToSave`` (peft's ModulesToSaveWrapper layout: ``original_module`` plus one
-  trainable copy per adapter under ``modules_to_save.<adapter>``).
+  trainable copy per adapter under ``modules_to_save.<adapter>``), under each of their
+  names; entries that match nothing are warned about.
 
 Methods plug in through ``register_method(config_class, Method(...))``; a method whose
 layers share state across modules (FRoD's per-category projections) computes it once
@@ -63,6 +64,8 @@ LINEAR_DEFAULT_TARGETS = {
     "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "rwkv": ["key", "value", "receptance", "output"], "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"], "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
 }
 # FourierFT adapts GPT-2's MLP output projection instead of the fused qkv projection.
 FOURIERFT_DEFAULT_TARGETS = {**LINEAR_DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
@@ -292,6 +295,17 @@ class ModulesToSave(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module()(*args, **kwargs)
 
+    def __getattr__(self, name):
+        """What the wrapper lacks is read from the module it runs (model code reads ``lm_head.weight.dtype``), as
+        from peft's wrapper."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_modules" not in self.__dict__ or name in ("original_module", "modules_to_save", "disabled",
+                                                           "active_adapter"):
+                raise
+        return getattr(self.module(), name)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # targeting
@@ -351,8 +365,10 @@ def _is_targeted(config, target_modules, key):
 
 
 def _all_linear(model, skip):
-    """peft's "all-linear": every Linear/Conv1D (or adapter layer) but the output embedding."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """peft's "all-linear": every Linear/Conv1D (or adapter layer) but a transformers model's output embedding."""
+    from transformers import PreTrainedModel
+
+    output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return {name for name, module in model.named_modules()
             if name and (_is_linear(module) or isinstance(module, AdapterLayer)) and module is not output
             and not name.startswith(skip)}
@@ -366,7 +382,7 @@ def _resolve_target_modules(model, config, method, skip):
         if target_modules is None:
             raise ValueError(f"target_modules is None and there is no default for model type {model_type!r}: "
                              "set target_modules in the config")
-        return list(target_modules)
+        return target_modules if isinstance(target_modules, str) else list(target_modules)
     if isinstance(target_modules, str):
         return _all_linear(model, skip) if target_modules.lower() == "all-linear" else target_modules
     return list(target_modules)
@@ -466,20 +482,24 @@ def _wrappers(model):
 
 
 def _add_modules_to_save(model, config, adapter_name):
+    """Wrap the modules that ``config.modules_to_save`` names, as peft: a module under several names (shared or
+    tied) once per name, none inside an adapter layer or a wrapper, and no adapter layer or container."""
     skip = tuple(f"{name}." for name, _ in _adapter_layers(model))
     found = False
-    for key, module in list(model.named_modules()):
+    for key, module in list(model.named_modules(remove_duplicate=False)):
         if not key or key.startswith(skip) or not any(key.endswith(m) for m in config.modules_to_save or []):
             continue
         if isinstance(module, ModulesToSave):
             module.add_adapter(adapter_name)
         elif not any(key.startswith(f"{name}.") for name, _ in _wrappers(model)):
+            if isinstance(module, (AdapterLayer, nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+                raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({key})")
             wrapper = ModulesToSave(module)
             wrapper.add_adapter(adapter_name)
             _set_submodule(model, key, wrapper)
         found = True
-    if config.modules_to_save and not found:
-        raise NoTargetModulesError(f"no module of the model matches modules_to_save={config.modules_to_save!r}")
+    if config.modules_to_save and not found:  # peft goes on silently: its checkpoints may hold such configs
+        warnings.warn(f"no module of the model matches modules_to_save={config.modules_to_save!r}")
 
 
 def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):

@@ -87,12 +87,10 @@ def tokens(model, n=7):
 
 
 def test_default_targets_are_peft_s():
-    for model_type, targets in LINEAR_DEFAULT_TARGETS.items():
-        assert targets == TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING[model_type], model_type
-    for model_type, targets in FOURIERFT_DEFAULT_TARGETS.items():
-        assert targets == TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING[model_type], model_type
-    for model_type, targets in FROD_DEFAULT_TARGETS.items():
-        assert targets == TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING[model_type], model_type
+    """The same defaults as peft's, for the same model types (rwkv, rwkv7, nemotron_h and gemma4 were missing)."""
+    assert LINEAR_DEFAULT_TARGETS == TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING
+    assert FOURIERFT_DEFAULT_TARGETS == TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING
+    assert FROD_DEFAULT_TARGETS == TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING
 
 
 TARGETING = {
@@ -172,7 +170,7 @@ def test_no_match_names_the_patterns():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="no default for model type None"):
         sk.inject(model, sk.FourierFTConfig())
-    with pytest.raises(NoTargetModulesError, match="modules_to_save"):
+    with pytest.warns(UserWarning, match="modules_to_save"):  # peft goes on silently; it used to raise
         sk.inject(model, sk.FourierFTConfig(n_frequency=4, target_modules=["0"], modules_to_save=["head"]))
 
 
@@ -946,7 +944,7 @@ def test_failed_load_adapter_leaves_the_adapters_as_they_were(tmp_path):
 def test_failed_inject_leaves_the_model_as_it_was():
     """An inject that fails part way leaves nothing of the adapter behind, in a fresh model or one with adapters:
     all-linear reaches the classifier, too small for n_frequency, after the encoder's layers were adapted;
-    modules_to_save that match nothing fail after all layers were, FRoD's projections made."""
+    modules_to_save naming an adapter layer fail after all layers were, FRoD's projections made."""
     model = bert()
     fresh = str(model)
     with pytest.raises(ValueError, match="n_frequency"):
@@ -955,12 +953,14 @@ def test_failed_inject_leaves_the_model_as_it_was():
     assert all(p.requires_grad for p in model.parameters())
     sk.inject(model, sk.FourierFTConfig(n_frequency=20, target_modules=["query"]))
     before = str(model), copy.deepcopy(model.state_dict()), [n for n, p in model.named_parameters() if p.requires_grad]
-    for config, error in [
-        (sk.FourierFTConfig(target_modules="all-linear"), "n_frequency"),
-        (sk.FourierFTConfig(n_frequency=20, target_modules=["value"], modules_to_save=["nothing"]), "modules_to_save"),
-        (sk.FrodConfig(target_modules=["value"], modules_to_save=["nothing"], progressbar=False), "modules_to_save"),
+    for config, error, match in [
+        (sk.FourierFTConfig(target_modules="all-linear"), ValueError, "n_frequency"),
+        (sk.FourierFTConfig(n_frequency=20, target_modules=["value"], modules_to_save=["query"]), TypeError,
+         "modules_to_save"),
+        (sk.FrodConfig(target_modules=["value"], modules_to_save=["query"], progressbar=False), TypeError,
+         "modules_to_save"),
     ]:
-        with pytest.raises(ValueError, match=error):
+        with pytest.raises(error, match=match):
             sk.inject(model, config, "other")
         assert str(model) == before[0] and model.state_dict().keys() == before[1].keys()
         assert all(torch.equal(value, before[1][key]) for key, value in model.state_dict().items())
@@ -1028,3 +1028,57 @@ def test_old_oft_checkpoints_as_peft(tmp_path):
     path.write_text(json.dumps(fields))
     with pytest.raises(ValueError, match="before 0.14.0"):
         sk.load_adapter(llama(1), tmp_path)
+
+
+class _SharedQ(nn.Module):
+    """Two blocks sharing one Linear (as ALBERT shares layers), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        q = nn.Linear(8, 8)
+        self.layers = nn.ModuleList([nn.ModuleDict({"q_proj": q, "v_proj": nn.Linear(8, 8)}) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["v_proj"](layer["q_proj"](x))
+        return self.head(x)
+
+
+def test_modules_to_save_like_peft():
+    """modules_to_save as peft's: a module under two names is wrapped under each (it was wrapped under the first
+    only, the second ran the frozen original); adapter layers and containers are refused (they were wrapped, or
+    failed in the forward); attributes the wrapper lacks are the running module's (model code reads
+    ``lm_head.weight.dtype``: an AttributeError)."""
+    config = sk.FourierFTConfig(n_frequency=8, target_modules=["v_proj"], modules_to_save=["q_proj"],
+                                init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_SharedQ(), peft_config(config)).base_model.model
+    ours = sk.inject(_SharedQ(), config)
+    assert adapted(ours, ModulesToSave) == ["layers.0.q_proj", "layers.1.q_proj"]
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 8)
+    assert_close(ours(x), theirs(x), torch.float32)
+    assert ours.layers[1]["q_proj"].weight is ours.layers[1]["q_proj"].modules_to_save["default"].weight
+    for target, modules_to_save, match in (("q_proj", ["_proj"], "FourierFTLinear"), ("head", ["layers"], "List")):
+        with pytest.raises(TypeError, match=f"modules_to_save cannot be applied to modules of type .*{match}"):
+            sk.inject(_SharedQ(), dataclasses.replace(config, modules_to_save=modules_to_save, target_modules=[target]))
+
+
+def test_all_linear_keeps_the_output_embedding_of_transformers_models_only():
+    """peft's "all-linear" leaves out the output embedding of a transformers PreTrainedModel only: a plain module
+    with get_output_embeddings has its head adapted too (ours left it out)."""
+    class WithHead(_SharedQ):
+        def get_output_embeddings(self):
+            return self.head
+
+    config = sk.OFTConfig(oft_block_size=4, target_modules="all-linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(WithHead(), peft_config(config)).base_model.model
+    assert adapted(sk.inject(WithHead(), config), AdapterLayer) == adapted(theirs, BaseTunerLayer)
+    assert "head" in adapted(theirs, BaseTunerLayer)
