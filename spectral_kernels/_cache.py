@@ -25,14 +25,30 @@ def _record(storage):
     return record
 
 
+# Steps of optimizers with a sharded parameter, whose layers read other tensors (gathered ones): FSDP's flat
+# parameters, or views into one (use_orig_params=True; a parameter with no elements on this rank). Every version
+# key holds this count.
+_shared_steps = 0
+
+
+def _sharded(p, storage):
+    return getattr(p, "_is_flat_param", False) or not p.numel() or storage.nbytes() != p.numel() * p.element_size()
+
+
 def _count_step(optimizer, args, kwargs):
     """Before and after each optimizer step (an optimizer's own post-step hooks run first), on its parameters."""
+    global _shared_steps
+    shared = False
     for group in optimizer.param_groups:
         for p in group["params"]:
             try:
-                _record(p.untyped_storage())[1] += 1
-            except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage: no cache keys it
-                pass
+                storage = p.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage (DTensor)
+                shared = True
+                continue
+            _record(storage)[1] += 1
+            shared = shared or _sharded(p, storage)
+    _shared_steps += shared
 
 
 register_optimizer_step_pre_hook(_count_step)
@@ -48,12 +64,13 @@ def caching():
 
 
 def version_key(*tensors):
-    """(storage serial, optimizer steps, data_ptr, version, shape, strides) of each tensor, or None (nothing is
-    cached) where one is an inference tensor, which has no version counter, or where ``caching()`` says no. As for
-    autograd, in-place writes that bypass the version counter (through ``.data`` or a numpy view) are not seen."""
+    """(storage serial, optimizer steps, data_ptr, version, shape, strides) of each tensor, after the count of
+    steps on sharded parameters, or None (nothing is cached) where one is an inference tensor, which has no version
+    counter, or where ``caching()`` says no. As for autograd, in-place writes that bypass the version counter
+    (through ``.data`` or a numpy view) are not seen."""
     if not caching():
         return None
-    key = []
+    key = [_shared_steps]
     for t in tensors:  # one plain loop: on the eval cache's per-call path
         if t.is_inference():
             return None

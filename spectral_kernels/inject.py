@@ -15,7 +15,7 @@
 - ``modules_to_save``: modules whose name ends with an entry are wrapped in
   ``ModulesToSave`` (peft's ModulesToSaveWrapper layout: ``original_module`` plus one
   trainable copy per adapter under ``modules_to_save.<adapter>``), under each of their
-  names; entries that match nothing are warned about.
+  names; a modules_to_save that matches nothing is warned about (peft goes on silently).
 
 Methods plug in through ``register_method(config_class, Method(...))``; a method whose
 layers share state across modules (FRoD's per-category projections) computes it once
@@ -296,13 +296,14 @@ class ModulesToSave(nn.Module):
         return self.module()(*args, **kwargs)
 
     def __getattr__(self, name):
-        """What the wrapper lacks is read from the module it runs (model code reads ``lm_head.weight.dtype``), as
-        from peft's wrapper."""
+        """A public attribute the wrapper lacks is read from the module it runs (model code reads
+        ``lm_head.weight.dtype``), as from peft's wrapper; private ones are not (copy's ``__deepcopy__``,
+        accelerate's ``_hf_hook`` would act on that module instead of the wrapper)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if "_modules" not in self.__dict__ or name in ("original_module", "modules_to_save", "disabled",
-                                                           "active_adapter"):
+            if name.startswith("_") or "_modules" not in self.__dict__ or name in (
+                    "original_module", "modules_to_save", "disabled", "active_adapter"):
                 raise
         return getattr(self.module(), name)
 
@@ -366,8 +367,10 @@ def _is_targeted(config, target_modules, key):
 
 def _all_linear(model, skip):
     """peft's "all-linear": every Linear/Conv1D (or adapter layer) but a transformers model's output embedding."""
-    from transformers import PreTrainedModel
-
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # then no model is one
+        PreTrainedModel = ()
     output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return {name for name, module in model.named_modules()
             if name and (_is_linear(module) or isinstance(module, AdapterLayer)) and module is not output

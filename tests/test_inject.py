@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import sys
 import warnings
 
 import peft
@@ -1069,9 +1070,9 @@ def test_modules_to_save_like_peft():
             sk.inject(_SharedQ(), dataclasses.replace(config, modules_to_save=modules_to_save, target_modules=[target]))
 
 
-def test_all_linear_keeps_the_output_embedding_of_transformers_models_only():
+def test_all_linear_keeps_the_output_embedding_of_transformers_models_only(monkeypatch):
     """peft's "all-linear" leaves out the output embedding of a transformers PreTrainedModel only: a plain module
-    with get_output_embeddings has its head adapted too (ours left it out)."""
+    with get_output_embeddings has its head adapted too (ours left it out); transformers is not needed for it."""
     class WithHead(_SharedQ):
         def get_output_embeddings(self):
             return self.head
@@ -1082,3 +1083,15 @@ def test_all_linear_keeps_the_output_embedding_of_transformers_models_only():
         theirs = peft.get_peft_model(WithHead(), peft_config(config)).base_model.model
     assert adapted(sk.inject(WithHead(), config), AdapterLayer) == adapted(theirs, BaseTunerLayer)
     assert "head" in adapted(theirs, BaseTunerLayer)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed
+    assert adapted(sk.inject(WithHead(), config), AdapterLayer) == adapted(theirs, BaseTunerLayer)
+
+
+def test_modules_to_save_keeps_private_attributes():
+    """The wrapper reads public attributes from the module it runs, not private ones: copy.deepcopy found a
+    parametrized module's __deepcopy__ there and copied that module in the wrapper's place."""
+    model = _SharedQ()
+    torch.nn.utils.parametrize.register_parametrization(model.head, "weight", nn.Identity())
+    model = sk.inject(model, sk.FourierFTConfig(n_frequency=8, target_modules=["v_proj"], modules_to_save=["head"]))
+    assert model.head.in_features == 8
+    assert isinstance(copy.deepcopy(model).head, ModulesToSave)

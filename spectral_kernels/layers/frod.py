@@ -280,11 +280,11 @@ class FrodLinear(AdapterLayer):
         self._restore_base_weight()
         return super().release_base_layer()
 
-    def _frod(self, adapter, x, bias):
+    def _frod(self, adapter, x, bias, cache=True):
         tensors = self._tensors(adapter)
         bias = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
         u, v, lam, s_values, s_indices = tensors
-        if self._eval_cache_applies(x):
+        if cache and self._eval_cache_applies(x):
             # Keyed by the adapter's own tensors (not by their copies cast to x's dtype).
             return self._cached_linear("frod_linear", x, bias, tensors, x.dtype, lambda: frod_effective_weight(
                 u.to(x.dtype), v.to(x.dtype), lam, s_values, s_indices, self.backend))
@@ -332,7 +332,7 @@ class FrodLinear(AdapterLayer):
             h = dropout(x)
             stochastic = not isinstance(dropout, nn.Identity) and dropout.training
             own_base = nn.functional.linear(h, self._weight().to(x.dtype)) if stochastic else base_out
-            result = result + self._frod(name, h, None) - own_base
+            result = result + self._frod(name, h, None, cache=False) - own_base  # (one slot: they would take turns)
         return result
 
     def _apply(self, fn, *args, **kwargs):
