@@ -27,7 +27,8 @@ def _record(storage):
 
 # Steps of optimizers with a sharded parameter, whose layers read other tensors (gathered ones): FSDP's flat
 # parameters, or views into one (use_orig_params=True; a parameter with no elements on this rank). Every version
-# key holds this count.
+# key holds this count. (A parameter that is a view for another reason, e.g. a slice of a fused checkpoint
+# tensor, counts too: its steps then rebuild every eval cache, which costs time, not correctness.)
 _shared_steps = 0
 
 
@@ -43,7 +44,7 @@ def _count_step(optimizer, args, kwargs):
         for p in group["params"]:
             try:
                 storage = p.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage (DTensor)
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without one: counted as sharded
                 shared = True
                 continue
             _record(storage)[1] += 1
