@@ -44,7 +44,7 @@ def _count_step(optimizer, args, kwargs):
         for p in group["params"]:
             try:
                 storage = p.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # a tensor subclass without one: counted as sharded
+            except (RuntimeError, NotImplementedError):  # no storage (some tensor subclasses): as sharded
                 shared = True
                 continue
             _record(storage)[1] += 1
@@ -56,12 +56,16 @@ register_optimizer_step_pre_hook(_count_step)
 register_optimizer_step_post_hook(_count_step)
 
 
+def transformed():
+    """Whether torch.func transforms or forward-mode AD are on: their tensors carry what the kernels (which have no
+    batching or forward-mode rules) and kept values would drop."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
 def caching():
     """Whether values may be kept between calls: not while torch.compile or torch.jit.trace traces, as a graph
-    cannot keep Python-side caches, nor under torch.func transforms or forward-mode AD, whose tensors carry what a
-    kept value would drop."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+    cannot keep Python-side caches, nor where ``transformed()``."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or transformed())
 
 
 def version_key(*tensors):

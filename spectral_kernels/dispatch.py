@@ -13,8 +13,9 @@ import os
 import warnings
 
 import torch
-from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ._cache import transformed
 
 # Imported here, not at the first call: a first call inside a traced region (torch.compile of an activation
 # checkpoint) may not fill a module-level cache. It never fails: it records why the extension is unusable.
@@ -102,7 +103,7 @@ def select_backend(device, requested=None, method=None):
     backends whose kernels for ``method`` are not deterministic (NONDETERMINISTIC).
     """
     requested = requested or os.environ.get(ENV_BACKEND) or None
-    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+    if transformed():
         if requested not in (None, "reference"):
             raise RuntimeError(f"backend {requested!r} cannot run under torch.func transforms (vmap, grad, ...) or "
                                "forward-mode AD; backend='reference' can")

@@ -116,11 +116,11 @@ class OFTLinear(AdapterLayer):
     def __getstate__(self):
         return {**super().__getstate__(), "_rotations": {}}
 
-    def _rotation(self, name):
-        """(key, R) of adapter ``name``: R differentiable with autograd on or in training (key None), else
-        cached as the eval cache is (see AdapterLayer)."""
+    def _rotation(self, name, cache):
+        """(key, R) of adapter ``name``: kept where the eval cache applies (``cache``), else (key None) computed,
+        differentiable with autograd on."""
         module = adapter_entries(self, "oft_R", "_modules")[name]
-        if torch.is_grad_enabled() or self.training or module.coft or not self._cache_enabled:
+        if not cache or module.coft:
             return None, module(backend=self.backend)
         params = member(module, "_parameters", "weight")
         versions = version_key(params)
@@ -195,7 +195,8 @@ class OFTLinear(AdapterLayer):
         names = [] if self.merged_adapters else [n for n in self._active_adapter if n in modules]
         if not names:
             return self._base_layer()(x, *args, **kwargs)
-        keys, rotations = zip(*[self._rotation(n) for n in names])
+        cache = self._eval_cache_applies(x)
+        keys, rotations = zip(*[self._rotation(n, cache) for n in names])
         base_layer = self._base_layer()
         if args or kwargs or not computes_product_only(base_layer):  # peft's forward: base_layer(x rotated)
             dtype = x.dtype
@@ -203,7 +204,7 @@ class OFTLinear(AdapterLayer):
                 x = oft_rotate(x, rot, self.backend)
             return base_layer(x.to(dtype), *args, **kwargs)
         weight, bias = self._weight(), self._bias()
-        if None not in keys and self._eval_cache_applies(x):  # all the rotations folded into the weight
+        if None not in keys:  # cached: all the rotations folded into the weight
             return self._cached_linear("oft_linear", x, bias, (weight,), keys, lambda: self._rotate_weight(*rotations))
         # peft rotates by each active adapter in turn, then runs the base layer.
         for rot in rotations[:-1]:
