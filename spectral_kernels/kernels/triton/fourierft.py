@@ -35,7 +35,7 @@ def _spectrum_rows_kernel(c_ptr, rows_ptr, cols_ptr, out_ptr, nnz, n, bins,
 @triton.jit
 def _real_mirror_kernel(ft_ptr, stride_q, stride_p, base_ptr, out_ptr, m, n, bins, HAS_BASE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]  # p * n passes 2**31 at lm_heads
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
     live = (p < m) & (q < n)
     low = q < bins

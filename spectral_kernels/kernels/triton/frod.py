@@ -17,7 +17,7 @@ BLOCK_T = 256
 @triton.jit
 def _mix_kernel(in_ptr, coef_ptr, ptr_ptr, src_ptr, perm_ptr, out_ptr, tokens, ACC: tl.constexpr,
                 BLOCK_T: tl.constexpr):
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)  # row offsets i * tokens pass 2**31 (4096 rows of 524288 tokens)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     live = t < tokens
     acc = tl.zeros((BLOCK_T,), dtype=ACC)
@@ -32,8 +32,8 @@ def _mix_kernel(in_ptr, coef_ptr, ptr_ptr, src_ptr, perm_ptr, out_ptr, tokens, A
 def _mix_backward_kernel(g_ptr, z_ptr, coef_ptr, ptr_ptr, src_ptr, perm_ptr, dz_ptr, part_ptr, tokens, entries,
                          NEED_DZ: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
     """dz[j, tile] = sum_e coef[perm e] g[src e, tile];  partial[tile, perm e] = sum_tile g[src e] z[j]."""
-    j = tl.program_id(0)
-    tile = tl.program_id(1)
+    j = tl.program_id(0).to(tl.int64)  # 64-bit offsets, as in _mix_kernel
+    tile = tl.program_id(1).to(tl.int64)
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     live = t < tokens
     z = tl.load(z_ptr + j * tokens + t, mask=live, other=0.0).to(ACC)

@@ -28,7 +28,7 @@ def _tile(b):
 def _rotate_kernel(x_ptr, r_ptr, out_ptr, tokens, b, ld, col_tiles, r_block, r_row, r_col,
                    ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(1) // col_tiles
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # t * ld passes 2**31
     c = (tl.program_id(1) % col_tiles) * BLOCK + tl.arange(0, BLOCK)[None, :]
     rows = x_ptr + t * ld + j * b
     rot = r_ptr + j * r_block
@@ -53,7 +53,7 @@ def _rotate_grad_kernel(x_ptr, g_ptr, part_ptr, tokens, b, ld, blocks, tiles, sp
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC)
     t_end = tl.minimum(tokens, (split + 1) * split_len)
     for t0 in range(split * split_len, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)[:, None]
+        t = t0 + tl.arange(0, BLOCK_T)[:, None].to(tl.int64)  # 64-bit offsets t * ld
         live = t < t_end
         xs = tl.load(x_ptr + t * ld + j * b + k[None, :], mask=live & (k[None, :] < b), other=0.0)
         gs = tl.load(g_ptr + t * ld + j * b + c[None, :], mask=live & (c[None, :] < b), other=0.0)
