@@ -240,3 +240,26 @@ def test_deterministic_algorithms_automatic_choice(monkeypatch, deterministic):
     assert [dispatch.select_backend(gpu, method=m) for m in ("fourierft", "oft", "frod")] == \
         ["reference", "cuda", "cuda"]
     assert dispatch.select_backend(torch.device("cpu"), method="fourierft") == "cpu"
+
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("make", [fourierft, frod], ids=["fourierft", "frod"])
+def test_weight_path_keeps_no_effective_weight_without_input_grad(device, backend, make):
+    """Where x needs no gradient (a model's first adapted layers, after frozen embeddings), the weight path keeps
+    no effective weight (D_OUT x D_IN), which serves dx only, and its adapter gradients are the reference's
+    (float32)."""
+    def run(backend, x_grad):
+        g = torch.Generator().manual_seed(0)
+        params, fn = make(backend, "weight", device, torch.float32, g)
+        params = [t.to(device).requires_grad_() for t in params]
+        x = torch.randn(TOKENS, D_IN, generator=g).to(device).requires_grad_(x_grad)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = fn(x, *params)
+        return sum(saved), torch.autograd.grad(y.square().sum(), params)
+
+    kept, grads = run(backend, False)
+    assert run(backend, True)[0] - kept == D_OUT * D_IN
+    for got, expected in zip(grads, run("reference", False)[1]):
+        assert_close(got, expected, torch.float32)

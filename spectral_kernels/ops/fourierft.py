@@ -151,7 +151,9 @@ def _(dy, x, weight, spectrum, rows, cols, state, scaling, backend, path, needs)
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, spectrum, rows, cols, scaling, backend, path, _keep = inputs
-    ctx.save_for_backward(x, weight, spectrum, rows, cols, output[1])
+    # The state serves dx (the effective weight) or dc (rfft(x)) only: not kept where that gradient is not needed.
+    used = ctx.needs_input_grad[0 if path == "weight" else 3]
+    ctx.save_for_backward(x, weight, spectrum, rows, cols, output[1] if used else output[1].new_empty(0))
     ctx.scaling, ctx.backend, ctx.path = scaling, backend, path
     ctx.has_bias = bias is not None
     # The state is an output only so the backward can reuse it; without this,

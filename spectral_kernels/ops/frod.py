@@ -158,8 +158,9 @@ def _(dy, x, state, u, v, lam, s_values, s_indices, backend, path, needs):
 
 def _setup_context(ctx, inputs, output):
     x, u, v, lam, s_values, s_indices, bias, backend, path = inputs
-    # The factored path's backward needs z^T = V^T x^T, not x; the weight path x and W'.
-    ctx.save_for_backward(x if path == "weight" else None, output[1], u, v, lam, s_values, s_indices)
+    # The factored path's backward needs z^T = V^T x^T, not x; the weight path x and W' (for dx only).
+    state = output[1] if path == "factored" or ctx.needs_input_grad[0] else output[1].new_empty(0)
+    ctx.save_for_backward(x if path == "weight" else None, state, u, v, lam, s_values, s_indices)
     ctx.backend, ctx.path, ctx.x_shape = backend, path, x.shape
     ctx.bias_dtype = None if bias is None else bias.dtype
     # The state is an output only so the backward can reuse it; without this,
