@@ -2,8 +2,10 @@
 spectral_kernels.inject and through peft + spectral_kernels.peft.swap, against peft itself: logits, gradients,
 the losses of a few optimizer steps, and merging the trained adapters."""
 import copy
+import gc
 import pickle
 import warnings
+import weakref
 
 import peft
 import pytest
@@ -644,6 +646,26 @@ def test_eval_cache_skips_parametrized_tensors(method, monkeypatch):
             model(x)
             assert model.proj._cache is None  # (OFT's rotations do not depend on a parametrized base weight)
             assert_close(model(x), _fresh(model, x), torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_moving_a_model_drops_its_eval_caches(method):
+    """.to(), .half(), .cpu() of a model: the eval caches' weights and rotations, made from the tensors before
+    the move, were kept until the next eval call (GPU memory held after a model went to the CPU)."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        model(x)
+    cached = [model.proj._cache[1]] if model.proj._cache else []
+    kept = [weakref.ref(t) for t in cached + [r for _, r in getattr(model.proj, "_rotations", {}).values()]]
+    del cached
+    assert kept
+    model.to(torch.float64)
+    gc.collect()
+    assert [ref() for ref in kept] == [None] * len(kept)
+    with torch.no_grad():
+        assert_close(model(x.double()), _fresh(model, x.double()), torch.float64)
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

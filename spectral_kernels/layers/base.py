@@ -201,6 +201,10 @@ class AdapterLayer(nn.Module):
             self._drop_caches()
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cpu(): the caches' tensors are not left behind
+        self._drop_caches()
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x, *args, **kwargs):
         # As peft's layers: the result in x's dtype, also where torch.autocast ran the products in its own.
         y = self._forward(x, *args, **kwargs)
