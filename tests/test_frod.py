@@ -1,4 +1,7 @@
 """FRoD: every backend and path against the reference (peft's sparse COO algorithm)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -148,6 +151,23 @@ def test_duplicate_entries_are_summed():
     for path in PATHS:
         assert_close(sk.frod_linear(x, u, v, lam, s, indices, bias, backend="cpu", path=path),
                      reference.frod_linear(x, u, v, lam, s, indices, bias), torch.float64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_column_major_projection_is_not_kept_alive(path):
+    """V^T is kept per projection V, held weakly; for a column-major V (a QR factor, say) it was a view of V itself,
+    which then never died (float32; the result is checked too)."""
+    (x, u, _, lam, s, bias), _, indices = make_case(10, 7, 15, (4,), torch.float32, "cpu")
+    v = torch.linalg.qr(torch.randn(10, 10)).Q
+    assert v.t().is_contiguous()
+    lam.requires_grad_()
+    y = sk.frod_linear(x, u, v, lam, s, indices, bias, backend="cpu", path=path)
+    assert_close(y, reference.frod_linear(x, u, v, lam, s, indices, bias), torch.float32)
+    y.sum().backward()
+    kept = weakref.ref(v)
+    del v, y
+    gc.collect()
+    assert kept() is None
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -63,8 +63,9 @@ _transposes = TensorCache()
 
 def _v_t(v, dtype):
     """V^T contiguous in ``dtype``, the rows the weight path mixes; kept per projection (shared by its layers)
-    until V is modified in place."""
-    return _transposes.get(v, dtype, lambda: v.t().to(dtype).contiguous())
+    until V is modified in place. Always a copy: a view of V (a column-major V, e.g. a QR factor) would keep V, the
+    cache's key, alive for good."""
+    return _transposes.get(v, dtype, lambda: v.t().to(dtype, memory_format=torch.contiguous_format, copy=True))
 
 
 def _v_t_operand(v, dtype):
