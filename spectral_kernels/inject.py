@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ._cache import TensorCache
 from .config import FourierFTConfig, FrodConfig, OFTConfig
 from .layers import FourierFTLinear, FrodLinear, OFTLinear
 from .layers.base import AdapterLayer, warn_new_active_adapter
@@ -148,7 +149,8 @@ def _check_frod_adapters(model, config):
 
 def _prepare_frod(model, targets, adapter_name, config):
     """peft's FRoD set-up: per module category one projection and sparse pattern, from the category's weights
-    in block order, kept on the model under peft's names; {category: (V, s_indices) BufferDicts}."""
+    in block order, kept on the model under peft's names; ({category: (V, s_indices) BufferDicts}, the
+    TensorCache of the projections' LU factors, shared by the layers while this inject builds them)."""
     if isinstance(model, nn.Sequential):
         raise TypeError("FRoD keeps the projections of each module category on the model it adapts (where peft's "
                         "FrodModel keeps them), and an nn.Sequential would run them as layers: inject into a module "
@@ -184,15 +186,16 @@ def _prepare_frod(model, targets, adapter_name, config):
         holders[0][adapter_name], holders[1][adapter_name] = v, s_indices
         holders[2][adapter_name] = torch.tensor(v.shape, dtype=torch.long)
         shared[category] = holders[:2]
-    return shared
+    return shared, TensorCache()
 
 
 def _adapt_frod(module, key, adapter_name, config, shared):
-    v, s_indices = shared[frod_category(key)]
+    projections, factors = shared
+    v, s_indices = projections[frod_category(key)]
     if isinstance(module, FrodLinear):
-        module.update_layer(adapter_name, config, v, s_indices)
+        module.update_layer(adapter_name, config, v, s_indices, factors)
         return module
-    return FrodLinear(module, adapter_name, config, v, s_indices)
+    return FrodLinear(module, adapter_name, config, v, s_indices, factors=factors)
 
 
 register_method(FourierFTConfig, Method("FOURIERFT", FourierFTLinear, _adapt_fourierft, FOURIERFT_DEFAULT_TARGETS))

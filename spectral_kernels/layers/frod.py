@@ -10,7 +10,6 @@ import warnings
 import torch
 from torch import nn
 
-from .._cache import TensorCache
 from ..config import FrodConfig
 from ..ops.frod import frod_effective_weight, frod_linear
 from .base import AdapterLayer, adapter_entries, computes_product_only
@@ -93,15 +92,16 @@ def frod_projections(weights, config, progressbar=None):
     return result
 
 
-_lu_cache = TensorCache()
-
-
-def frod_u_and_lambda(v, weight):
+def frod_u_and_lambda(v, weight, factors=None):
     """U (out, in) and lambda (in,) with W = U diag(lambda) V^T: lambda the column norms of W V^-T (float64, as
-    peft), U those columns normalised. V's LU factorisation is kept for the other layers of its category."""
+    peft), U those columns normalised. ``factors``, a TensorCache that the layers of V's category share while
+    they are built (the injector's, for one inject), keeps V's LU factorisation for the others; it goes with it."""
     w = weight.detach().to(torch.float64)
-    lu, pivots, info = _lu_cache.get(v, w.device, lambda: torch.linalg.lu_factor_ex(v.detach().to(w.device,
-                                                                                                torch.float64)))
+
+    def factorize():
+        return torch.linalg.lu_factor_ex(v.detach().to(w.device, torch.float64))
+
+    lu, pivots, info = factorize() if factors is None else factors.get(v, w.device, factorize)
     if info.item() == 0:
         bi = torch.linalg.lu_solve(lu, pivots, w.T).T
     else:  # singular V
@@ -157,7 +157,7 @@ class FrodLinear(AdapterLayer):
     other_param_names = ("r", "frod_V", "frod_U", "frod_s_indices", "frod_dropout", "runtime_offload_base_weight")
 
     def __init__(self, base_layer, adapter_name="default", config=None, frod_V=None, frod_s_indices=None,
-                 backend=None):
+                 backend=None, factors=None):
         super().__init__(base_layer)
         self.frod_lambda_l = nn.ParameterDict({})
         self.frod_lambda_s_values = nn.ParameterDict({})
@@ -168,7 +168,7 @@ class FrodLinear(AdapterLayer):
         self._weight_before_merge = None
         if (frod_V is None) != (frod_s_indices is None):
             raise ValueError("FrodLinear: pass both frod_V and frod_s_indices (shared projections) or neither")
-        self.update_layer(adapter_name, config or FrodConfig(), frod_V, frod_s_indices)
+        self.update_layer(adapter_name, config or FrodConfig(), frod_V, frod_s_indices, factors)
 
     def _share(self, frod_V, frod_s_indices):
         if frod_V is None:
@@ -178,8 +178,9 @@ class FrodLinear(AdapterLayer):
             object.__setattr__(self, "frod_V", frod_V)
             object.__setattr__(self, "frod_s_indices", frod_s_indices)
 
-    def update_layer(self, adapter_name, config, frod_V=None, frod_s_indices=None):
-        """Add adapter ``adapter_name`` (peft's update_layer) and activate the current set."""
+    def update_layer(self, adapter_name, config, frod_V=None, frod_s_indices=None, factors=None):
+        """Add adapter ``adapter_name`` (peft's update_layer) and activate the current set; ``factors`` as in
+        frod_u_and_lambda."""
         self._share(frod_V, frod_s_indices)
         weight = self._weight()
         if adapter_name not in self.frod_V:
@@ -204,7 +205,7 @@ class FrodLinear(AdapterLayer):
         device, draw_dtype = weight.device, dtype
         if weight.device.type == "cpu" and existing is not None:
             device, draw_dtype = existing.device, existing.dtype
-        u, lam = frod_u_and_lambda(v, weight)
+        u, lam = frod_u_and_lambda(v, weight, factors)
         self.r[adapter_name] = self.out_features
         self.runtime_offload_base_weight[adapter_name] = config.runtime_offload_base_weight
         self.frod_dropout[adapter_name] = nn.Dropout(config.frod_dropout) if config.frod_dropout > 0 else nn.Identity()
