@@ -311,6 +311,17 @@ def test_frod_copies_to_the_input_device_are_kept():
     assert _on_device(v, meta) is not copy_
 
 
+def test_copies_made_in_inference_mode_are_not_inference_tensors():
+    """A first call in inference mode (an HF pipeline) made the kept copy an inference tensor, which has no version
+    counter: the index check kept per tensor (a device sync on GPU) then ran on every call (meta for a GPU)."""
+    from spectral_kernels.peft import _on_device
+
+    indices, meta = torch.arange(6).reshape(2, 3), torch.device("meta")
+    with torch.inference_mode():
+        copy_ = _on_device(indices, meta)
+    assert not copy_.is_inference() and _on_device(indices, meta) is copy_
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_frod_on_a_gpu_model_with_projections_on_the_cpu():
     torch.manual_seed(0)
