@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensors_device
+
 BLOCK_K = 128
 BLOCK_T = 16
 BLOCK_ROWS_K = 16
@@ -100,6 +102,7 @@ def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, part_ptr, tokens, nnz, n_x, 
     tl.store(part_ptr + split * nnz + k, tl.sum(acc, axis=0), mask=k < nnz)
 
 
+@on_tensors_device
 def spectrum_rows(coef, rows, cols, m, n, scale):
     bins, nnz = n // 2 + 1, coef.numel()
     out = torch.zeros(m, bins, dtype=coef.dtype.to_complex(), device=coef.device)
@@ -111,6 +114,7 @@ def spectrum_rows(coef, rows, cols, m, n, scale):
     return out
 
 
+@on_tensors_device
 def real_mirror(ft, base, n):
     bins, m = ft.shape
     out = torch.empty(m, n, dtype=ft.real.dtype if base is None else base.dtype, device=ft.device)
@@ -122,6 +126,7 @@ def real_mirror(ft, base, n):
     return out
 
 
+@on_tensors_device
 def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
     xf = xf.contiguous()
     tokens, nnz = xf.shape[0], coef.numel()
@@ -134,6 +139,7 @@ def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
     return out
 
 
+@on_tensors_device
 def coef_grad(xf, yf, x_idx, y_idx, n_x, n_y, scale):
     xf = xf.contiguous()
     yf = yf.to(xf.dtype).contiguous()

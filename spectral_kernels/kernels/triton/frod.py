@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensors_device
+
 BLOCK_T = 256
 
 
@@ -59,6 +61,7 @@ def _block(tokens):
     return max(16, min(BLOCK_T, triton.next_power_of_2(tokens)))
 
 
+@on_tensors_device
 def mix(x, coef, ptr, src, perm):
     x = x.contiguous()
     rows, tokens = ptr.shape[0] - 1, x.shape[1]
@@ -71,6 +74,7 @@ def mix(x, coef, ptr, src, perm):
     return out
 
 
+@on_tensors_device
 def mix_backward(g, z, coef, ptr, src, perm, need_dz):
     g, z = g.contiguous(), z.contiguous()
     rows, tokens, entries = z.shape[0], z.shape[1], src.shape[0]

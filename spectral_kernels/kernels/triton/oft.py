@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensors_device
+
 BLOCK_T = 64
 SPLIT_PROGRAMS = 256  # aim for about this many programs in the dR reduction
 
@@ -109,6 +111,7 @@ def _dot_args(*dtypes):
     return tl.float32, "tf32" if all(d in _HALF for d in dtypes) else "ieee"
 
 
+@on_tensors_device
 def rotate(x, rot, transpose):
     x = x.contiguous()
     tokens, features = x.shape
@@ -134,6 +137,7 @@ def rotate_backward(g, x, rot, need_dx, need_drot):
     return dx, drot
 
 
+@on_tensors_device
 def _rotate_grad(x, g, block_size, shared):
     x = x.contiguous()
     g = g.contiguous()
@@ -168,6 +172,7 @@ def _coefficients(coef, dtype, device):
     return torch.tensor(coef, dtype=dtype, device=device)
 
 
+@on_tensors_device
 def _neumann(params, coef, grad, block_size):
     blocks, acc = params.shape[0], _acc(params.dtype)
     out = params.new_empty(blocks, block_size, block_size) if grad is None else params.new_empty(params.shape)

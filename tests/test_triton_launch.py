@@ -1,9 +1,12 @@
-"""The Triton kernels address tensors of more than 2**31 elements: their offsets are 64-bit.
+"""How the Triton kernels are launched: with 64-bit offsets, and on their tensors' device.
 
 Triton computes in 32 bits what it is given in 32 bits (program ids, integer arguments below 2**31), so a row
-offset such as row * tokens wrapped around to an address gigabytes before the tensor. Each test launches one
+offset such as row * tokens wrapped around to an address gigabytes before the tensor. Each offset test launches one
 kernel on a (mostly untouched, lazily allocated) half-precision tensor past that size, with a grid of only the programs
 whose offsets pass 2**31, and compares their rows with the same kernel on a small tensor holding the same rows.
+
+Triton launches on the current CUDA device, not on the tensors' one: every launch runs under torch.cuda.device of its
+first tensor (checked here with that context manager recorded, as this machine may have no GPU).
 """
 import os
 
@@ -11,7 +14,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+from spectral_kernels.kernels import triton as launchers  # noqa: E402
 from spectral_kernels.kernels.triton import fourierft, frod, oft  # noqa: E402
+from test_triton_compile import CASES, jit_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -81,3 +86,50 @@ def test_fourierft_mirror_rows_past_2_31():
     fourierft._real_mirror_kernel[(1, 1)](torch.view_as_real(ft), ft.stride(0), ft.stride(1), out, out, m, n, bins,
                                           HAS_BASE=False, BLOCK_P=fourierft.BLOCK_P, BLOCK_Q=width)
     torch.testing.assert_close(out[:, :width], torch.view_as_real(ft[:width]).select(-1, 0).t(), rtol=0, atol=0)
+
+
+class _CurrentDevice:
+    """Stands in for torch.cuda.device, recording the device made current (``outside`` where none is)."""
+    outside = object()
+    current = outside
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.saved, _CurrentDevice.current = _CurrentDevice.current, self.device
+
+    def __exit__(self, *exc):
+        _CurrentDevice.current = self.saved
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_launch_makes_its_tensors_device_current(name, monkeypatch):
+    """Each wrapper of the module (all its kernels) launches under torch.cuda.device (here of CPU tensors: -1, none)."""
+    module, calls = CASES[name]
+    devices = {}
+
+    class Grid:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: devices.setdefault(self.kernel, set()).add(_CurrentDevice.current)
+
+    kernels = jit_kernels(module)
+    monkeypatch.setattr(torch.cuda, "device", _CurrentDevice)
+    for kernel in kernels:
+        monkeypatch.setattr(module, kernel, Grid(kernel))
+    calls()
+    assert devices == {kernel: {-1} for kernel in kernels}
+
+
+def test_launches_go_to_the_first_tensor_s_cuda_device(monkeypatch):
+    """A CUDA tensor's device is made current (cuda:1 while cuda:0 is, as with accelerate's device_map="auto")."""
+    monkeypatch.setattr(torch.cuda, "device", _CurrentDevice)
+    seen = []
+    launch = launchers.on_tensors_device(lambda first, *args: seen.append((_CurrentDevice.current, args)))
+    on_gpu = type("OnGpu", (), {"is_cuda": True, "device": torch.device("cuda", 1)})()
+    launch(on_gpu, 2)
+    launch(torch.zeros(1), 3)
+    assert seen == [(torch.device("cuda", 1), (2,)), (-1, (3,))] and _CurrentDevice.current is _CurrentDevice.outside
