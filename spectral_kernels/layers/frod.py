@@ -149,8 +149,9 @@ class FrodLinear(AdapterLayer):
     ``frod_V`` and ``frod_s_indices`` (BufferDicts by adapter) are the category's shared
     projection and sparse pattern, held by whoever shares them (the injector); without
     them the layer builds its own from its weight alone (a category of one layer) and
-    keeps them as non-persistent buffers. In eval mode without autograd, W' comes from
-    the eval cache (see AdapterLayer).
+    keeps them as non-persistent buffers. Layers built together may share ``factors``, a
+    TensorCache for their projections' LU factors (frod_u_and_lambda). In eval mode without
+    autograd, W' comes from the eval cache (see AdapterLayer).
     """
 
     adapter_layer_names = ("frod_lambda_l", "frod_lambda_s_values")
