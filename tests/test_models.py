@@ -651,7 +651,8 @@ def test_eval_cache_skips_parametrized_tensors(method, monkeypatch):
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_moving_a_model_drops_its_eval_caches(method):
     """.to(), .half(), .cpu() of a model: the eval caches' weights and rotations, made from the tensors before
-    the move, were kept until the next eval call (GPU memory held after a model went to the CPU)."""
+    the move, were kept until the next eval call (GPU memory held after a model went to the CPU); a move to where
+    the model is keeps them."""
     torch.manual_seed(0)
     model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
     x = torch.randn(5, 24)
@@ -661,6 +662,9 @@ def test_moving_a_model_drops_its_eval_caches(method):
     kept = [weakref.ref(t) for t in cached + [r for _, r in getattr(model.proj, "_rotations", {}).values()]]
     del cached
     assert kept
+    key = model.proj._cache and model.proj._cache[0]
+    model.to("cpu")  # where it is: kept (a device move on every step costs nothing)
+    assert (model.proj._cache and model.proj._cache[0]) == key and all(ref() is not None for ref in kept)
     model.to(torch.float64)
     gc.collect()
     assert [ref() for ref in kept] == [None] * len(kept)

@@ -3,6 +3,7 @@
 Attribute names follow peft's BaseTunerLayer (active_adapters, merged_adapters,
 disable_adapters, set_adapter, merge/unmerge) so code written for peft layers works.
 """
+import itertools
 import warnings
 
 import torch
@@ -201,9 +202,17 @@ class AdapterLayer(nn.Module):
             self._drop_caches()
         return super().train(mode)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cpu(): the caches' tensors are not left behind
-        self._drop_caches()
-        return super()._apply(fn, *args, **kwargs)
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cpu(): the caches' tensors, made for the old devices or dtypes, are not left behind (a
+        # move to where the tensors are, e.g. .to(device) on every step, keeps them).
+        before = self._placement()
+        result = super()._apply(fn, *args, **kwargs)
+        if self._placement() != before:
+            self._drop_caches()
+        return result
+
+    def _placement(self):
+        return {(t.device, t.dtype) for t in itertools.chain(self.parameters(), self.buffers())}
 
     def forward(self, x, *args, **kwargs):
         # As peft's layers: the result in x's dtype, also where torch.autocast ran the products in its own.
