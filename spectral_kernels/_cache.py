@@ -84,6 +84,14 @@ def version_key(*tensors):
     return tuple(key)
 
 
+def _kept(build):
+    """``build()`` for a cache: never inference tensors (made by a first call in inference mode, e.g. an HF
+    pipeline), which have no version counter, so that what is cached on them in turn (an index check, a device
+    sync on GPU; an eval-mode weight) would be rebuilt on every call, nor be saved for a backward later."""
+    with torch.inference_mode(False):
+        return build()
+
+
 class TensorCache:
     """Values computed from one tensor (held weakly, by identity), rebuilt when its version key or ``extra``
     changes."""
@@ -98,7 +106,7 @@ class TensorCache:
         key += (extra,)
         cached = self._entries.get(tensor)
         if cached is None or cached[0] != key:
-            cached = self._entries[tensor] = (key, build())
+            cached = self._entries[tensor] = (key, _kept(build))
         return cached[1]
 
 
@@ -115,5 +123,5 @@ class ConcatCache:
             return torch.cat(parts, dim)
         key += (dim,)
         if self._value is None or self._value[0] != key:
-            self._value = (key, torch.cat(parts, dim))
+            self._value = (key, _kept(lambda: torch.cat(parts, dim)))
         return self._value[1]

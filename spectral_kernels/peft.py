@@ -62,14 +62,8 @@ _folded_indices = weakref.WeakKeyDictionary()  # swapped FourierFT layer -> Conc
 
 def _on_device(t, device):
     """``t`` on ``device``: a copy kept until ``t`` changes, where peft copies it on every call (FourierFT's
-    indices, FRoD's V and pattern: peft keeps them on the CPU unless the whole model is moved). Never an inference
-    tensor, also where the first call runs in inference mode: the index check kept per tensor (a device sync on
-    GPU) would then run on every call."""
-    def copy():
-        with torch.inference_mode(False):
-            return t.to(device)
-
-    return t if t.device == device else _copies.get(t, device, copy)
+    indices, FRoD's V and pattern: peft keeps them on the CPU unless the whole model is moved)."""
+    return t if t.device == device else _copies.get(t, device, lambda: t.to(device))
 
 
 class SwappedFourierFTLinear(PeftFourierFTLinear):

@@ -672,6 +672,25 @@ def test_moving_a_model_drops_its_eval_caches(method):
         assert_close(model(x.double()), _fresh(model, x.double()), torch.float64)
 
 
+def test_eval_cache_after_a_first_call_in_inference_mode():
+    """FourierFT with two active adapters keeps their indices concatenated, and its eval weight on that tensor;
+    made by a first call in inference mode (an HF pipeline), the concatenation was an inference tensor, without
+    a version counter, and the eval weight was rebuilt on every call after it."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS["fourierft"](["proj"]))
+    sk.inject(model, CONFIGS["fourierft"](["proj"]), "other")
+    sk.set_adapter(model, ["default", "other"])
+    model.eval()
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        model(x)
+    with torch.no_grad():
+        model(x)
+        weight = model.proj._cache[1]
+        assert_close(model(x), _fresh(model, x), torch.float32)
+        assert model.proj._cache[1] is weight
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_jit_trace_keeps_no_eval_weight(method):
     """torch.jit.trace of an eval call after the cache was built recorded the cached weight as a constant, and the
