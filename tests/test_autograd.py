@@ -242,7 +242,6 @@ def test_deterministic_algorithms_automatic_choice(monkeypatch, deterministic):
     assert dispatch.select_backend(torch.device("cpu"), method="fourierft") == "cpu"
 
 
-
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make", [fourierft, frod], ids=["fourierft", "frod"])
 def test_weight_path_keeps_no_effective_weight_without_input_grad(device, backend, make):
@@ -263,3 +262,22 @@ def test_weight_path_keeps_no_effective_weight_without_input_grad(device, backen
     assert run(backend, True)[0] - kept == D_OUT * D_IN
     for got, expected in zip(grads, run("reference", False)[1]):
         assert_close(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_token_path_keeps_no_input_spectrum_without_coefficient_grad(device, backend):
+    """FourierFT's token path keeps rfft(x) (tokens x (D_IN // 2 + 1)) for the coefficients' gradient alone: with
+    frozen coefficients it is not kept, and dx is the reference's (float32)."""
+    def run(backend, coefficient_grad):
+        g = torch.Generator().manual_seed(0)
+        (spectrum,), fn = fourierft(backend, "token", device, torch.float32, g)
+        spectrum = spectrum.to(device).requires_grad_(coefficient_grad)
+        x = torch.randn(TOKENS, D_IN, generator=g).to(device).requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = fn(x, spectrum)
+        return sum(saved), torch.autograd.grad(y.square().sum(), x)[0]
+
+    kept, dx = run(backend, False)
+    assert run(backend, True)[0] - kept == TOKENS * (D_IN // 2 + 1)
+    assert_close(dx, run("reference", False)[1], torch.float32)

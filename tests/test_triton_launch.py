@@ -1,9 +1,10 @@
 """How the Triton kernels are launched: with 64-bit offsets, and on their tensors' device.
 
 Triton computes in 32 bits what it is given in 32 bits (program ids, integer arguments below 2**31), so a row
-offset such as row * tokens wrapped around to an address gigabytes before the tensor. Each offset test launches one
-kernel on a (mostly untouched, lazily allocated) half-precision tensor past that size, with a grid of only the programs
-whose offsets pass 2**31, and compares their rows with the same kernel on a small tensor holding the same rows.
+offset such as row * tokens wrapped around to an address gigabytes before the tensor. Each offset test launches a
+module's kernels on (mostly untouched, lazily allocated) half-precision tensors past that size, with a grid of a few
+programs, some of whose offsets pass 2**31, and compares their rows with the same kernels on small tensors holding
+the same rows.
 
 Triton launches on the current CUDA device, not on the tensors' one: every launch runs under torch.cuda.device of its
 first tensor (checked here with that context manager recorded, as this machine may have no GPU).

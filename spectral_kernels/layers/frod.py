@@ -95,7 +95,8 @@ def frod_projections(weights, config, progressbar=None):
 def frod_u_and_lambda(v, weight, factors=None):
     """U (out, in) and lambda (in,) with W = U diag(lambda) V^T: lambda the column norms of W V^-T (float64, as
     peft), U those columns normalised. ``factors``, a TensorCache that the layers of V's category share while
-    they are built (the injector's, for one inject), keeps V's LU factorisation for the others; it goes with it."""
+    they are built (the injector's, for one inject), keeps V's LU factorisation for the others; the factors are
+    freed with it."""
     w = weight.detach().to(torch.float64)
 
     def factorize():

@@ -16,14 +16,15 @@ csrc/fourierft_fold.h):
 Two exact algorithms, chosen by shape in dispatch.fourierft_path:
   token:  per token O((M + N) log + n); no dense M x N tensor is ever formed. Tokens
           go a chunk at a time (dispatch.fourierft_chunk_tokens); when they fit in
-          one, the forward keeps rfft(x) for the backward (small, and recomputing it
-          costs a transform), else the backward recomputes it chunk by chunk, so the
-          saved activations stay x alone.
+          one, the forward keeps rfft(x) for dc (small, and recomputing it costs a
+          transform), else the backward recomputes it chunk by chunk, so the saved
+          activations stay x alone.
   weight: dW from the sparse spectrum in O(n N + M N log M) (_delta_weight), one
-          GEMM with W + dW; the backward reuses that effective weight for dx and gets dc
-          from the sampled reduction above (no dense gradient). rfft(x) is only
-          computed in the backward, chunk by chunk of tokens with rfft(dy): for many
-          tokens the whole-batch spectra would be as big as x and dy in float32.
+          GEMM with W + dW; the backward reuses that effective weight for dx (kept only
+          where x needs a gradient) and gets dc from the sampled reduction above (no
+          dense gradient). rfft(x) is only computed in the backward, chunk by chunk of
+          tokens with rfft(dy): for many tokens the whole-batch spectra would be as big
+          as x and dy in float32.
 FFTs run in float32 (float64 for float64 inputs), whatever the input dtype.
 """
 import torch

@@ -18,7 +18,7 @@ both dz[j] += M_ij g[i] and the sampled dM_ij = sum_t g[i, t] z[j, t] (SDDMM).
 
   weight path: A = M V^T (mix over the rows of V^T), W' = U A, y = x W'^T + bias;
     backward: dx = dy W', dM_ij = P_ij for P = U^T (dy^T x) V, sampled from U^T dW and V^T.
-    W' is saved.
+    W' is saved where x needs a gradient.
 
 Multiply-adds of forward + backward: factored 2·T·n·(n + m), weight 2·m·n² + 3·T·m·n
 (forward alone: T·n·(n + m) against m·n² + T·m·n); dispatch.frod_path picks the
