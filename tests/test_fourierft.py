@@ -157,6 +157,21 @@ def test_delta_weight(device, backend, dtype):
             assert_low_precision_close(got, reference.fourierft_delta_weight(c, indices, m, n, 150.0), exact)
 
 
+def test_reference_delta_weight_at_2048_on_two_threads():
+    """torch 2.13's CPU ifft2 of a 2048 x 2048 float32 input came out 2048² times too small on two threads or
+    more, and with it the reference's ΔW (what peft computes) and the layers' calls that use it; float32 against
+    float64."""
+    indices = fourierft_indices(2048, 2048, 1000, 777)
+    c = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = reference.fourierft_delta_weight(c, indices, 2048, 2048, 150.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(got, sk.fourierft_delta_weight(c.double(), indices, 2048, 2048, 150.0).float(), torch.float32)
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_delta_weight_takes_numpy_integers(device, backend, dtype):

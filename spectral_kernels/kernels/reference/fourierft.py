@@ -11,11 +11,16 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
 
     peft assigns S[indices] = spectrum; for repeated positions (which its random indices
     never have) that assignment is undefined in torch, so here they add, as in the
-    fused kernels. For distinct positions the two are the same, bit for bit."""
+    fused kernels. For distinct positions the two are the same, bit for bit.
+
+    The 1 / (M N) of the inverse transform is applied here, not by ifft2: torch 2.13's CPU
+    build returns ifft2 of a 2048 x 2048 float32 input 2048² times too small when it runs
+    on two threads or more (and peft's ΔW with it)."""
     dense = torch.zeros(out_features, in_features, device=spectrum.device,
                         dtype=torch.float64 if spectrum.dtype == torch.float64 else torch.float32)
     dense.index_put_((indices[0, :], indices[1, :]), spectrum.to(dense.dtype), accumulate=True)
-    return (torch.fft.ifft2(dense).real * scaling).to(spectrum.dtype)
+    inverse = torch.fft.ifft2(dense, norm="forward").real
+    return (inverse * (scaling / (out_features * in_features))).to(spectrum.dtype)
 
 
 def fourierft_linear(x, weight, bias, spectrum, indices, scaling):
