@@ -242,17 +242,17 @@ def test_deterministic_algorithms_automatic_choice(monkeypatch, deterministic):
     assert dispatch.select_backend(torch.device("cpu"), method="fourierft") == "cpu"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make", [fourierft, frod], ids=["fourierft", "frod"])
-def test_weight_path_keeps_no_effective_weight_without_input_grad(device, backend, make):
+def test_weight_path_keeps_no_effective_weight_without_input_grad(device, backend, make, dtype):
     """Where x needs no gradient (a model's first adapted layers, after frozen embeddings), the weight path keeps
-    no effective weight (D_OUT x D_IN), which serves dx only, and its adapter gradients are the reference's
-    (float32)."""
+    no effective weight (D_OUT x D_IN), which serves dx only, and its adapter gradients are the reference's."""
     def run(backend, x_grad):
         g = torch.Generator().manual_seed(0)
-        params, fn = make(backend, "weight", device, torch.float32, g)
-        params = [t.to(device).requires_grad_() for t in params]
-        x = torch.randn(TOKENS, D_IN, generator=g).to(device).requires_grad_(x_grad)
+        params, fn = make(backend, "weight", device, dtype, g)
+        params = [t.to(device, dtype).requires_grad_() for t in params]
+        x = torch.randn(TOKENS, D_IN, generator=g).to(device, dtype).requires_grad_(x_grad)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             y = fn(x, *params)
@@ -261,18 +261,19 @@ def test_weight_path_keeps_no_effective_weight_without_input_grad(device, backen
     kept, grads = run(backend, False)
     assert run(backend, True)[0] - kept == D_OUT * D_IN
     for got, expected in zip(grads, run("reference", False)[1]):
-        assert_close(got, expected, torch.float32)
+        assert_close(got, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_token_path_keeps_no_input_spectrum_without_coefficient_grad(device, backend):
+def test_token_path_keeps_no_input_spectrum_without_coefficient_grad(device, backend, dtype):
     """FourierFT's token path keeps rfft(x) (tokens x (D_IN // 2 + 1)) for the coefficients' gradient alone: with
-    frozen coefficients it is not kept, and dx is the reference's (float32)."""
+    frozen coefficients it is not kept, and dx is the reference's."""
     def run(backend, coefficient_grad):
         g = torch.Generator().manual_seed(0)
-        (spectrum,), fn = fourierft(backend, "token", device, torch.float32, g)
-        spectrum = spectrum.to(device).requires_grad_(coefficient_grad)
-        x = torch.randn(TOKENS, D_IN, generator=g).to(device).requires_grad_()
+        (spectrum,), fn = fourierft(backend, "token", device, dtype, g)
+        spectrum = spectrum.to(device, dtype).requires_grad_(coefficient_grad)
+        x = torch.randn(TOKENS, D_IN, generator=g).to(device, dtype).requires_grad_()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             y = fn(x, spectrum)
@@ -280,4 +281,4 @@ def test_token_path_keeps_no_input_spectrum_without_coefficient_grad(device, bac
 
     kept, dx = run(backend, False)
     assert run(backend, True)[0] - kept == TOKENS * (D_IN // 2 + 1)
-    assert_close(dx, run("reference", False)[1], torch.float32)
+    assert_close(dx, run("reference", False)[1], dtype)

@@ -80,8 +80,8 @@ def build_pair(conv1d=False, backend=None, **kwargs):
 
 def test_inject_frees_the_projections_factorizations(monkeypatch):
     """The layers of a category share V's LU factorisation while sk.inject builds them (one per category), and
-    it goes with the inject: kept per V for the model's lifetime, it cost 128 MiB of float64 per category at
-    4096 features, on the weights' device, for nothing."""
+    it goes with the inject: kept per V for the model's lifetime, it held a float64 n x n matrix per category,
+    on the weights' device, for nothing."""
     factorizations = []
 
     def recorded(a):
