@@ -50,7 +50,7 @@ setup(
     description="Fused kernels for the FourierFT, OFT and FRoD PEFT adapters",
     packages=find_packages(include=["spectral_kernels", "spectral_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "tqdm"],
+    install_requires=["torch>=2.11", "safetensors", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "peft>=0.21,<0.22", "transformers", "triton"],
         "bench": ["peft>=0.21,<0.22", "transformers", "matplotlib", "pytest-benchmark"],
