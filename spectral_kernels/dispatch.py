@@ -138,8 +138,10 @@ def holds(condition):
     guarded, so each path gets its own graph. torch.export must give one program valid
     for every size in its dynamic ranges: there, a condition the ranges do not settle
     counts as False, which picks each op's path for few tokens (all paths are exact).
+    The flag behind torch.compiler.is_exporting() is read because dynamo before torch 2.12 folds
+    that call to True under torch.compile too; export sets the flag while dynamo traces.
     """
-    if torch.compiler.is_exporting():
+    if torch.compiler._is_exporting_flag:
         return statically_known_true(condition)
     return bool(condition)
 

@@ -282,6 +282,33 @@ def test_compile_dynamic_shapes(method):
             assert_close(op(x, *args, scaling), sk.fourierft_linear(x, *args, scaling), torch.float32)
 
 
+def _traced_paths(model, x, dynamic):
+    """The paths (string arguments) of the fused ops in the graph torch.compile traces for ``model(x)``."""
+    torch._dynamo.reset()
+    paths = []
+
+    def backend(graph_module, example_inputs):
+        paths.extend(arg for node in graph_module.graph.nodes if "spectral_kernels" in str(node.target)
+                     for arg in node.args if arg in (*dispatch.FOURIERFT_PATHS, *dispatch.OFT_PATHS,
+                                                     *dispatch.FROD_PATHS))
+        return graph_module
+
+    torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic)(x)
+    return paths
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_compile_dynamic_shapes_choose_paths_by_size(method):
+    """With symbolic token counts, torch.compile picks each op's path by the traced size, as eager (and a static
+    graph) does: dynamo before torch 2.12 reports torch.compiler.is_exporting() as True under torch.compile,
+    which sent every size to torch.export's choice, the path for few tokens."""
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"]))
+    chosen = [_traced_paths(model, torch.randn(tokens, 24), dynamic=False) for tokens in (3, 70)]
+    assert chosen[0] != chosen[1]  # both sides of the threshold
+    for tokens, static in zip((3, 70), chosen):
+        assert _traced_paths(model, torch.randn(tokens, 24), dynamic=True) == static
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
