@@ -49,5 +49,7 @@ try:
                         "would crash the process; rebuild it with a compiler that links libstdc++ as a shared "
                         "library (e.g. CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++)")
 except ImportError as err:  # extension not built: reference/Triton paths only
-    IMPORT_ERROR = f"native extension not importable ({err})"
+    # pip's default isolated build has no torch to compile against, so it installs the package without it.
+    IMPORT_ERROR = (f"native extension not importable ({err}); build it against the installed torch with "
+                    "`pip install --no-build-isolation`")
     CUDA_BUILT = False
