@@ -1,6 +1,7 @@
 """What the package ships and declares: the sdist holds every source of the native build and the tests' shared
 module, and install_requires names what the package imports (no more: peft, triton and transformers are optional)."""
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,7 @@ def _install_requires():
     setup = ast.parse((ROOT / "setup.py").read_text())
     for node in ast.walk(setup):
         if isinstance(node, ast.keyword) and node.arg == "install_requires":
-            return {requirement.split(">")[0].split("=")[0].split("<")[0].strip()
-                    for requirement in ast.literal_eval(node.value)}
+            return {re.match(r"[\w.-]+", requirement)[0] for requirement in ast.literal_eval(node.value)}
     raise AssertionError("setup.py has no install_requires")
 
 
