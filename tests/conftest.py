@@ -1,5 +1,7 @@
 """Shared test helpers: the backends runnable here, and the per-dtype tolerance rule."""
+import functools
 import os
+import platform
 
 import pytest
 import torch
@@ -20,7 +22,9 @@ LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def device_backends():
-    """(device, backend) pairs to test; those not available here are skipped with the reason."""
+    """(device, backend) pairs to test; those not available here are skipped with the reason. Without a GPU, the
+    CUDA kernels run emulated on the CPU (tests/cuda_emulation) as the kernels of the ``cpu`` backend: pair
+    ("cpu", "cpu") with id "cuda_emulated-cpu"."""
     available = spectral_kernels.backends()
     cuda = torch.cuda.is_available()
     pairs = [("cpu", "cpu"), ("cuda", "cuda"), ("cuda", "triton")]
@@ -31,12 +35,51 @@ def device_backends():
         reason = available[backend] or (None if device == "cpu" or cuda else "no CUDA device")
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(device, backend, marks=marks, id=f"{backend}-{device}"))
+    if not cuda:
+        reason = available["cpu"] or _cuda_emulation_unavailable()
+        marks = [pytest.mark.cuda_emulated] + ([pytest.mark.skip(reason=reason)] if reason else [])
+        params.append(pytest.param("cpu", "cpu", marks=marks, id="cuda_emulated-cpu"))
     return params
+
+
+@functools.cache
+def _cuda_emulation_unavailable():
+    from torch.utils import cpp_extension
+
+    if platform.machine() != "x86_64":
+        return "the CUDA emulation switches threads in x86-64 assembly"
+    if not cpp_extension.is_ninja_available():
+        return "ninja, which torch.utils.cpp_extension builds the CUDA emulation with, is not on PATH"
+    return None
 
 
 def native_device_backends():
     """The (device, backend) pairs of the C++ kernels: ("cpu", "cpu") and ("cuda", "cuda")."""
-    return [p for p in device_backends() if p.id in ("cpu-cpu", "cuda-cuda")]
+    return [p for p in device_backends() if p.id in ("cpu-cpu", "cuda-cuda", "cuda_emulated-cpu")]
+
+
+@pytest.fixture(scope="session")
+def _cuda_emulation(tmp_path_factory):
+    import cuda_emulation
+
+    cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+    return cuda_emulation
+
+
+@pytest.fixture
+def kernel_device(request, device):
+    """The device whose C++ kernels a test of ``device`` runs: "cuda" where they are the emulated CUDA kernels."""
+    return "cuda" if request.node.get_closest_marker("cuda_emulated") else device
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_kernels(request):
+    """Tests of the "cuda_emulated-cpu" pair run with the emulated CUDA kernels in place of the CPU ones."""
+    if request.node.get_closest_marker("cuda_emulated") is None:
+        yield
+        return
+    with request.getfixturevalue("_cuda_emulation").active():
+        yield
 
 
 def assert_raises_all(cases):

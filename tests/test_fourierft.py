@@ -296,7 +296,7 @@ def test_cpu_kernels_reject_out_of_range_indices():
 @pytest.mark.parametrize("device,backend", native_device_backends())
 def test_native_kernels_reject_bad_arguments(device, backend):
     """Shapes, dtypes and devices, checked by the entry points of both C++ backends (shared checks; the CUDA
-    kernels assert index values on the device, where a failure cannot be tested without losing the context)."""
+    kernels assert index values on the device: test_cuda_emulation.py tests those asserts)."""
     k = dispatch.kernels("fourierft", backend)
     c, idx = torch.randn(3, device=device), torch.tensor([0, 1, 2], device=device)
     xf = torch.randn(2, 4, dtype=torch.complex64, device=device)  # half spectra of length-6 signals

@@ -355,7 +355,7 @@ def test_cpu_kernels_reject_bad_plans():
 @pytest.mark.parametrize("device,backend", native_device_backends())
 def test_native_kernels_reject_bad_arguments(device, backend):
     """Shapes, dtypes and devices, checked by the entry points of both C++ backends (shared checks; the CUDA
-    kernels assert the plan's values on the device, where a failure cannot be tested without losing the context)."""
+    kernels assert the plan's values on the device: test_cuda_emulation.py tests those asserts)."""
     from spectral_kernels.kernels.native import frod as native
 
     x, coef = torch.randn(5, 4, device=device), torch.randn(6, device=device)

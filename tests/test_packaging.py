@@ -1,5 +1,5 @@
 """What the package ships and declares: the sdist holds every source of the native build and the tests' shared
-module, and install_requires names what the package imports (no more: peft, triton and transformers are optional)."""
+modules, and install_requires names what the package imports (no more: peft, triton and transformers are optional)."""
 import ast
 import re
 import shutil
@@ -25,7 +25,7 @@ def test_sdist_holds_the_build_and_test_sources(tmp_path):
     with tarfile.open(tmp_path / name) as sdist:
         shipped = {Path(*Path(member).parts[1:]) for member in sdist.getnames()}
     needed = {Path("CMakeLists.txt"), Path("setup.py"), Path("tests/conftest.py")}
-    needed |= {path.relative_to(ROOT) for pattern in ("csrc/**/*", "spectral_kernels/**/*.py")
+    needed |= {path.relative_to(ROOT) for pattern in ("csrc/**/*", "spectral_kernels/**/*.py", "tests/cuda_emulation/*")
                for path in ROOT.glob(pattern) if path.is_file()}
     assert needed <= shipped, sorted(map(str, needed - shipped))
 

@@ -1,0 +1,93 @@
+"""What only the emulated CUDA kernels (tests/cuda_emulation) let a machine without a GPU test: the kernels'
+device-side asserts, and their results with blocks and threads run in the opposite order (a missing barrier or a
+race between blocks gives a different result in one of the two orders). The "cuda_emulated-cpu" cases of the other
+test files run the kernels' outputs and gradients against the reference."""
+import pytest
+import torch
+
+import spectral_kernels as sk
+
+from conftest import assert_close, device_backends
+
+EMULATED = [p for p in device_backends() if p.id == "cuda_emulated-cpu"]
+pytestmark = pytest.mark.skipif(not EMULATED, reason="a CUDA device runs the kernels themselves")
+
+
+@pytest.fixture
+def emulated(_cuda_emulation):
+    return torch.ops.sk_emulated_cuda
+
+
+@pytest.mark.parametrize("device,backend", EMULATED)
+def test_device_side_asserts(device, backend, emulated):
+    """Index values out of range reach the kernels (the CUDA entry points leave them to device-side asserts, which
+    a real GPU reports by losing its context): each kernel that reads them stops with the assert."""
+    c, idx = torch.randn(3), torch.tensor([0, 1, 2])
+    bad = torch.tensor([0, 1, 6])
+    xf = torch.randn(2, 4, dtype=torch.complex64)  # half spectra of length-6 signals
+    x, coef = torch.randn(5, 4), torch.randn(6)
+    ptr, src, perm = torch.tensor([0, 2, 3, 5, 6]), torch.tensor([0, 1, 2, 3, 0, 4]), torch.arange(6)
+    g = torch.randn(5, 4)
+    assert_raises = [
+        ("r < m", lambda: emulated.fourierft_spectrum_rows(c, bad, idx, 6, 6, 1.0)),
+        ("v < n", lambda: emulated.fourierft_spectrum_rows(c, idx, bad, 6, 6, 1.0)),
+        ("gk < n_in", lambda: emulated.fourierft_mix(xf, c, bad, idx, 6, 6, 1.0)),
+        ("sk < n_out", lambda: emulated.fourierft_mix(xf, c, idx, bad, 6, 6, 1.0)),
+        ("ak < n_x", lambda: emulated.fourierft_coef_grad(xf, xf, bad, idx, 6, 6, 1.0)),
+        ("bk < n_y", lambda: emulated.fourierft_coef_grad(xf, xf, idx, bad, 6, 6, 1.0)),
+        ("s < in_rows", lambda: emulated.frod_mix(x, coef, ptr, torch.tensor([0, 1, 2, 3, 0, 5]), perm)),
+        ("p < coefs", lambda: emulated.frod_mix(x, coef, ptr, src, torch.tensor([0, 1, 2, 3, 4, 6]))),
+        ("r.begin <= r.end", lambda: emulated.frod_mix(x, coef, torch.tensor([0, 3, 2, 5, 6]), src, perm)),
+        ("r.end == entries", lambda: emulated.frod_mix(x, coef, torch.tensor([0, 2, 3, 5, 5]), src, perm)),
+        ("s_row < g_rows", lambda: emulated.frod_mix_backward(g, x[:4], coef, ptr,
+                                                              torch.tensor([0, 1, 2, 3, 0, 5]), perm, True)),
+        ("index < coefs", lambda: emulated.frod_mix_backward(g, x[:4], coef, ptr, src,
+                                                             torch.tensor([0, 1, 2, 3, 4, 6]), True)),
+    ]
+    for condition, call in assert_raises:
+        with pytest.raises(RuntimeError, match="device-side assert failed: .*" + condition):
+            call()
+    assert emulated.fourierft_mix(xf, c, idx, idx, 6, 6, 1.0).shape == (2, 4)  # the emulation goes on
+
+
+def fused_op(name):
+    """The fused op ``name`` (method-path) at odd sizes on the cpu backend: forward(*inputs) -> y, and its inputs
+    (x and the adapter's trainable tensors)."""
+    method, path = name.split("-")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 96, generator=g)
+    w, bias = torch.randn(45, 96, generator=g), torch.randn(45, generator=g)
+    if method == "fourierft":
+        flat = torch.randperm(45 * 96, generator=g)[:300]
+        indices = torch.stack([flat // 96, flat % 96])
+        return (lambda x, spectrum: sk.fourierft_linear(x, w, bias, spectrum, indices, 150.0, backend="cpu",
+                                                        path=path)), (x, torch.randn(300, generator=g))
+    if method == "oft":  # three blocks of 32
+        return (lambda x, params: sk.oft_linear(x, w, bias, sk.oft_rotation(params, 32, backend="cpu"),
+                                                backend="cpu", path=path)), (x, 0.1 * torch.randn(3, 496, generator=g))
+    u, v = torch.randn(45, 96, generator=g) / 10, torch.randn(96, 96, generator=g) / 10
+    flat = torch.randperm(96 * 96, generator=g)[:200]
+    s_indices = torch.stack([flat // 96, flat % 96])
+    return (lambda x, lam, s_values: sk.frod_linear(x, u, v, lam, s_values, s_indices, bias, backend="cpu",
+                                                    path=path)), (x, torch.randn(96, generator=g),
+                                                                  torch.randn(200, generator=g))
+
+
+@pytest.mark.parametrize("device,backend", EMULATED)
+@pytest.mark.parametrize("op", ["fourierft-token", "fourierft-weight", "oft-token", "oft-weight", "frod-factored",
+                                "frod-weight"])
+def test_reverse_order_gives_the_same_results(device, backend, op, _cuda_emulation):
+    """Outputs and gradients with blocks and threads run last first, against the usual order: the same bits where
+    the kernels are deterministic (OFT, FRoD), within float32 rounding where they add with atomics (FourierFT)."""
+    forward, inputs = fused_op(op)
+    results = []
+    for reverse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with _cuda_emulation.active(reverse=reverse):
+            y = forward(*leaves)
+            results.append([y.detach(), *torch.autograd.grad(y.square().sum(), leaves)])
+    for usual, reverse in zip(*results):
+        if op.startswith("fourierft"):
+            assert_close(reverse, usual, torch.float32)
+        else:
+            assert torch.equal(reverse, usual)
