@@ -36,14 +36,15 @@ def device_backends():
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(device, backend, marks=marks, id=f"{backend}-{device}"))
     if not cuda:
-        reason = available["cpu"] or _cuda_emulation_unavailable()
+        reason = available["cpu"] or cuda_emulation_unavailable()
         marks = [pytest.mark.cuda_emulated] + ([pytest.mark.skip(reason=reason)] if reason else [])
         params.append(pytest.param("cpu", "cpu", marks=marks, id="cuda_emulated-cpu"))
     return params
 
 
 @functools.cache
-def _cuda_emulation_unavailable():
+def cuda_emulation_unavailable():
+    """Why the CUDA emulation (tests/cuda_emulation) cannot run here, or None."""
     from torch.utils import cpp_extension
 
     if platform.machine() != "x86_64":

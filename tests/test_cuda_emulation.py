@@ -7,19 +7,20 @@ import torch
 
 import spectral_kernels as sk
 
-from conftest import assert_close, device_backends
+from conftest import cuda_emulation_unavailable, assert_close
 
-EMULATED = [p for p in device_backends() if p.id == "cuda_emulated-cpu"]
-pytestmark = pytest.mark.skipif(not EMULATED, reason="a CUDA device runs the kernels themselves")
+UNAVAILABLE = ("a CUDA device runs the kernels themselves" if torch.cuda.is_available() else
+               sk.backends()["cpu"] or cuda_emulation_unavailable())
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 @pytest.fixture
 def emulated(_cuda_emulation):
+    """The emulated CUDA kernels, as ops of their own (the CPU kernels serve spectral_kernels' ops)."""
     return torch.ops.sk_emulated_cuda
 
 
-@pytest.mark.parametrize("device,backend", EMULATED)
-def test_device_side_asserts(device, backend, emulated):
+def test_device_side_asserts(emulated):
     """Index values out of range reach the kernels (the CUDA entry points leave them to device-side asserts, which
     a real GPU reports by losing its context): each kernel that reads them stops with the assert."""
     c, idx = torch.randn(3), torch.tensor([0, 1, 2])
@@ -73,10 +74,9 @@ def fused_op(name):
                                                                   torch.randn(200, generator=g))
 
 
-@pytest.mark.parametrize("device,backend", EMULATED)
 @pytest.mark.parametrize("op", ["fourierft-token", "fourierft-weight", "oft-token", "oft-weight", "frod-factored",
                                 "frod-weight"])
-def test_reverse_order_gives_the_same_results(device, backend, op, _cuda_emulation):
+def test_reverse_order_gives_the_same_results(op, _cuda_emulation):
     """Outputs and gradients with blocks and threads run last first, against the usual order: the same bits where
     the kernels are deterministic (OFT, FRoD), within float32 rounding where they add with atomics (FourierFT)."""
     forward, inputs = fused_op(op)
@@ -91,3 +91,23 @@ def test_reverse_order_gives_the_same_results(device, backend, op, _cuda_emulati
             assert_close(reverse, usual, torch.float32)
         else:
             assert torch.equal(reverse, usual)
+
+
+def test_grid_stride_loops(emulated):
+    """Launches whose grid is capped at 65535 (FourierFT's token, coefficient and row loops) or split by the number
+    of multiprocessors (the coefficient gradient's token splits) against the CPU kernels."""
+    g = torch.Generator().manual_seed(0)
+    ops = torch.ops.spectral_kernels
+    xf = torch.randn(70000, 3, dtype=torch.complex64, generator=g)  # length-4 signals
+    coef, idx = torch.randn(3, generator=g), torch.tensor([0, 3, 1])
+    args = (xf, coef, idx, idx, 4, 6, 0.5)
+    assert_close(emulated.fourierft_mix(*args), ops.fourierft_mix(*args), torch.float32)
+    flat = torch.randperm(300 * 300, generator=g)[:65600]
+    coef = torch.randn(65600, generator=g)
+    args = (coef, flat // 300, flat % 300, 300, 300, 2.0)
+    assert_close(emulated.fourierft_spectrum_rows(*args), ops.fourierft_spectrum_rows(*args), torch.float32)
+    ft = torch.randn(70000, 2, dtype=torch.complex64, generator=g).t()  # (n/2 + 1, m) for n = 3
+    assert torch.equal(emulated.fourierft_real_mirror(ft, None, 3), ops.fourierft_real_mirror(ft, None, 3))
+    yf = torch.randn(3000, 4, dtype=torch.complex64, generator=g)
+    args = (xf[:3000], yf, idx, torch.tensor([5, 0, 2]), 4, 6, 1.5)
+    assert_close(emulated.fourierft_coef_grad(*args), ops.fourierft_coef_grad(*args), torch.float32)
