@@ -55,16 +55,18 @@ def cuda_emulation_unavailable():
 
 
 def native_device_backends():
-    """The (device, backend) pairs of the C++ kernels: ("cpu", "cpu") and ("cuda", "cuda")."""
+    """The (device, backend) pairs of the C++ kernels: ("cpu", "cpu"), ("cuda", "cuda") and, without a GPU, the
+    emulated CUDA kernels ("cuda_emulated-cpu")."""
     return [p for p in device_backends() if p.id in ("cpu-cpu", "cuda-cuda", "cuda_emulated-cpu")]
 
 
 @pytest.fixture(scope="session")
-def _cuda_emulation(tmp_path_factory):
-    import cuda_emulation
+def cuda_emulation(tmp_path_factory):
+    """The module tests/cuda_emulation, its kernels built and loaded."""
+    import cuda_emulation as emulation
 
-    cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
-    return cuda_emulation
+    emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+    return emulation
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def _emulated_cuda_kernels(request):
     if request.node.get_closest_marker("cuda_emulated") is None:
         yield
         return
-    with request.getfixturevalue("_cuda_emulation").active():
+    with request.getfixturevalue("cuda_emulation").active():
         yield
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE)
 
 
 @pytest.fixture
-def emulated(_cuda_emulation):
+def emulated(cuda_emulation):
     """The emulated CUDA kernels, as ops of their own (the CPU kernels serve spectral_kernels' ops)."""
     return torch.ops.sk_emulated_cuda
 
@@ -76,14 +76,14 @@ def fused_op(name):
 
 @pytest.mark.parametrize("op", ["fourierft-token", "fourierft-weight", "oft-token", "oft-weight", "frod-factored",
                                 "frod-weight"])
-def test_reverse_order_gives_the_same_results(op, _cuda_emulation):
+def test_reverse_order_gives_the_same_results(op, cuda_emulation):
     """Outputs and gradients with blocks and threads run last first, against the usual order: the same bits where
     the kernels are deterministic (OFT, FRoD), within float32 rounding where they add with atomics (FourierFT)."""
     forward, inputs = fused_op(op)
     results = []
     for reverse in (False, True):
         leaves = [t.clone().requires_grad_() for t in inputs]
-        with _cuda_emulation.active(reverse=reverse):
+        with cuda_emulation.active(reverse=reverse):
             y = forward(*leaves)
             results.append([y.detach(), *torch.autograd.grad(y.square().sum(), leaves)])
     for usual, reverse in zip(*results):
