@@ -7,8 +7,14 @@ registers its entry points as the CPU kernels of ops ``sk_emulated_cuda::*``, wi
 the schemas of ``spectral_kernels::*``. ``active()`` puts them in place of the
 spectral_kernels CPU kernels, so that the ``cpu`` backend's Python code runs the
 CUDA kernels (with the CUDA kernels' Neumann limits).
+
+With SPECTRAL_KERNELS_EMULATION_ASAN=1 the kernels are built with AddressSanitizer,
+which must then be loaded first, as .ci/run does:
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
+ASAN_OPTIONS=detect_leaks=0 python -m pytest tests --capture=sys -k "cuda_emulated or cuda_emulation"
 """
 import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -62,10 +68,11 @@ def build(build_dir):
     for name in ops:
         schema = str(getattr(torch.ops.spectral_kernels, name).default._schema)
         library.define(schema.split("::", 1)[1])
+    sanitize = ["-fsanitize=address"] if os.environ.get("SPECTRAL_KERNELS_EMULATION_ASAN") == "1" else []
     cpp_extension.load(name="spectral_kernels_emulated_cuda", sources=sources, build_directory=str(build_dir),
                        extra_include_paths=[str(HERE), str(CSRC / "cuda")],
-                       extra_cflags=["-std=c++20", "-O1", "-DSPECTRAL_KERNELS_WITH_CUDA", "-Wno-unknown-pragmas"],
-                       is_python_module=False, verbose=False)
+                       extra_cflags=["-std=c++20", "-O1", "-DSPECTRAL_KERNELS_WITH_CUDA", "-Wno-unknown-pragmas",
+                                     *sanitize], extra_ldflags=sanitize, is_python_module=False, verbose=False)
     _library, _ops = library, ops
 
 

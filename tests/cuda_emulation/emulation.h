@@ -7,11 +7,15 @@
 // missing barrier or a race between blocks gives different results in the two
 // orders. Device-side asserts, a barrier reached after other threads of the block
 // returned, a shuffle without all 32 lanes, more than 48 KiB of dynamic shared memory
-// without the opt-in, and launches beyond CUDA's limits raise errors. It checks the
-// kernels' logic, not the GPU's memory model, rounding of its math functions or speed.
+// without the opt-in, and launches beyond CUDA's limits raise errors; built with
+// AddressSanitizer, any access outside a tensor does. It checks the kernels' logic,
+// not the GPU's memory model, the rounding of its math functions or its speed.
 #pragma once
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -132,6 +136,9 @@ inline void set_thread(int i) {
 // A fiber that starts in fiber_main the first time it is switched to.
 inline void start(Fiber& f) {
   if (!f.stack) f.stack.reset(new char[kStackBytes]);
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), kStackBytes);  // the redzones of earlier fibers' frames
+#endif
   auto** sp = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(f.stack.get() + kStackBytes) & ~uintptr_t(15));
   *--sp = nullptr;                                   // fiber_main's return address (it never returns)
   *--sp = reinterpret_cast<void*>(&fiber_main);      // where sk_emu_switch returns to
