@@ -109,8 +109,6 @@ struct Scheduler {
   std::vector<int> at_shuffle, done_in_warp;  // per warp of the running block
   std::vector<unsigned char> dynamic_shared;
   bool reverse = false;  // run blocks, and threads within a block, last first
-  bool waited = false;   // a thread of this launch waited at a barrier
-  bool direct = false;   // threads run without fibers
   int opted_in_shared = 48 * 1024;  // the dynamic shared memory the next launch may use
 };
 
@@ -148,8 +146,6 @@ inline void start(Fiber& f) {
 }
 
 inline void wait(State state) {
-  TORCH_CHECK(!scheduler.direct, "emulated CUDA: a barrier in a block after a first block without barriers");
-  scheduler.waited = true;
   Fiber& f = scheduler.fibers[scheduler.current];
   f.state = state;
   sk_emu_switch(&f.sp, scheduler.host);
@@ -198,17 +194,7 @@ inline void run_block(int threads) {
   TORCH_CHECK(done == threads, "emulated CUDA: the block's threads wait at different barriers (deadlock)");
 }
 
-// A block without fibers: each thread runs to its end in turn (wait() refuses).
-inline void run_block_direct(int threads) {
-  for (int k = 0; k < threads; ++k) {
-    set_thread(scheduler.reverse ? threads - 1 - k : k);
-    (*scheduler.body)();
-  }
-}
-
 // kernel<<<grid, block, shared_bytes, stream>>>(args...): `body` runs the kernel for the current thread.
-// The first block runs on fibers; if none of its threads waited at a barrier, the others run directly
-// (a barrier there then raises an error).
 inline void run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && threads >= 1, "emulated CUDA: empty launch (grid ",
@@ -229,18 +215,11 @@ inline void run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<
   gridDim = grid;
   blockDim = block;
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
-  scheduler.waited = false;
   for (uint64_t k = 0; k < blocks; ++k) {
     const uint64_t b = scheduler.reverse ? blocks - 1 - k : k;
     blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (uint64_t(grid.x) * grid.y));
-    scheduler.direct = k > 0 && !scheduler.waited;
-    if (scheduler.direct) {
-      run_block_direct(static_cast<int>(threads));
-    } else {
-      run_block(static_cast<int>(threads));
-    }
+    run_block(static_cast<int>(threads));
   }
-  scheduler.direct = false;
 }
 
 template <typename Body>
