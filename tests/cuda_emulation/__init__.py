@@ -8,8 +8,9 @@ the schemas of ``spectral_kernels::*``. ``active()`` puts them in place of the
 spectral_kernels CPU kernels, so that the ``cpu`` backend's Python code runs the
 CUDA kernels (with the CUDA kernels' Neumann limits).
 
-With SPECTRAL_KERNELS_EMULATION_ASAN=1 the kernels are built with AddressSanitizer,
-which must then be loaded first, as .ci/run does:
+With SPECTRAL_KERNELS_EMULATION_REVERSE=1 blocks and threads run last first. With
+SPECTRAL_KERNELS_EMULATION_ASAN=1 the kernels are built with AddressSanitizer, which
+must then be loaded first, as .ci/run does (with both):
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
 ASAN_OPTIONS=detect_leaks=0 python -m pytest tests --capture=sys -k "cuda_emulated or cuda_emulation"
 """
@@ -77,9 +78,11 @@ def build(build_dir):
 
 
 @contextlib.contextmanager
-def active(reverse=False):
-    """The emulated CUDA kernels serve spectral_kernels' ops on CPU tensors (blocks and threads run last first
-    with ``reverse``)."""
+def active(reverse=None):
+    """The emulated CUDA kernels serve spectral_kernels' ops on CPU tensors. Blocks and threads run last first with
+    ``reverse``, by default where SPECTRAL_KERNELS_EMULATION_REVERSE=1."""
+    if reverse is None:
+        reverse = os.environ.get("SPECTRAL_KERNELS_EMULATION_REVERSE") == "1"
     from spectral_kernels.kernels.native import oft
 
     library = torch.library.Library("spectral_kernels", "IMPL")
