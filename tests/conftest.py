@@ -36,7 +36,7 @@ def device_backends():
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(device, backend, marks=marks, id=f"{backend}-{device}"))
     if not cuda:
-        reason = available["cpu"] or cuda_emulation_unavailable()
+        reason = cuda_emulation_unavailable()
         marks = [pytest.mark.cuda_emulated] + ([pytest.mark.skip(reason=reason)] if reason else [])
         params.append(pytest.param("cpu", "cpu", marks=marks, id="cuda_emulated-cpu"))
     return params
@@ -47,6 +47,10 @@ def cuda_emulation_unavailable():
     """Why the CUDA emulation (tests/cuda_emulation) cannot run here, or None."""
     from torch.utils import cpp_extension
 
+    if torch.cuda.is_available():
+        return "a CUDA device runs the CUDA kernels themselves"
+    if spectral_kernels.backends()["cpu"]:
+        return spectral_kernels.backends()["cpu"]
     if platform.machine() != "x86_64":
         return "the CUDA emulation switches threads in x86-64 assembly"
     if not cpp_extension.is_ninja_available():
