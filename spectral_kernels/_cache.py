@@ -109,6 +109,9 @@ class TensorCache:
             cached = self._entries[tensor] = (key, _kept(build))
         return cached[1]
 
+    def clear(self):
+        self._entries.clear()
+
 
 class ConcatCache:
     """torch.cat(parts, dim) kept until a part is replaced or modified in place: one tensor across calls, so that

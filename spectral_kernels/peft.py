@@ -30,7 +30,7 @@ from peft.tuners.oft.layer import OFTRotationModule
 from torch import nn
 
 from ._cache import ConcatCache, TensorCache
-from .layers.base import computes_product_only, is_conv1d, runs_hooks
+from .layers.base import computes_product_only, is_conv1d, placement, runs_hooks
 from .ops._autograd import autocast_dtype
 from .ops.fourierft import fourierft_linear
 from .ops.frod import frod_linear
@@ -66,7 +66,21 @@ def _on_device(t, device):
     return t if t.device == device else _copies.get(t, device, lambda: t.to(device))
 
 
-class SwappedFourierFTLinear(PeftFourierFTLinear):
+class _DropsCopiesOnMoves:
+    """A move of a swapped layer (model.cpu(), .to(dtype)) drops the copies that _on_device keeps, all of them: a
+    peft model made on a GPU keeps FRoD's U and V on the CPU, so after model.cpu() their GPU copies would hold GPU
+    memory as long as the model lives. The next calls copy again."""
+
+    def _apply(self, fn, *args, **kwargs):
+        before = placement(self)
+        result = super()._apply(fn, *args, **kwargs)
+        if placement(self) != before:
+            _copies.clear()
+            _folded_indices.clear()
+        return result
+
+
+class SwappedFourierFTLinear(_DropsCopiesOnMoves, PeftFourierFTLinear):
     """peft's FourierFTLinear with the fused forward; no dense complex ΔW is formed."""
 
     def forward(self, x, *args, **kwargs):
@@ -122,7 +136,7 @@ class SwappedOFTLinear(PeftOFTLinear):
         return oft_linear(x, weight, bias, rotations[-1]).to(dtype)
 
 
-class SwappedFrodLinear(PeftFrodLinear):
+class SwappedFrodLinear(_DropsCopiesOnMoves, PeftFrodLinear):
     """peft's FRoD Linear with the fused forward: S stays sparse and W' = U (diag(lambda) + S) V^T is not formed
     (or formed once, by the op's weight path, when that is cheaper)."""
 

@@ -1,7 +1,9 @@
 """spectral_kernels.peft.swap: peft's FourierFT and OFT layers on the fused ops, with peft's machinery intact."""
 import contextlib
 import copy
+import gc
 import warnings
+import weakref
 
 import peft
 import pytest
@@ -320,6 +322,25 @@ def test_copies_made_in_inference_mode_are_not_inference_tensors():
     with torch.inference_mode():
         copy_ = _on_device(indices, meta)
     assert not copy_.is_inference() and _on_device(indices, meta) is copy_
+
+
+@pytest.mark.parametrize("method", ["fourierft", "frod"])
+def test_moves_drop_the_copies(method):
+    """peft's model moves leave FourierFT's indices and FRoD's pattern where they are (FRoD's U and V too, on a model
+    made on a GPU); the copies the swap kept of them on the GPU (meta here) outlived model.cpu(), holding GPU memory
+    as long as the model lived. A move drops them; one that changes nothing keeps them."""
+    from spectral_kernels.peft import _on_device
+
+    ours = swap(peft_model(method))
+    layer = next(m for m in ours.modules() if isinstance(m, SWAPPED))
+    tensors = layer.indices if method == "fourierft" else layer.frod_s_indices
+    kept, meta = tensors["default"], torch.device("meta")
+    copy_ = weakref.ref(_on_device(kept, meta))
+    ours.float()
+    assert _on_device(kept, meta) is copy_()
+    ours.double()
+    gc.collect()
+    assert tensors["default"] is kept and copy_() is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -44,6 +44,12 @@ def runs_hooks(module):
                 or _module._global_backward_pre_hooks)
 
 
+def placement(module):
+    """The (device, dtype) pairs of ``module``'s parameters and buffers: what a move (.to(), .half(), .cpu())
+    changes."""
+    return {(t.device, t.dtype) for t in itertools.chain(module.parameters(), module.buffers())}
+
+
 def computes_product_only(base):
     """Whether calling ``base``, an nn.Linear or transformers Conv1D, computes its product with its dense weight and
     bias and nothing more, as the fused ops do: no hooks (runs_hooks), no forward of its own (an nn.Linear
@@ -205,14 +211,11 @@ class AdapterLayer(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(), .half(), .cpu(): the caches' tensors, made for the old devices or dtypes, are not left behind (a
         # move to where the tensors are, e.g. .to(device) on every step, keeps them).
-        before = self._placement()
+        before = placement(self)
         result = super()._apply(fn, *args, **kwargs)
-        if self._placement() != before:
+        if placement(self) != before:
             self._drop_caches()
         return result
-
-    def _placement(self):
-        return {(t.device, t.dtype) for t in itertools.chain(self.parameters(), self.buffers())}
 
     def forward(self, x, *args, **kwargs):
         # As peft's layers: the result in x's dtype, also where torch.autocast ran the products in its own.
