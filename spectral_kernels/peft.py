@@ -183,9 +183,12 @@ def swap(model):
 
 
 def unswap(model):
-    """Give every swapped layer in ``model`` its peft class back; returns ``model``."""
+    """Give every swapped layer in ``model`` its peft class back, and drop the copies the swapped layers kept (peft's
+    layers copy on every call); returns ``model``."""
     for module in model.modules():
         original = ORIGINAL.get(type(module))
         if original is not None:
             module.__class__ = original
+    _copies.clear()
+    _folded_indices.clear()
     return model

@@ -343,6 +343,17 @@ def test_moves_drop_the_copies(method):
     assert tensors["default"] is kept and copy_() is None
 
 
+def test_unswap_drops_the_copies():
+    from spectral_kernels.peft import _on_device
+
+    ours = swap(peft_model("frod"))
+    kept = next(m for m in ours.modules() if isinstance(m, SWAPPED)).frod_s_indices["default"]
+    copy_ = weakref.ref(_on_device(kept, torch.device("meta")))
+    unswap(ours)
+    gc.collect()
+    assert copy_() is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_frod_on_a_gpu_model_with_projections_on_the_cpu():
     torch.manual_seed(0)
