@@ -263,6 +263,10 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
         name = dispatch.select_backend(params.device, backend, "oft")
         coef = reference.neumann_coefficients(num_cayley_neumann_terms)
         if name != "reference" and _kernels(name).neumann_fits(name, block_size, len(coef)):
+            # The backward reads the parameters as they were: a copy where it runs, as peft's graph holds none of
+            # the parameters themselves, which COFT projects in place on every forward (two forwards, one backward).
+            if torch.is_grad_enabled() and params.requires_grad:
+                params = params.clone()
             return _Neumann.apply(params, block_size, coef, name)
     return reference.cayley(params, block_size, use_cayley_neumann, num_cayley_neumann_terms)
 
