@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import spectral_kernels as sk
 from spectral_kernels.layers.oft import adjust_oft_parameters
 
-from conftest import assert_close
+from conftest import assert_close, assert_low_precision_close
 
 MODES = {
     "neumann": dict(),
@@ -81,6 +81,18 @@ def test_peft_parity(backend, base, mode, tokens):
     if not isinstance(ours.base_layer, Conv1D):  # peft's OFT merge multiplies a Conv1D weight the wrong way round
         peft.merge()
         assert_close(ours.base_layer.weight, peft.base_layer.weight, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_coft_two_forwards_one_backward(backend):
+    """COFT projects the parameters in place on every forward, as peft does; the Neumann kernels' backward read the
+    parameters themselves, so a second forward before the backward (micro-batches summed into one loss) failed
+    there with autograd's in-place error. peft's graph holds none of them."""
+    ours, peft = pair(torch.nn.Linear(48, 30), backend=backend, **MODES["coft"])
+    x1, x2 = torch.randn(3, 48), torch.randn(5, 48)
+    for layer in (ours, peft):
+        (layer(x1).square().sum() + layer(x2).square().sum()).backward()
+    assert_close(ours.oft_R["default"].weight.grad, peft.oft_R["default"].weight.grad, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -204,6 +216,20 @@ def test_eval_caches_follow_inplace_updates(tokens):
         expected = sk.oft_linear(x, ours.base_layer.weight, ours.base_layer.bias, rot, backend="reference")
     assert not torch.equal(after, first)
     assert_close(after, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_eval_cache_rotations_follow_autocast(backend):
+    """peft's torch code for R runs its products in autocast's dtype: a rotation kept from a call under autocast
+    (reference backend) made the float32 calls after it bfloat16-accurate."""
+    ours, peft = pair(torch.nn.Linear(48, 30), backend=backend)
+    ours.eval()
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        exact = copy.deepcopy(peft).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert_low_precision_close(ours(x).bfloat16(), peft(x).bfloat16(), exact)
+        assert_close(ours(x), peft(x), torch.float32)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -8,6 +8,7 @@ from torch import nn
 from .._cache import version_key
 from ..config import OFTConfig
 from ..kernels.reference import oft as reference
+from ..ops._autograd import autocast_dtype
 from ..ops.oft import oft_effective_weight, oft_linear, oft_rotate, oft_rotation
 from .base import AdapterLayer, adapter_entries, computes_product_only, member
 
@@ -126,8 +127,10 @@ class OFTLinear(AdapterLayer):
         versions = version_key(params)
         if versions is None:
             return None, module(backend=self.backend)
+        # Autocast's dtype too: peft's torch code for R (the reference backend, the exact transform, large GPU
+        # blocks) runs its products in it.
         key = (name, versions, params.dtype, params.device, module.use_cayley_neumann,
-               module.num_cayley_neumann_terms)
+               module.num_cayley_neumann_terms, autocast_dtype(params))
         cached = self._rotations.get(name)
         if cached is None or cached[0] != key:
             self._rotations[name] = cached = (key, module(backend=self.backend))
