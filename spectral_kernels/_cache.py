@@ -71,7 +71,8 @@ def caching():
 def version_key(*tensors):
     """(storage serial, optimizer steps, data_ptr, version, shape, strides) of each tensor, after the count of
     steps on sharded parameters, or None (nothing is cached) where one is an inference tensor, which has no version
-    counter, or where ``caching()`` says no. As for autograd, in-place writes that bypass the version counter
+    counter, a trainable tensor in shared memory (model.share_memory(), Hogwild training), which other processes
+    write unseen, or where ``caching()`` says no. As for autograd, in-place writes that bypass the version counter
     (through ``.data`` or a numpy view) are not seen."""
     if not caching():
         return None
@@ -79,7 +80,10 @@ def version_key(*tensors):
     for t in tensors:  # one plain loop: on the eval cache's per-call path
         if t.is_inference():
             return None
-        serial, steps = _record(t.untyped_storage())
+        storage = t.untyped_storage()
+        if t.requires_grad and t.is_cpu and storage.is_shared():
+            return None
+        serial, steps = _record(storage)
         key.append((serial, steps, t.data_ptr(), t._version, t.shape, t.stride()))
     return tuple(key)
 

@@ -551,6 +551,26 @@ def test_base_layer_called_like_peft(method, case):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
+def test_trainable_tensors_in_shared_memory_are_not_cached(method):
+    """After model.share_memory() (Hogwild training) other processes write the adapters' parameters, which neither
+    version counters nor optimizer hooks here see: the eval cache kept its weight while they trained. A write
+    through a numpy view stands in for theirs."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval().share_memory()
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        before = model(x)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.detach().numpy()[...] += 0.5
+        after = model(x)
+        model.train()  # drops the caches
+        expected = model.eval()(x)
+    assert not torch.equal(after, before)
+    assert_close(after, expected, torch.float32)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
 def test_copies_leave_the_eval_cache_behind(method):
     """Pickles and copies of a layer do not carry its eval weight (a copy of the base weight), and compute the
     same."""
