@@ -216,7 +216,7 @@ def bad_inputs():
         ("out of range", (x, w, b, c, torch.tensor([[0, 1, 2, 6], [0, 1, 2, 3]])), ValueError),
         ("out of range", (x, w, b, c, torch.tensor([[0, 1, 2, 3], [0, -1, 2, 3]])), ValueError),
         ("different devices", (x.to("meta"), w, b, c, ind), RuntimeError),
-        ("in_features", (torch.tensor(1.0), w, b, c, ind), ValueError),
+        ("0-d", (torch.tensor(1.0), w, b, c, ind), ValueError),
         ("same dtype", (x, w.double(), b, c, ind), TypeError),
         ("same dtype", (x, w, b.double(), c, ind), TypeError),
         ("bias must have shape", (x, w, b[None], c, ind), ValueError),

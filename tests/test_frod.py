@@ -216,6 +216,8 @@ def test_bad_input(backend):
         sk.frod_linear(x, u, v, lam, s, indices, bias, backend=backend, path="dense")
     with pytest.raises(ValueError, match="in_features=8"):
         sk.frod_linear(torch.randn(3, 7), u, v, lam, s, indices, bias)
+    with pytest.raises(ValueError, match="x is 0-d"):
+        sk.frod_linear(torch.tensor(1.0), u, v, lam, s, indices, bias)
     with pytest.raises(TypeError, match="floating-point"):
         sk.frod_linear(x.long(), u, v, lam, s, indices, bias)
     with pytest.raises(TypeError, match="floating-point"):

@@ -276,7 +276,7 @@ def bad_inputs():
     x = torch.randn(3, 12)
     return [
         ("in_features", (torch.randn(3, 8), w, b, rot), ValueError),
-        ("in_features", (torch.tensor(1.0), w, b, rot), ValueError),
+        ("0-d", (torch.tensor(1.0), w, b, rot), ValueError),
         ("floating-point", (torch.ones(3, 12, dtype=torch.int64), w, b, rot), TypeError),
         ("does not divide", (x, w, b, sk.oft_rotation(torch.zeros(1, 10), 5)), ValueError),
         ("rotation blocks for", (x, w, b, sk.oft_rotation(torch.zeros(2, 6), 4)), ValueError),
@@ -307,6 +307,8 @@ def test_zero_features_rejected(backend):
         sk.oft_effective_weight(torch.randn(5, 0), rot, backend=backend)
     with pytest.raises(ValueError, match="positive"):
         sk.oft_rotate(torch.randn(3, 0), rot, backend=backend)
+    with pytest.raises(ValueError, match="x is 0-d"):  # it said "in_features=-1"
+        sk.oft_rotate(torch.tensor(1.0), rot, backend=backend)
     for weight in (torch.randn(8), torch.randn(2, 6, 8)):  # the same error from every backend
         with pytest.raises(ValueError, match="weight must be 2-D"):
             sk.oft_effective_weight(weight, rot, backend=backend)

@@ -93,9 +93,10 @@ def check_input(name, x, in_features):
     """The checks every fused op makes of its input x: a floating-point tensor of ``in_features`` features."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"{name}: x has {x.shape[-1] if x.dim() else 0} features, the layer expects "
-                         f"in_features={in_features}")
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x is 0-d; it must have shape (..., features)")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features, the layer expects in_features={in_features}")
 
 
 def check_tensors(name, **tensors):
