@@ -749,7 +749,15 @@ def _adapter_state_dict(model, adapter_name):
     for attribute in _model_attributes(model):
         out.update({"base_model." + k.removesuffix(suffix): v for k, v in state.items()
                     if k.startswith(attribute + ".") and k.endswith(suffix)})
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    # Tensors that share memory (tied biases under bias="all", as BERT's masked-LM decoder bias) go as copies after
+    # the first, as peft saves them: safetensors refuses shared memory.
+    storages, saved = set(), {}
+    for k, v in out.items():
+        v = v.detach().contiguous()
+        storage = (v.device, v.untyped_storage().data_ptr())
+        saved[k] = v.clone() if storage in storages else v
+        storages.add(storage)
+    return saved
 
 
 def _model_key(key, adapter_name, layers, wrappers, attributes):

@@ -543,6 +543,22 @@ def test_loads_peft_s_bias_all_with_modules_to_save(tmp_path):
     assert_close(sk.load_adapter(bert(), tmp_path)(ids).logits, theirs.eval()(ids).logits, torch.float32)
 
 
+def test_saves_tied_biases_as_peft(tmp_path):
+    """bias="all" on BERT's masked-LM head, whose decoder bias is the prediction bias: peft saves both keys, and
+    save_adapter failed (safetensors refuses tensors that share memory)."""
+    from transformers import BertForMaskedLM
+
+    config = peft.FourierFTConfig(n_frequency=16, target_modules=["query", "value"], bias="all", init_weights=False)
+    ours = sk.inject(bert(BertForMaskedLM), config)
+    assert ours.cls.predictions.bias is ours.cls.predictions.decoder.bias
+    with torch.no_grad():
+        ours.cls.predictions.bias.add_(1.0)
+    sk.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(bert(BertForMaskedLM), tmp_path)
+    ids = tokens(ours)
+    assert_close(theirs.eval()(ids).logits, ours.eval()(ids).logits, torch.float32)
+
+
 def two_adapters(make, first, second):
     """(ours, peft's model, peft's state dict under our keys) for adapters "default" (``first``) and "other"
     (``second``) on models from ``make``, each built from the same global RNG state."""
