@@ -30,7 +30,7 @@ from peft.tuners.oft.layer import OFTRotationModule
 from torch import nn
 
 from ._cache import ConcatCache, TensorCache
-from .layers.base import computes_product_only, is_conv1d, placement, runs_hooks
+from .layers.base import WatchesMoves, computes_product_only, is_conv1d, runs_hooks
 from .ops._autograd import autocast_dtype
 from .ops.fourierft import fourierft_linear
 from .ops.frod import frod_linear
@@ -66,18 +66,14 @@ def _on_device(t, device):
     return t if t.device == device else _copies.get(t, device, lambda: t.to(device))
 
 
-class _DropsCopiesOnMoves:
+class _DropsCopiesOnMoves(WatchesMoves):
     """A move of a swapped layer (model.cpu(), .to(dtype)) drops the copies that _on_device keeps, all of them: a
     peft model made on a GPU keeps FRoD's U and V on the CPU, so after model.cpu() their GPU copies would hold GPU
     memory as long as the model lives. The next calls copy again."""
 
-    def _apply(self, fn, *args, **kwargs):
-        before = placement(self)
-        result = super()._apply(fn, *args, **kwargs)
-        if placement(self) != before:
-            _copies.clear()
-            _folded_indices.clear()
-        return result
+    def _moved(self):
+        _copies.clear()
+        _folded_indices.clear()
 
 
 class SwappedFourierFTLinear(_DropsCopiesOnMoves, PeftFourierFTLinear):

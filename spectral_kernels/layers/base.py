@@ -50,6 +50,19 @@ def placement(module):
     return {(t.device, t.dtype) for t in itertools.chain(module.parameters(), module.buffers())}
 
 
+class WatchesMoves:
+    """A module mixin: ``_moved()`` runs after a move (.to(), .half(), .cpu()) that changed ``placement``, so that
+    what was made for the old devices or dtypes is not left behind. A move to where the tensors are (e.g.
+    .to(device) on every step) calls nothing."""
+
+    def _apply(self, fn, *args, **kwargs):
+        before = placement(self)
+        result = super()._apply(fn, *args, **kwargs)
+        if placement(self) != before:
+            self._moved()
+        return result
+
+
 def computes_product_only(base):
     """Whether calling ``base``, an nn.Linear or transformers Conv1D, computes its product with its dense weight and
     bias and nothing more, as the fused ops do: no hooks (runs_hooks), no forward of its own (an nn.Linear
@@ -85,7 +98,7 @@ def warn_new_active_adapter(deleted, new):
     warnings.warn(f"Adapter {deleted} was active which is now deleted. Setting active adapter to {new}.")
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(WatchesMoves, nn.Module):
     """Subclasses define ``adapter_layer_names`` (the adapters' parameters by name), ``other_param_names`` and
     ``delta_weight(adapter)`` (out, in).
 
@@ -208,14 +221,8 @@ class AdapterLayer(nn.Module):
             self._drop_caches()
         return super().train(mode)
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to(), .half(), .cpu(): the caches' tensors, made for the old devices or dtypes, are not left behind (a
-        # move to where the tensors are, e.g. .to(device) on every step, keeps them).
-        before = placement(self)
-        result = super()._apply(fn, *args, **kwargs)
-        if placement(self) != before:
-            self._drop_caches()
-        return result
+    def _moved(self):
+        self._drop_caches()
 
     def forward(self, x, *args, **kwargs):
         # As peft's layers: the result in x's dtype, also where torch.autocast ran the products in its own.
