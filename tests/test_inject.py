@@ -761,6 +761,26 @@ def test_fourierft_on_the_meta_device():
     assert_close(model(x), source(x), torch.float32)
 
 
+@pytest.mark.parametrize("config", [
+    sk.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"], init_weights=False),
+    sk.OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"], init_weights=False),
+    sk.FrodConfig(target_modules=["q_proj", "v_proj"], init_weights=False, progressbar=False),
+], ids=["fourierft", "oft", "frod"])
+def test_adapters_made_empty_on_a_real_model(config):
+    """Adapters added under accelerate's init_empty_weights (on 'meta', as peft's low_cpu_mem_usage makes them) to a
+    model with real weights, then filled with load_state_dict(assign=True): the model computes what the source does."""
+    from accelerate import init_empty_weights
+    source = sk.inject(TwoLayers(), config)
+    model = TwoLayers()
+    model.load_state_dict({k.replace(".base_layer", ""): v for k, v in source.state_dict().items()}, strict=False)
+    with init_empty_weights():
+        model = sk.inject(model, config)
+    assert any(p.is_meta for p in model.parameters())
+    model.load_state_dict(source.state_dict(), assign=True)
+    x = torch.randn(3, 16)
+    assert_close(model(x), source(x), torch.float32)
+
+
 @pytest.mark.parametrize("make", [
     lambda **kw: sk.FourierFTLinear(nn.Linear(16, 12), config=sk.FourierFTConfig(n_frequency=20, **kw)),
     lambda **kw: sk.OFTLinear(nn.Linear(16, 12), config=sk.OFTConfig(oft_block_size=4, **kw)),

@@ -106,7 +106,10 @@ class OFTLinear(AdapterLayer):
         else:
             nn.init.normal_(module.weight, mean=0.0, std=0.1)
         weight = self.base_layer.weight
-        self.oft_R[adapter_name] = module.to(weight.device, weight.dtype if weight.is_floating_point() else None)
+        # Made on 'meta' (accelerate's init_empty_weights, peft's low_cpu_mem_usage), it stays there until a state
+        # dict fills it, as peft leaves it.
+        device = None if module.weight.is_meta else weight.device
+        self.oft_R[adapter_name] = module.to(device, weight.dtype if weight.is_floating_point() else None)
         self.r[adapter_name], self.oft_block_size[adapter_name] = r, block_size
         self.set_adapter(self.active_adapters or [adapter_name], config.inference_mode)
 
