@@ -87,7 +87,8 @@ class SwappedFourierFTLinear(_DropsCopiesOnMoves, PeftFourierFTLinear):
             # it would compute with them as they are and return garbage. (OFT's calls its rotation modules.)
             raise RuntimeError("FourierFT coefficients on the meta device (offloaded by accelerate?): peft's "
                                "FourierFT layer reads them without loading them; keep the adapted modules' weights "
-                               "loaded on their execution device")
+                               "loaded on their execution device, or name FourierFTLinear in accelerate's "
+                               "preload_module_classes")
         base = None if args or kwargs or not names else _base_weight(self, x)
         if base is None:
             return super().forward(x, *args, **kwargs)
@@ -159,6 +160,10 @@ class SwappedFrodLinear(_DropsCopiesOnMoves, PeftFrodLinear):
 SWAPPED = {PeftFourierFTLinear: SwappedFourierFTLinear, PeftOFTLinear: SwappedOFTLinear,
            PeftFrodLinear: SwappedFrodLinear}
 ORIGINAL = {swapped: original for original, swapped in SWAPPED.items()}
+# accelerate (preload_module_classes, no_split_module_classes) and other tools match layers by their class's name: a
+# swapped layer answers to its peft class's (type() still names spectral_kernels.peft.Swapped...).
+for _original, _swapped in SWAPPED.items():
+    _swapped.__name__ = _original.__name__
 
 
 def swap(model):

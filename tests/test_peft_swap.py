@@ -497,6 +497,22 @@ def test_accelerate_offload(method):
                 ours(x)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_accelerate_offload_with_the_peft_class_preloaded(method):
+    """Named in cpu_offload's preload_module_classes, peft's class makes accelerate load a layer's whole subtree at
+    its forward, which gives peft's layers their adapter weights: the swapped layers answer to that name too."""
+    from accelerate import cpu_offload
+
+    ours, theirs = two_layer_pair(method)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = theirs(x)
+        cpu_offload(ours.base_model.model, execution_device=torch.device("cpu"),
+                    preload_module_classes=[cls.__name__ for cls in PEFT_LAYERS])
+        assert ours.base_model.model.a.base_layer.weight.is_meta and isinstance(ours.base_model.model.a, SWAPPED)
+        assert_close(ours(x), expected, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_base_layer_hooks_run_as_in_peft(method, dtype, monkeypatch):
