@@ -6,7 +6,8 @@
 
 - ``target_modules`` a str: ``re.fullmatch`` against the module's full name;
   "all-linear": every Linear/Conv1D except a transformers model's output embedding;
-  a list: the full name, or a suffix after a dot ("q_proj" matches "...attn.q_proj");
+  a list: the full name, or a suffix after a dot ("q_proj" matches "...attn.q_proj"); one of 20 names
+  or more is first condensed to suffixes, as peft condenses it (_condensed);
   None: peft's default for the transformers ``model.config.model_type``.
 - ``layers_to_transform`` (+ ``layers_pattern``) filter list matches by layer index, the
   first number following ``<pattern>.`` (any component when no pattern is given).
@@ -394,6 +395,32 @@ def _resolve_target_modules(model, config, method, skip):
     return list(target_modules)
 
 
+def _condensed(target_modules, names):
+    """peft's condensing of a target_modules list of 20 names or more (as "all-linear" gives on larger models):
+    each target is replaced by its shortest name suffix that no other module of the model (``names``, all of them)
+    ends with, unless a suffix chosen before covers it; a long list is shortened so only when that makes it
+    shorter. This changes what matches: layers_to_transform filters the modules a suffix matches, not those named
+    in full."""
+    if len(target_modules) < 20:
+        return target_modules
+    targets = set(target_modules)
+
+    def suffixes(name):  # shortest first
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in reversed(range(len(parts)))]
+
+    ends = tuple(f".{t}" for t in targets)
+    taken = {s for name in names if name not in targets and not name.endswith(ends) for s in suffixes(name)}
+    chosen = set()
+    for name in sorted(targets, key=suffixes):
+        if any(name.endswith(f".{c}") for c in chosen):
+            continue
+        free = next((s for s in suffixes(name) if s not in chosen and s not in taken), None)
+        if free is not None:
+            chosen.add(free)
+    return chosen if chosen and len(chosen) < len(target_modules) else target_modules
+
+
 def _no_match_error(model, config, target_modules, excluded, skip):
     if excluded:
         return NoTargetModulesError(f"every module that target_modules={target_modules!r} selects is excluded "
@@ -415,14 +442,17 @@ def _no_match_error(model, config, target_modules, excluded, skip):
     return NoTargetModulesError(message)
 
 
-def find_targets(model, config):
-    """{name: module} that ``config`` adapts in ``model``, in module order; the resolved target_modules.
+def find_targets(model, config, condense=True):
+    """{name: module} that ``config`` adapts in ``model``, in module order; the resolved target_modules (condensed
+    as peft condenses a long list, unless not ``condense``).
 
     Raises NoTargetModulesError naming the patterns that matched nothing.
     """
     method = _method(config)
     skip = _wrapped_prefixes(model)
     target_modules = _resolve_target_modules(model, config, method, skip)
+    if condense and not isinstance(target_modules, str):
+        target_modules = _condensed(target_modules, [name for name, _ in model.named_modules()])
     targets, excluded = {}, []
     for key, module in model.named_modules():
         if not key or key.startswith(skip) or not _is_targeted(config, target_modules, key):
@@ -528,10 +558,13 @@ def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
         raise ValueError("only 1 adapter can have a bias, as in peft: when using multiple adapters, set bias to "
                          "'none' for all adapters")
     config = copy.deepcopy(config)
+    # peft's FRoD builds its projections from the modules a long target_modules names before it condenses the list,
+    # so from all of them, whatever layers_to_transform says
+    named = find_targets(model, config, condense=False)[0] if method.prepare else None
     targets, config.target_modules = find_targets(model, config)
     keep = _wrapped(model)
     try:
-        shared = method.prepare(model, targets, adapter_name, config) if method.prepare else None
+        shared = method.prepare(model, named, adapter_name, config) if method.prepare else None
         for key, module in targets.items():
             layer = method.adapt(module, key, adapter_name, config, shared)
             config.fan_in_fan_out = layer._conv1d  # as in peft's saved config (the last module's layout); unused

@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import random
 import sys
 import warnings
 
@@ -20,7 +21,7 @@ from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceC
 
 import spectral_kernels as sk
 from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, FROD_DEFAULT_TARGETS, LINEAR_DEFAULT_TARGETS,
-                                     STATE_ATTRIBUTE, ModulesToSave, NoTargetModulesError, adapters)
+                                     STATE_ATTRIBUTE, ModulesToSave, NoTargetModulesError, _condensed, adapters)
 from spectral_kernels.layers.base import AdapterLayer
 
 from conftest import assert_close
@@ -94,6 +95,8 @@ def test_default_targets_are_peft_s():
     assert FROD_DEFAULT_TARGETS == TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING
 
 
+LLAMA_LINEARS = [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                  "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 TARGETING = {
     "suffixes": dict(target_modules=["q_proj", "v_proj"]),
     "dotted-suffix": dict(target_modules=["self_attn.o_proj", "mlp.up_proj"]),
@@ -111,6 +114,9 @@ TARGETING = {
     "exclude-suffix": dict(target_modules="all-linear", exclude_modules=["gate_proj", "self_attn.k_proj"]),
     "exclude-regex": dict(target_modules="all-linear", exclude_modules=r".*layers\.1\..*"),
     "modules-to-save-excluded": dict(target_modules="all-linear", modules_to_save=["o_proj"]),
+    # 20 names or more: peft condenses them to suffixes, which layers_to_transform filters
+    "long-list-layers": dict(target_modules=LLAMA_LINEARS, layers_to_transform=[1]),
+    "long-list-partial-layers": dict(target_modules=LLAMA_LINEARS[:-1], layers_to_transform=[0, 2]),
 }
 
 
@@ -120,6 +126,20 @@ def test_targets_like_peft(case):
     ours = sk.inject(llama(), config)
     expected = adapted(peft_injected(llama(), config), BaseTunerLayer)
     assert adapted(ours, AdapterLayer) == expected and expected
+
+
+@pytest.mark.parametrize("make", [llama, gpt2, bert])
+def test_long_target_lists_condense_like_peft(make):
+    """peft's inject_adapter replaces a target_modules list of 20 names or more by the suffixes its
+    _find_minimal_target_modules picks, where that list is shorter; ours picks the same."""
+    from peft.tuners.tuners_utils import _find_minimal_target_modules
+    names = [name for name, _ in make().named_modules()]
+    pick = random.Random(0)
+    for size in (19, 20, 21, 30, len(names) - 1):
+        targets = pick.sample(names[1:], size)
+        others = [n for n in names if n not in targets and not n.endswith(tuple(f".{t}" for t in targets))]
+        expected = _find_minimal_target_modules(targets, others) if size >= 20 else targets
+        assert set(_condensed(targets, names)) == set(expected if len(expected) < size else targets)
 
 
 @pytest.mark.parametrize("make, config", [
@@ -598,6 +618,27 @@ def test_frod_projections_like_peft(first_targets, second_targets, second_rate, 
     ids = tokens(ours)
     assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
     assert not any(name.startswith("frod_") for name, _ in sk.unload(ours).named_children())
+
+
+def test_frod_projections_of_a_condensed_target_list_like_peft():
+    """peft's FRoD builds its projections before it condenses a long target_modules list: from every module the list
+    names, while layers_to_transform picks the layers it adapts."""
+    config = sk.FrodConfig(target_modules=LLAMA_LINEARS, layers_to_transform=[1], init_weights=False,
+                           progressbar=False)
+    torch.manual_seed(1)
+    ours = sk.inject(llama(), config)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(llama(), peft_config(config))
+    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
+                for k, v in theirs.state_dict().items()}
+    state = ours.state_dict()
+    assert state.keys() == expected.keys() and len(adapted(ours, AdapterLayer)) == 7
+    for key, value in state.items():
+        assert_close(value, expected[key], torch.float32)
+    ids = tokens(ours)
+    assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
 
 
 def test_frod_second_adapter_on_a_root_module():
