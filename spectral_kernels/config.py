@@ -17,6 +17,13 @@ def is_real(value, low=-math.inf, high=math.inf):
         and low <= value <= high
 
 
+def check_bias(bias, own):
+    """peft's bias values: 'none', 'all', or the adapted layers' biases, which peft reads from any '..._only'
+    ('lora_only' too), the method's own being ``own``."""
+    if not (isinstance(bias, str) and (bias in ("none", "all") or bias.endswith("_only"))):
+        raise ValueError(f"bias must be 'none', 'all' or {own!r} (peft takes any '..._only'), got {bias!r}")
+
+
 @dataclass
 class FourierFTConfig:
     """peft.FourierFTConfig's fields (peft 0.21): same names, same defaults."""
@@ -40,8 +47,7 @@ class FourierFTConfig:
             raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency!r}")
         if not is_real(self.scaling):
             raise ValueError(f"scaling must be a finite real number, got {self.scaling!r}")
-        if self.bias not in ("none", "all", "fourier_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
+        check_bias(self.bias, "fourier_only")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
@@ -96,8 +102,7 @@ class OFTConfig:
             raise ValueError(f"eps must be a finite non-negative number, got {self.eps!r}")
         if not is_real(self.module_dropout, 0.0, 1.0):
             raise ValueError(f"module_dropout must be in [0, 1], got {self.module_dropout!r}")
-        if self.bias not in ("none", "all", "oft_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
+        check_bias(self.bias, "oft_only")
         if not isinstance(self.init_weights, bool):  # peft's OFT layer refuses other values too
             raise ValueError(f"Unknown initialization init_weights={self.init_weights!r} (True or False)")
 
@@ -137,5 +142,4 @@ class FrodConfig:
         if not is_real(self.regularization_alpha, 0.0):
             raise ValueError(f"regularization_alpha must be a finite non-negative number, got "
                              f"{self.regularization_alpha!r}")
-        if self.bias not in ("none", "all", "frod_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'frod_only', got {self.bias!r}")
+        check_bias(self.bias, "frod_only")

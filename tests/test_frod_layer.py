@@ -260,8 +260,9 @@ def test_bad_input():
     for alpha in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="regularization_alpha"):
             sk.FrodConfig(regularization_alpha=alpha)
-    with pytest.raises(ValueError, match="bias"):
-        sk.FrodConfig(bias="lora_only")
+    for bias in ("frod", "only", None):
+        with pytest.raises(ValueError, match="bias"):
+            sk.FrodConfig(bias=bias)
     with pytest.raises(ValueError, match="layers_to_transform"):
         sk.FrodConfig(layers_pattern="layers")
     with pytest.raises(TypeError, match="Unsupported layer type"):

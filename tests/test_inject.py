@@ -449,7 +449,8 @@ def test_task_type_heads_like_peft(config, task_type, model_class, head):
 
 def test_trainable_counts_and_bias_like_peft(capsys):
     # inference_mode freezes the adapter's own parameters; peft still applies `bias` (biases train)
-    for bias, inference_mode in itertools.product(("none", "all", "oft_only"), (False, True)):
+    # peft reads any "..._only" as the adapted layers' biases
+    for bias, inference_mode in itertools.product(("none", "all", "oft_only", "lora_only"), (False, True)):
         config = sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"], bias=bias,
                               modules_to_save=["classifier"], inference_mode=inference_mode)
         ours = sk.inject(bert(), config)
