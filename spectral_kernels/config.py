@@ -17,6 +17,12 @@ def is_real(value, low=-math.inf, high=math.inf):
         and low <= value <= high
 
 
+def check_seed(name, seed):
+    """A seed torch.Generator.manual_seed takes."""
+    if not is_integer(seed) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"{name} must be an integer seed in [-2**63, 2**64), got {seed!r}")
+
+
 def check_bias(bias, own):
     """peft's bias values: 'none', 'all', or the adapted layers' biases, which peft reads from any '..._only'
     ('lora_only' too), the method's own being ``own``."""
@@ -45,6 +51,10 @@ class FourierFTConfig:
     def __post_init__(self):
         if not is_integer(self.n_frequency) or self.n_frequency <= 0:
             raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency!r}")
+        for key, n in (self.n_frequency_pattern or {}).items():
+            if not is_integer(n) or n <= 0:
+                raise ValueError(f"n_frequency_pattern[{key!r}] must be a positive integer, got {n!r}")
+        check_seed("random_loc_seed", self.random_loc_seed)
         if not is_real(self.scaling):
             raise ValueError(f"scaling must be a finite real number, got {self.scaling!r}")
         check_bias(self.bias, "fourier_only")
@@ -136,9 +146,7 @@ class FrodConfig:
             raise ValueError(f"`sparse_rate` should be between 0 and 1, got {self.sparse_rate}.")
         if not is_real(self.frod_dropout, 0.0, 1.0):
             raise ValueError(f"frod_dropout must be in [0, 1], got {self.frod_dropout!r}")
-        if not is_integer(self.projection_prng_key) or not -2**63 <= self.projection_prng_key < 2**64:
-            raise ValueError(f"projection_prng_key must be an integer seed in [-2**63, 2**64), got "
-                             f"{self.projection_prng_key!r}")
+        check_seed("projection_prng_key", self.projection_prng_key)
         if not is_real(self.regularization_alpha, 0.0):
             raise ValueError(f"regularization_alpha must be a finite non-negative number, got "
                              f"{self.regularization_alpha!r}")

@@ -279,6 +279,12 @@ def test_bad_layer_and_hyperparameters():
             sk.FourierFTConfig(scaling=scaling)
     with pytest.raises(ValueError, match="bias"):
         sk.FourierFTConfig(bias="some")
+    for seed in (None, 1.5, "7", 2**64):  # peft fails later, in torch's manual_seed
+        with pytest.raises(ValueError, match="random_loc_seed must be an integer seed"):
+            sk.FourierFTConfig(random_loc_seed=seed)
+    for n in (0, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=r"n_frequency_pattern\['q_proj'\] must be a positive integer"):
+            sk.FourierFTConfig(n_frequency_pattern={"q_proj": n})
 
 
 def test_backend_selection(monkeypatch):

@@ -642,6 +642,20 @@ def test_frod_projections_of_a_condensed_target_list_like_peft():
     assert_close(ours(ids).logits, theirs(ids).logits, torch.float32)
 
 
+def test_frod_category_of_layers_of_different_widths():
+    """One projection per module category is stacked from its layers' weights: peft's stack fails on layers of
+    different in_features, ours names the category."""
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.proj = nn.Linear(width, 8)
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Block(8), Block(12)])
+    with pytest.raises(ValueError, match=r"category 'proj' .* in_features differ \(\[8, 12\]\)"):
+        sk.inject(model, sk.FrodConfig(target_modules=["proj"], progressbar=False))
+
+
 def test_frod_second_adapter_on_a_root_module():
     """A root-level target keeps its category's projections at frod_V.<name>: the next adapter's target_modules
     match that name too, and, as in peft, leave it alone."""

@@ -86,6 +86,10 @@ def frod_projections(weights, config, progressbar=None):
     bar = tqdm(sorted(weights), disable=not show, desc="FRoD hierarchical joint decomposition", unit="category")
     for category in bar:
         matrices = [w.detach().to(torch.float32) for w in weights[category]]
+        widths = sorted({m.shape[1] for m in matrices})
+        if len(widths) > 1:  # peft's stack of them fails
+            raise ValueError(f"FRoD's projection of module category {category!r} is shared by its layers, whose "
+                             f"in_features differ ({widths}): target modules of one width in each category")
         bar.set_postfix(category=category, layers=len(matrices), dim=matrices[0].shape[1])
         v = frod_projection(matrices, config.regularization_alpha).to(weights[category][0].dtype)
         result[category] = (v, frod_sparse_indices(v.shape[0], config.sparse_rate, generator).to(v.device))
