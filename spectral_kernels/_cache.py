@@ -62,10 +62,21 @@ def transformed():
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
+_FAKE, _PROXY = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
+
+
+def tracing():
+    """Whether the ops are traced into a graph, where tensors have no values to read: by torch.compile (and
+    torch.export), or under a fake or proxy tensor mode (FakeTensorMode, make_fx, aot_function,
+    torch.func.linearize)."""
+    return torch.compiler.is_compiling() or (torch._C._len_torch_dispatch_stack() > 0 and (
+        torch._C._get_dispatch_mode(_FAKE) is not None or torch._C._get_dispatch_mode(_PROXY) is not None))
+
+
 def caching():
-    """Whether values may be kept between calls: not while torch.compile or torch.jit.trace traces, as a graph
+    """Whether values may be kept between calls: not while ``tracing()`` or torch.jit.trace traces, as a graph
     cannot keep Python-side caches, nor where ``transformed()``."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or transformed())
+    return not (tracing() or torch.jit.is_tracing() or transformed())
 
 
 def version_key(*tensors):

@@ -163,6 +163,86 @@ def test_compiled_checkpoint_as_the_first_call():
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make,path", CASES)
+def test_fake_and_proxy_tracing(device, backend, make, path):
+    """Traced outside torch.compile, under a fake tensor mode (FakeTensorMode, make_fx's fake and symbolic modes,
+    aot_function) or a proxy one (make_fx, torch.func.linearize), the ops go in as their custom ops: no values are
+    read and nothing is kept (the index checks read them, the raw kernels had no fake kernels), and the traced
+    graph of forward and backward computes what the op does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(0)
+    params, fn = make(backend, path, device, torch.float32, g)
+
+    def forward_and_grads(*inputs):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        y = fn(*inputs)
+        return (y, *torch.autograd.grad(y.square().sum(), inputs))
+
+    def sample(seed):
+        g.manual_seed(seed)
+        return [t.to(device) for t in (torch.randn(TOKENS, D_IN, generator=g),
+                                       *(torch.randn(p.shape, generator=g) for p in params))]
+
+    expected = forward_and_grads(*sample(2))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        shapes = [t.shape for t in forward_and_grads(*(mode.from_tensor(t) for t in sample(1)))]
+    assert shapes == [t.shape for t in expected]
+    for tracing_mode in ("real", "fake", "symbolic"):
+        # (the op's fixed tensors, constants of fn, stay real)
+        graph = make_fx(forward_and_grads, tracing_mode=tracing_mode, _allow_non_fake_inputs=True)(*sample(1))
+        for got, want in zip(graph(*sample(2)), expected, strict=True):
+            assert_close(got, want, torch.float32)
+
+
+def test_weight_builders_trace():
+    """The merge and eval-cache builders take the reference's torch code while traced (their kernels have no fake
+    kernels): FakeTensorMode gives their shapes, torch.compile their values, in one graph but for FRoD's (its
+    sparse S breaks it, as peft's does)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(0)
+    weight, spectrum, params = torch.randn(D_OUT, D_IN, generator=g), torch.randn(30, generator=g), \
+        0.1 * torch.randn(D_IN // BLOCK, BLOCK * (BLOCK - 1) // 2, generator=g)
+    u, v, lam, s_values = (torch.randn(*shape, generator=g) for shape in ((D_OUT, D_IN), (D_IN, D_IN), (D_IN,), (3,)))
+    indices, s_indices = fourierft_indices(D_OUT, D_IN, 30, 777), torch.tensor([[0, 3, 7], [5, 1, 2]])
+    builders = {
+        "fourierft": lambda: sk.fourierft_delta_weight(spectrum, indices, D_OUT, D_IN, 150.0),
+        "oft": lambda: sk.oft_effective_weight(weight, sk.oft_rotation(params, BLOCK)),
+        "frod": lambda: sk.frod_effective_weight(u, v, lam, s_values, s_indices),
+    }
+    for name, build in builders.items():
+        expected = build()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            assert build().shape == expected.shape == (D_OUT, D_IN)
+        torch._dynamo.reset()
+        assert_close(torch.compile(build, fullgraph=name != "frod", backend="aot_eager")(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("make,path", CASES)
+def test_exported_kernels_refuse_forward_mode(make, path):
+    """An exported program holds the kernels' custom ops, which have no forward-mode rule: torch.func.jvp gave
+    their outputs zero tangents, now it raises; exported with the reference backend, the jvp is right."""
+    g = torch.Generator().manual_seed(0)
+    x, tangent = torch.randn(TOKENS, D_IN, generator=g), torch.randn(TOKENS, D_IN, generator=g)
+
+    def exported(backend):
+        params, fn = make(backend, path, "cpu", torch.float32, torch.Generator().manual_seed(0))
+        module = torch.nn.Module()
+        module.forward = lambda x: fn(x, *params)
+        return torch.export.export(module, (x,)).module(), lambda x: fn(x, *params)
+
+    program, _ = exported("cpu")
+    with pytest.raises(RuntimeError, match="no forward-mode derivatives"):
+        torch.func.jvp(program, (x,), (tangent,))
+    if make is not frod:  # peft's sparse products, which FRoD's reference runs, have no forward-mode rule either
+        program, fn = exported("reference")
+        assert_close(torch.func.jvp(program, (x,), (tangent,))[1], torch.func.jvp(fn, (x,), (tangent,))[1],
+                     torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("make,path", CASES)
 def test_autocast_leaves_float64_alone(device, backend, make, path):
     """torch.autocast does not cast float64 (F.linear stays float64 under it): neither do the fused ops."""
     params, fn = make(backend, path, device, torch.float64, torch.Generator().manual_seed(0))

@@ -9,8 +9,9 @@ small LLaMA. Both wrappers run the same forward, setup_context and backward
 functions, so the two modes compute the same thing.
 """
 import torch
+from torch.autograd import forward_ad
 
-from .._cache import TensorCache
+from .._cache import TensorCache, tracing
 
 
 def function(name, forward, setup_context, backward):
@@ -52,10 +53,6 @@ def autocast_dtype(x):
 
 def cast(t, dtype):
     return None if t is None else t.to(dtype)
-
-
-def tracing():
-    return torch.compiler.is_compiling()
 
 
 def check_values(ok, message):
@@ -123,6 +120,15 @@ def run(custom_op, eager_function, body, needs_grad, *args):
     if tracing():
         return custom_op(*args)
     return eager_function.apply(*args) if needs_grad else body(*args)
+
+
+def refuse_forward_mode(name):
+    """Raise where forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) reaches the custom op
+    ``name`` itself, as in a torch.export program: custom ops have no forward-mode rule, and torch.func.jvp gives
+    their outputs zero tangents. (Called as functions, the ops run the reference backend there.)"""
+    if forward_ad._current_level >= 0:
+        raise RuntimeError(f"{name}: the fused kernels have no forward-mode derivatives (torch.func.jvp, jacfwd, "
+                           "forward_ad); trace with backend='reference' (SPECTRAL_KERNELS_BACKEND=reference) for them")
 
 
 def backward_call(ctx, custom_op, body, *args):

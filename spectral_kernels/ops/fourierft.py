@@ -87,6 +87,7 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path, keep
 def _fourierft_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor,
                    rows: torch.Tensor, cols: torch.Tensor, scaling: float, backend: str,
                    path: str, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _autograd.refuse_forward_mode("spectral_kernels::fourierft_linear_fwd")
     return _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path, keep)
 
 
@@ -266,7 +267,7 @@ def fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling
         raise RuntimeError(f"{name}: spectrum on {spectrum.device}, indices on {indices.device}")
     _check_index_values(indices, out_features, in_features, name)
     backend = dispatch.select_backend(spectrum.device, backend, "fourierft")
-    if backend == "reference" or _autograd.needs_grad(spectrum):
+    if backend == "reference" or _autograd.needs_grad(spectrum) or _autograd.tracing():
         return reference.fourierft_delta_weight(spectrum, indices, out_features, in_features, scaling)
     coef = spectrum.to(_acc_dtype(spectrum.dtype))
     k = dispatch.kernels("fourierft", backend)

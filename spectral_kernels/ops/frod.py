@@ -99,6 +99,7 @@ def _forward(x, u, v, lam, s_values, s_indices, bias, backend, path):
 def _frod_fwd(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, s_values: torch.Tensor,
               s_indices: torch.Tensor, bias: torch.Tensor | None, backend: str,
               path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _autograd.refuse_forward_mode("spectral_kernels::frod_linear_fwd")
     return _forward(x, u, v, lam, s_values, s_indices, bias, backend, path)
 
 
@@ -260,7 +261,7 @@ def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
     _check_adapter("frod_effective_weight", u, v, lam, s_values, s_indices)
     _check_index_values(s_indices, v.shape[0], "frod_effective_weight")
     backend = dispatch.select_backend(u.device, backend, "frod")
-    if backend == "reference" or _autograd.needs_grad(lam, s_values):
+    if backend == "reference" or _autograd.needs_grad(lam, s_values) or _autograd.tracing():
         return reference.effective_weight(u, v, lam, s_values, s_indices)
     coef = torch.cat([lam, s_values]).to(_acc_dtype(u.dtype))
     return u @ dispatch.kernels("frod", backend).mix(_v_t(v, u.dtype), coef, *_plan(s_indices, v.shape[0], False))

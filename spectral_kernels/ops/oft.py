@@ -64,6 +64,7 @@ def _linear_forward(x, weight, bias, rot, backend, path):
 @torch.library.custom_op("spectral_kernels::oft_linear_fwd", mutates_args=())
 def _oft_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rot: torch.Tensor,
                     backend: str, path: str) -> torch.Tensor:
+    _autograd.refuse_forward_mode("spectral_kernels::oft_linear_fwd")
     return _linear_forward(x, weight, bias, rot, backend, path)
 
 
@@ -136,6 +137,7 @@ def _rotate_forward(x, rot, backend):
 
 @torch.library.custom_op("spectral_kernels::oft_rotate_fwd", mutates_args=())
 def _oft_rotate_fwd(x: torch.Tensor, rot: torch.Tensor, backend: str) -> torch.Tensor:
+    _autograd.refuse_forward_mode("spectral_kernels::oft_rotate_fwd")
     return _rotate_forward(x, rot, backend)
 
 
@@ -315,7 +317,7 @@ def oft_effective_weight(weight, rot, backend=None):
     _check_rotation("oft_effective_weight", weight, rot, weight.shape[-1])
     _check_devices("oft_effective_weight", weight=weight, rot=rot)
     backend = dispatch.select_backend(weight.device, backend, "oft")
-    if backend == "reference":
+    if backend == "reference" or _autograd.tracing():
         n_blocks = weight.shape[1] // rot.shape[-1]
         return (weight @ reference.block_diagonal(rot.to(weight.dtype), n_blocks).t()).detach()
     return _kernels(backend).rotate(weight.detach(), rot.detach(), True)
