@@ -580,6 +580,21 @@ def test_saves_tied_biases_as_peft(tmp_path):
     assert_close(theirs.eval()(ids).logits, ours.eval()(ids).logits, torch.float32)
 
 
+def seeded_pair(make, config):
+    """(ours, peft's model) with adapter ``config`` on models from ``make``, each built from the same RNG state."""
+    torch.manual_seed(0)
+    ours = sk.inject(make(), config)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ours, peft.get_peft_model(make(), peft_config(config))
+
+
+def peft_state(model):
+    """A PeftModel's state dict under the keys of the same model adapted by ``inject``."""
+    return {k.removeprefix("base_model.model.").removeprefix("base_model."): v for k, v in model.state_dict().items()}
+
+
 def two_adapters(make, first, second):
     """(ours, peft's model, peft's state dict under our keys) for adapters "default" (``first``) and "other"
     (``second``) on models from ``make``, each built from the same global RNG state."""
@@ -590,9 +605,7 @@ def two_adapters(make, first, second):
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(make(), peft_config(first))
         theirs.add_adapter("other", peft_config(second))
-    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
-                for k, v in theirs.state_dict().items()}
-    return ours, theirs, expected
+    return ours, theirs, peft_state(theirs)
 
 
 @pytest.mark.parametrize("first_targets, second_targets, second_rate, categories", [
@@ -626,15 +639,8 @@ def test_frod_projections_of_a_condensed_target_list_like_peft():
     names, while layers_to_transform picks the layers it adapts."""
     config = sk.FrodConfig(target_modules=LLAMA_LINEARS, layers_to_transform=[1], init_weights=False,
                            progressbar=False)
-    torch.manual_seed(1)
-    ours = sk.inject(llama(), config)
-    torch.manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(llama(), peft_config(config))
-    expected = {k.removeprefix("base_model.model.").removeprefix("base_model."): v
-                for k, v in theirs.state_dict().items()}
-    state = ours.state_dict()
+    ours, theirs = seeded_pair(llama, config)
+    expected, state = peft_state(theirs), ours.state_dict()
     assert state.keys() == expected.keys() and len(adapted(ours, AdapterLayer)) == 7
     for key, value in state.items():
         assert_close(value, expected[key], torch.float32)
@@ -1067,12 +1073,7 @@ def test_failed_inject_leaves_the_model_as_it_was():
 def test_layers_expose_the_base_layer_as_peft_s(config):
     """T5's feed-forward casts to ``wo.weight.dtype`` in its forward: the layers expose the base layer's weight and
     bias, and get_base_layer, as peft's do, and compute what peft's do there."""
-    torch.manual_seed(0)
-    ours = sk.inject(t5(), config)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(t5(), peft_config(config))
+    ours, theirs = seeded_pair(t5, config)
     layer = ours.encoder.block[0].layer[1].DenseReluDense.wo
     assert isinstance(layer, AdapterLayer) and layer.get_base_layer() is layer.base_layer
     assert layer.weight is layer.base_layer.weight and layer.bias is None
