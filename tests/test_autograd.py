@@ -161,9 +161,10 @@ def test_compiled_checkpoint_as_the_first_call():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("make,path", CASES)
-def test_fake_and_proxy_tracing(device, backend, make, path):
+def test_fake_and_proxy_tracing(device, backend, make, path, dtype):
     """Traced outside torch.compile, under a fake tensor mode (FakeTensorMode, make_fx's fake and symbolic modes,
     aot_function) or a proxy one (make_fx, torch.func.linearize), the ops go in as their custom ops: no values are
     read and nothing is kept (the index checks read them, the raw kernels had no fake kernels), and the traced
@@ -172,7 +173,7 @@ def test_fake_and_proxy_tracing(device, backend, make, path):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     g = torch.Generator().manual_seed(0)
-    params, fn = make(backend, path, device, torch.float32, g)
+    params, fn = make(backend, path, device, dtype, g)
 
     def forward_and_grads(*inputs):
         inputs = [t.detach().requires_grad_() for t in inputs]
@@ -181,8 +182,8 @@ def test_fake_and_proxy_tracing(device, backend, make, path):
 
     def sample(seed):
         g.manual_seed(seed)
-        return [t.to(device) for t in (torch.randn(TOKENS, D_IN, generator=g),
-                                       *(torch.randn(p.shape, generator=g) for p in params))]
+        return [t.to(device, dtype) for t in (torch.randn(TOKENS, D_IN, generator=g),
+                                              *(torch.randn(p.shape, generator=g) for p in params))]
 
     expected = forward_and_grads(*sample(2))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -192,7 +193,7 @@ def test_fake_and_proxy_tracing(device, backend, make, path):
         # (the op's fixed tensors, constants of fn, stay real)
         graph = make_fx(forward_and_grads, tracing_mode=tracing_mode, _allow_non_fake_inputs=True)(*sample(1))
         for got, want in zip(graph(*sample(2)), expected, strict=True):
-            assert_close(got, want, torch.float32)
+            assert_close(got, want, dtype)
 
 
 def test_weight_builders_trace():

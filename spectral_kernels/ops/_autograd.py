@@ -1,5 +1,6 @@
-"""How a fused op is entered: its torch custom op under torch.compile, a plain
-autograd.Function in eager autograd, its body alone in eager inference.
+"""How a fused op is entered: its torch custom op while tracing (torch.compile, export,
+fake or proxy tensor modes: _cache.tracing), a plain autograd.Function in eager
+autograd, its body alone in eager inference.
 
 The custom ops (torch.library) are what torch.compile traces without graph breaks.
 In eager mode their Python dispatch layers are pure overhead: about 0.1 ms per
@@ -109,9 +110,10 @@ def needs_grad(*tensors):
 
 
 def run(custom_op, eager_function, body, needs_grad, *args):
-    """The forward op on ``args``: ``custom_op`` when torch.compile traces, ``eager_function`` when autograd
-    records (``needs_grad``), else ``body`` alone (eager inference: at T=1, 4096 x 4096 on the CPU the
-    wrappers' Python layers cost ~0.2 ms, a fifth of the GEMV, once the GEMV has pushed them out of the caches).
+    """The forward op on ``args``: ``custom_op`` while tracing (torch.compile, export, fake or proxy modes),
+    ``eager_function`` when autograd records (``needs_grad``), else ``body`` alone (eager inference: at T=1,
+    4096 x 4096 on the CPU the wrappers' Python layers cost ~0.2 ms, a fifth of the GEMV, once the GEMV has pushed
+    them out of the caches).
 
     The ops' outputs are (tokens, features) and their callers give them x's leading dimensions after this returns:
     a view made inside the autograd Function could not be modified in place (model code adds into a layer's
