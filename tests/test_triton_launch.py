@@ -89,6 +89,51 @@ def test_fourierft_mirror_rows_past_2_31():
     torch.testing.assert_close(out[:, :width], torch.view_as_real(ft[:width]).select(-1, 0).t(), rtol=0, atol=0)
 
 
+def test_fourierft_mirror_columns_past_2_31():
+    """A half-spectrum read at column stride 2**26 (the column FFT's layout, stride m, at m = 2**26): bin 32 of
+    ΔW's 64 columns lies 2**31 complex elements in."""
+    n, stride_q = 64, 2 ** 26
+    bins = n // 2 + 1
+    ft = torch.empty(bins, stride_q, dtype=torch.complex32, device=DEVICE)[:, :1]
+    ft[:, 0] = torch.randn(bins, dtype=torch.complex64, generator=torch.Generator().manual_seed(3)).to(ft)
+    real = torch.view_as_real(ft[:, 0]).select(-1, 0)
+    q = torch.arange(n, device=DEVICE)
+    expected = real[torch.minimum(q, n - q)][None]
+    torch.testing.assert_close(fourierft.real_mirror(ft, None, n), expected, rtol=0, atol=0)
+
+
+def test_grids_within_cuda_limits(monkeypatch):
+    """No launch asks for more than 65535 programs on a grid's second axis (CUDA's limit): FourierFT's mix of 2**23 + 1
+    coefficients goes in one axis, and OFT's and FRoD's launches past the limit raise, as the CUDA backend's do.
+    (The launches are recorded, not run.)"""
+    grids = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.append(grid)
+
+    for module, kernel in ((fourierft, "_mix_kernel"), (oft, "_rotate_kernel"), (frod, "_mix_kernel"),
+                           (frod, "_mix_backward_kernel")):
+        monkeypatch.setattr(module, kernel, Recorded())
+    nnz = 2 ** 23 + 1
+    fourierft.mix(torch.zeros(1, 5, dtype=torch.complex64, device=DEVICE), torch.ones(nnz, device=DEVICE),
+                  torch.zeros(nnz, dtype=torch.long, device=DEVICE), torch.zeros(nnz, dtype=torch.long, device=DEVICE),
+                  8, 8, 1.0)
+    x = torch.zeros(1, 2 * 65536, device=DEVICE)
+    with pytest.raises(RuntimeError, match="oft_rotate: too many blocks for one launch"):
+        oft.rotate(x, torch.eye(2, device=DEVICE)[None], False)
+    oft.rotate(x[:, :-2], torch.eye(2, device=DEVICE)[None], False)
+    tokens = 65535 * frod.BLOCK_T + 1
+    z, ptr, index = (torch.empty(1, tokens, dtype=BF16, device=DEVICE), torch.tensor([0, 1], device=DEVICE),
+                     torch.zeros(1, dtype=torch.long, device=DEVICE))
+    with pytest.raises(RuntimeError, match="frod_mix: too many tokens for one launch"):
+        frod.mix(z, torch.ones(1, device=DEVICE), ptr, index, index)
+    with pytest.raises(RuntimeError, match="frod_mix_backward: too many tokens for one launch"):
+        frod.mix_backward(z, z, torch.ones(1, device=DEVICE), ptr, index, index, True)
+    frod.mix(z[:, :-1], torch.ones(1, device=DEVICE), ptr, index, index)
+    assert len(grids) == 3 and all(axis <= 65535 for grid in grids for axis in grid[1:])
+
+
 class _CurrentDevice:
     """Stands in for torch.cuda.device, recording the device made current (``outside`` where none is)."""
     outside = object()

@@ -2,6 +2,8 @@ import functools
 
 import torch
 
+MAX_GRID_Y = 65535  # programs along a launch grid's second and third axes (CUDA's limit)
+
 
 def on_tensors_device(launcher):
     """``launcher`` run with the CUDA device of its first argument, a tensor, current. Triton launches on the

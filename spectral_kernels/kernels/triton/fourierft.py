@@ -38,7 +38,7 @@ def _spectrum_rows_kernel(c_ptr, rows_ptr, cols_ptr, out_ptr, nnz, n, bins,
 def _real_mirror_kernel(ft_ptr, stride_q, stride_p, base_ptr, out_ptr, m, n, bins, HAS_BASE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]  # p * n passes 2**31 at lm_heads
-    q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
+    q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]  # and q * stride_q at 65536**2
     live = (p < m) & (q < n)
     low = q < bins
     src = tl.where(low, q, n - q) * stride_q + tl.where(low, p, (m - p) % m) * stride_p
@@ -51,8 +51,10 @@ def _real_mirror_kernel(ft_ptr, stride_q, stride_p, base_ptr, out_ptr, m, n, bin
 @triton.jit
 def _mix_kernel(xf_ptr, c_ptr, g_ptr, b_ptr, out_ptr, tokens, nnz, n_in, n_out,
                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    # One grid axis, token tiles first: a second axis holds at most 65535 programs (nnz = 8.4M at BLOCK_K = 128).
+    t_tiles = tl.cdiv(tokens, BLOCK_T)
+    t = (tl.program_id(0) % t_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # 64-bit offsets
+    k = (tl.program_id(0) // t_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     live = (t < tokens) & (k < nnz)
     w = tl.load(c_ptr + k, mask=k < nnz, other=0.0)
     g = tl.load(g_ptr + k, mask=k < nnz, other=0)
@@ -90,7 +92,7 @@ def _coef_grad_kernel(xf_ptr, yf_ptr, a_ptr, b_ptr, part_ptr, tokens, nnz, n_x, 
     acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=xf_ptr.dtype.element_ty)
     t_end = tl.minimum(tokens, (split + 1) * split_len)
     for t0 in range(split * split_len, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)[:, None]
+        t = t0 + tl.arange(0, BLOCK_T)[:, None].to(tl.int64)  # 64-bit offsets t * (n // 2 + 1)
         live = (t < t_end) & (k[None, :] < nnz)
         xs = xf_ptr + 2 * (t * (n_x // 2 + 1) + ja)
         ys = yf_ptr + 2 * (t * (n_y // 2 + 1) + jb)
@@ -132,7 +134,7 @@ def mix(xf, coef, gather_idx, scatter_idx, n_in, n_out, scale):
     tokens, nnz = xf.shape[0], coef.numel()
     out = torch.zeros(tokens, n_out // 2 + 1, dtype=xf.dtype, device=xf.device)
     if tokens and nnz:
-        grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(nnz, BLOCK_K))
+        grid = (triton.cdiv(tokens, BLOCK_T) * triton.cdiv(nnz, BLOCK_K),)
         _mix_kernel[grid](torch.view_as_real(xf), coef.to(xf.real.dtype) * (scale / 2),
                           gather_idx.contiguous(), scatter_idx.contiguous(), torch.view_as_real(out), tokens, nnz,
                           n_in, n_out, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensors_device
+from . import MAX_GRID_Y, on_tensors_device
 
 BLOCK_T = 256
 
@@ -69,6 +69,8 @@ def mix(x, coef, ptr, src, perm):
     if out.numel() == 0:
         return out
     block = _block(tokens)
+    if triton.cdiv(tokens, block) > MAX_GRID_Y:  # as the CUDA backend's limit
+        raise RuntimeError("frod_mix: too many tokens for one launch")
     _mix_kernel[(rows, triton.cdiv(tokens, block))](x, coef.to(_acc(x.dtype)).contiguous(), ptr, src, perm, out,
                                                     tokens, ACC=_tl_acc(x.dtype), BLOCK_T=block)
     return out
@@ -81,6 +83,8 @@ def mix_backward(g, z, coef, ptr, src, perm, need_dz):
     dz = g.new_empty(rows, tokens) if need_dz else g.new_empty(0)
     block = _block(tokens)
     tiles = triton.cdiv(tokens, block)
+    if tiles > MAX_GRID_Y:
+        raise RuntimeError("frod_mix_backward: too many tokens for one launch")
     partial = torch.zeros(tiles, entries, dtype=_acc(g.dtype), device=g.device)
     if rows and tokens:
         _mix_backward_kernel[(rows, tiles)](g, z, coef.to(_acc(g.dtype)).contiguous(), ptr, src, perm, dz, partial,

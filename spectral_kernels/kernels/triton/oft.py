@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensors_device
+from . import MAX_GRID_Y, on_tensors_device
 
 BLOCK_T = 64
 SPLIT_PROGRAMS = 256  # aim for about this many programs in the dR reduction
@@ -125,6 +125,8 @@ def rotate(x, rot, transpose):
     block, blocks = _tile(b), features // b
     col_tiles = triton.cdiv(b, block)
     grid = (triton.cdiv(tokens, BLOCK_T), blocks * col_tiles)
+    if grid[1] > MAX_GRID_Y:  # as the CUDA backend's limit
+        raise RuntimeError("oft_rotate: too many blocks for one launch")
     _rotate_kernel[grid](x, rot, out, tokens, b, features, col_tiles, 0 if rot.shape[0] == 1 else rot.stride(0),
                          rot.stride(1), rot.stride(2), ACC=acc, PRECISION=precision, BLOCK_T=BLOCK_T, BLOCK=block)
     return out
