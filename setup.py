@@ -36,6 +36,8 @@ class CMakeBuild(build_ext):
         except (subprocess.CalledProcessError, FileNotFoundError) as err:
             if os.environ.get("SPECTRAL_KERNELS_REQUIRE_NATIVE") == "1":
                 raise
+            # An extension an earlier build left there was built against another torch, maybe: it does not ship.
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             print(f"spectral_kernels: native build failed ({err}); installing the pure-Python package", file=sys.stderr)
 
 
@@ -50,7 +52,7 @@ setup(
     description="Fused kernels for the FourierFT, OFT and FRoD PEFT adapters",
     packages=find_packages(include=["spectral_kernels", "spectral_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "safetensors", "tqdm"],
+    install_requires=["torch>=2.11", "safetensors[torch]", "tqdm"],  # safetensors.torch saves through numpy
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "peft>=0.21,<0.22", "transformers", "triton"],
         "bench": ["peft>=0.21,<0.22", "transformers", "matplotlib", "pytest-benchmark"],

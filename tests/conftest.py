@@ -55,6 +55,9 @@ def cuda_emulation_unavailable():
         return "the CUDA emulation switches threads in x86-64 assembly"
     if not cpp_extension.is_ninja_available():
         return "ninja, which torch.utils.cpp_extension builds the CUDA emulation with, is not on PATH"
+    from cuda_emulation import CSRC
+    if not any((CSRC / "cuda").glob("*.cu")):
+        return f"the CUDA sources are not here ({CSRC / 'cuda'}): the tests run outside the source tree"
     return None
 
 

@@ -2,6 +2,8 @@
 process), and the extension built here has none."""
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +34,26 @@ def test_built_extension_shares_libstdcxx():
     _C = pytest.importorskip("spectral_kernels._C")  # built wherever the README's test command ran
     assert not native.private_libstdcxx(_C.__file__)
     assert sk.backends()["cpu"] is None
+
+
+
+def test_missing_extension_is_named_not_built(tmp_path):
+    """A copy of the package without its extension (as pip's isolated build installs it, having no torch to build
+    against): backends() says it is not built (the import error it quoted named a circular import)."""
+    shutil.copytree(Path(sk.__file__).parent, tmp_path / "spectral_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    result = subprocess.run([sys.executable, "-c", _IMPORT_THE_COPY], cwd=tmp_path, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.splitlines() == [str(tmp_path / "spectral_kernels" / "__init__.py"),
+                                          "native extension not built; build it against the installed torch: "
+                                          "pip install --no-build-isolation"], result.stdout
+
+
+# (an editable install's finder would import the checkout's package)
+_IMPORT_THE_COPY = """
+import sys
+sys.meta_path[:] = [finder for finder in sys.meta_path if not finder.__module__.startswith("__editable__")]
+import spectral_kernels as sk
+print(sk.__file__)
+print(sk.backends()["cpu"])
+"""

@@ -65,6 +65,7 @@ def build(build_dir):
         path.write_text(rewrite(cu.read_text()))
         sources.append(str(path))
         ops += _IMPL.findall(cu.read_text())
+    assert ops, f"no CUDA kernels in {CSRC / 'cuda'}"
     library = torch.library.Library(NAMESPACE, "DEF")
     for name in ops:
         schema = str(getattr(torch.ops.spectral_kernels, name).default._schema)

@@ -5,6 +5,7 @@ namespace exists even when `_C` could not be built; `_C` then only adds CPU and
 (when compiled with CUDA) CUDA implementations. Torch picks CPU or CUDA by device.
 """
 import ctypes
+import importlib.util
 
 import torch
 
@@ -50,6 +51,6 @@ try:
                         "library (e.g. CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++)")
 except ImportError as err:  # extension not built: reference/Triton paths only
     # pip's default isolated build has no torch to compile against, so it installs the package without it.
-    IMPORT_ERROR = (f"native extension not importable ({err}); build it against the installed torch with "
-                    "`pip install --no-build-isolation`")
+    why = "not built" if importlib.util.find_spec("spectral_kernels._C") is None else f"not importable ({err})"
+    IMPORT_ERROR = f"native extension {why}; build it against the installed torch: pip install --no-build-isolation"
     CUDA_BUILT = False
