@@ -102,8 +102,9 @@ def version_key(*tensors):
 def _kept(build):
     """``build()`` for a cache: never inference tensors (made by a first call in inference mode, e.g. an HF
     pipeline), which have no version counter, so that what is cached on them in turn (an index check, a device
-    sync on GPU; an eval-mode weight) would be rebuilt on every call, nor be saved for a backward later."""
-    with torch.inference_mode(False):
+    sync on GPU; an eval-mode weight) would be rebuilt on every call, nor be saved for a backward later. Nor values
+    with an autograd graph (inference_mode(False) turns grad mode on): a graph back to the key kept it alive."""
+    with torch.inference_mode(False), torch.no_grad():
         return build()
 
 

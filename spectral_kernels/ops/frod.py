@@ -256,12 +256,12 @@ def _apply(x, u, v, lam, s_values, s_indices, bias, backend, path):
 
 
 def frod_effective_weight(u, v, lam, s_values, s_indices, backend=None):
-    """W' = U (diag(lam) + S) V^T (out_features, in_features) in U's dtype: differentiable in lam and the S values
-    where autograd records (then by peft's dense torch math: the kernels' build has no backward)."""
+    """W' = U (diag(lam) + S) V^T (out_features, in_features) in U's dtype: differentiable where autograd records
+    (then by peft's dense torch math: the kernels' build has no backward)."""
     _check_adapter("frod_effective_weight", u, v, lam, s_values, s_indices)
     _check_index_values(s_indices, v.shape[0], "frod_effective_weight")
     backend = dispatch.select_backend(u.device, backend, "frod")
-    if backend == "reference" or _autograd.needs_grad(lam, s_values) or _autograd.tracing():
+    if backend == "reference" or _autograd.needs_grad(u, v, lam, s_values) or _autograd.tracing():
         return reference.effective_weight(u, v, lam, s_values, s_indices)
     coef = torch.cat([lam, s_values]).to(_acc_dtype(u.dtype))
     return u @ dispatch.kernels("frod", backend).mix(_v_t(v, u.dtype), coef, *_plan(s_indices, v.shape[0], False))
