@@ -719,6 +719,27 @@ def test_moving_a_model_drops_its_eval_caches(method):
         assert_close(model(x.double()), _fresh(model, x.double()), torch.float64)
 
 
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_merging_or_disabling_drops_the_eval_cache(method):
+    """merge() and disabling the adapters leave the base layer to run alone: the eval cache's copy of the weight
+    (and OFT's rotations) went on taking a weight's memory per layer until the layer trained again."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
+    x = torch.randn(5, 24)
+    for leave, back in ((lambda: model.proj.merge(), lambda: model.proj.unmerge()),
+                        (lambda: model.proj.enable_adapters(False), lambda: model.proj.enable_adapters(True))):
+        with torch.no_grad():
+            expected = model(x)
+        kept = [weakref.ref(model.proj._cache[1])]
+        kept += [weakref.ref(r) for _, r in getattr(model.proj, "_rotations", {}).values()]
+        leave()
+        gc.collect()
+        assert [ref() for ref in kept] == [None] * len(kept)
+        back()
+        with torch.no_grad():
+            assert_close(model(x), expected, torch.float32)
+
+
 def test_eval_cache_after_a_first_call_in_inference_mode():
     """FourierFT with two active adapters keeps their indices concatenated, and its eval weight on that tensor;
     made by a first call in inference mode (an HF pipeline), the concatenation was an inference tensor, without

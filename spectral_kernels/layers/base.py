@@ -214,6 +214,7 @@ class AdapterLayer(WatchesMoves, nn.Module):
         else:
             for table in self.adapter_layer_names:
                 getattr(self, table).requires_grad_(False)
+            self._drop_caches()  # the base layer runs alone
         self._disable_adapters = not enabled
 
     def train(self, mode=True):
@@ -329,6 +330,7 @@ class AdapterLayer(WatchesMoves, nn.Module):
             else:
                 weight.data += delta
             self.merged_adapters.append(name)
+        self._drop_caches()  # the merged base layer runs alone
 
     @torch.no_grad()
     def unmerge(self):

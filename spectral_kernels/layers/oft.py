@@ -175,6 +175,7 @@ class OFTLinear(AdapterLayer):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             self._write_weight(merged)
             self.merged_adapters.append(name)
+        self._drop_caches()  # the merged base layer runs alone
 
     @torch.no_grad()
     def unmerge(self):
