@@ -143,19 +143,20 @@ def test_effective_weight(device, backend, dtype):
         assert_low_precision_close(got, reference.effective_weight(u, v, lam, s, indices), exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_effective_weight_of_trainable_projections(device, backend):
+def test_effective_weight_of_trainable_projections(device, backend, dtype):
     """U and V that require grad get the gradients of peft's dense math (V's was lost); built without autograd,
     the kept V^T holds no graph back to V (which kept V and the copy alive for good)."""
-    (_, u, v, lam, s, _), _, indices = make_case(11, 6, 20, (1,), torch.float64, device)
+    (_, u, v, lam, s, _), _, indices = make_case(11, 6, 20, (1,), dtype, device)
     u, v = u.clone().requires_grad_(), v.clone().requires_grad_()
-    weights = torch.randn(u.shape[0], v.shape[0], dtype=torch.float64,
+    weights = torch.randn(u.shape[0], v.shape[0], dtype=dtype,
                           generator=torch.Generator().manual_seed(5)).to(device)
     got = torch.autograd.grad((sk.frod_effective_weight(u, v, lam, s, indices, backend=backend) * weights).sum(),
                               (u, v))
     expected = torch.autograd.grad((reference.effective_weight(u, v, lam, s, indices) * weights).sum(), (u, v))
     for g, e in zip(got, expected, strict=True):
-        assert_close(g, e, torch.float64)
+        assert_close(g, e, dtype)
     with torch.no_grad():
         sk.frod_effective_weight(u, v, lam, s, indices, backend=backend)
     kept = weakref.ref(v)
