@@ -119,6 +119,34 @@ def test_torch_func_transforms_run_the_reference(make, path, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("device,backend", [*device_backends(), pytest.param("cpu", "reference", id="reference-cpu")])
+@pytest.mark.parametrize("make,path", CASES)
+def test_batched_backward(device, backend, make, path, dtype):
+    """A backward autograd runs under vmap after an ordinary forward (is_grads_batched=True, and so
+    torch.autograd.functional.jacobian(vectorize=True)) gives each row of grad_outputs the gradients a backward of
+    that row alone gives (the kernels' backward ran on the batched tensors and failed). FRoD's reference, peft's
+    sparse product, has no batching rule for the gradient of S's values, as peft's layer."""
+    g = torch.Generator().manual_seed(0)
+    params, fn = make(backend, path, device, dtype, g)
+    inputs = [t.to(device, dtype).requires_grad_() for t in (torch.randn(TOKENS, D_IN, generator=g), *params)]
+    x, *params = inputs
+    y = fn(*inputs)
+    rows = torch.randn(3, *y.shape, generator=g).to(device, dtype)
+    if make is frod and backend == "reference":
+        with pytest.raises(NotImplementedError, match="SparseCPU"):
+            torch.autograd.grad(y, inputs[-1], rows, retain_graph=True, is_grads_batched=True)
+        inputs = inputs[:-1]
+    batched = torch.autograd.grad(y, inputs, rows, retain_graph=True, is_grads_batched=True)
+    for i, row in enumerate(rows):
+        for got, expected in zip(batched, torch.autograd.grad(y, inputs, row, retain_graph=True), strict=True):
+            assert_close(got[i], expected, dtype)
+    jacobian = torch.autograd.functional.jacobian(lambda x: fn(x, *params), x.detach(), vectorize=True)
+    eye = torch.eye(y.numel(), device=device, dtype=dtype).reshape(-1, *y.shape)
+    assert_close(jacobian.reshape(y.numel(), -1),
+                 torch.stack([torch.autograd.grad(y, x, e, retain_graph=True)[0].flatten() for e in eye]), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("make,path", CASES)
 def test_compiled_torch_func_transforms(make, path, dtype):
     """torch.compile of a torch.func transform runs the reference backend too (the kernels' custom ops went into

@@ -133,11 +133,18 @@ def refuse_forward_mode(name):
                            "forward_ad); trace with backend='reference' (SPECTRAL_KERNELS_BACKEND=reference) for them")
 
 
+def batched(grad):
+    """Whether ``grad`` is a batched tensor: autograd runs a backward under vmap for is_grads_batched=True (and
+    torch.autograd.functional.jacobian(vectorize=True)). The kernels cannot read its storage."""
+    return torch._C._functorch.is_legacy_batchedtensor(grad)
+
+
 def backward_call(ctx, custom_op, body, *args):
     """A backward's inner op: its ``body`` under the eager autograd.Function, else ``custom_op`` (traced
     graphs, opcheck and torch.compile, must see the op; so must autograd when the backward itself is
-    recorded, with create_graph=True, so that ``first_order`` can refuse to differentiate it)."""
-    eager = getattr(ctx, "eager", False) and not torch.is_grad_enabled()
+    recorded, with create_graph=True, so that ``first_order`` can refuse to differentiate it; and vmap when
+    the gradient ``args[0]`` is ``batched``, which runs a functional custom op on one row at a time)."""
+    eager = getattr(ctx, "eager", False) and not torch.is_grad_enabled() and not batched(args[0])
     return body(*args) if eager else custom_op(*args)
 
 
