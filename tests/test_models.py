@@ -740,6 +740,24 @@ def test_merging_or_disabling_drops_the_eval_cache(method):
             assert_close(model(x), expected, torch.float32)
 
 
+def test_fourierft_folded_indices_go_with_their_adapters():
+    """FourierFT keeps the active adapters' indices concatenated while several are active; a deleted adapter's and
+    those left on a device the layer moved off stayed until the next call with several adapters."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS["fourierft"](["proj"]))
+    sk.inject(model, CONFIGS["fourierft"](["proj"]), "other")
+    sk.set_adapter(model, ["default", "other"])
+    x = torch.randn(5, 24)
+    for leave in (lambda: model.double(), lambda: sk.delete_adapter(model, "other")):
+        model(x.to(model.proj.weight.dtype))
+        folded = weakref.ref(model.proj._folded_indices.get(list(model.proj.indices.values()), 1))
+        leave()
+        gc.collect()
+        assert folded() is None
+    assert_close(model(x.double()), model.proj.base_layer(x.double()) + x.double() @ model.proj.delta_weight(
+        "default").t(), torch.float64)
+
+
 def test_eval_cache_after_a_first_call_in_inference_mode():
     """FourierFT with two active adapters keeps their indices concatenated, and its eval weight on that tensor;
     made by a first call in inference mode (an HF pipeline), the concatenation was an inference tensor, without

@@ -65,6 +65,14 @@ class FourierFTLinear(AdapterLayer):
                 self.indices[adapter] = indices
         return indices
 
+    def _drop_adapter(self, adapter_name):
+        super()._drop_adapter(adapter_name)
+        self._folded_indices = ConcatCache()  # it held the deleted adapter's indices
+
+    def _moved(self):
+        super()._moved()
+        self._folded_indices = ConcatCache()  # on the old device
+
     def delta_weight(self, adapter):
         spectrum = self.fourierft_spectrum[adapter]
         return fourierft_delta_weight(spectrum, self._indices(adapter, spectrum), self.out_features,
