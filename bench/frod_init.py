@@ -34,7 +34,6 @@ def bench_frod_init(args):
     count, width = SIZES[args.quick]
     dtype = getattr(torch, args.dtype)
     ours_config, peft_config = configs("frod", args, target_modules=list(CATEGORIES))
-    ours_config.progressbar = peft_config.progressbar = False
     model = blocks(count, width, args.device, dtype)
 
     def ours(model=model):

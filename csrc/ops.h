@@ -67,6 +67,9 @@ at::Tensor fourierft_coef_grad_cuda(const at::Tensor& xf, const at::Tensor& yf,
 at::Tensor oft_rotate_cuda(const at::Tensor& x, const at::Tensor& rot, bool transpose);
 at::Tensor oft_rotate_backward_cuda(at::Tensor& g, const at::Tensor& x, const at::Tensor& rot, bool need_dx,
                                     bool need_drot);
+at::Tensor oft_neumann_cuda(const at::Tensor& params, int64_t b, at::ArrayRef<double> coef);
+at::Tensor oft_neumann_backward_cuda(const at::Tensor& params, const at::Tensor& grad, int64_t b,
+                                     at::ArrayRef<double> coef);
 at::Tensor frod_mix_cuda(const at::Tensor& in, const at::Tensor& coef, const at::Tensor& ptr, const at::Tensor& src,
                          const at::Tensor& perm);
 std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cuda(const at::Tensor& g, const at::Tensor& z,

@@ -75,7 +75,8 @@ def _serves(name, device):
 
 # (method, backend) pairs whose kernels add floating-point numbers with atomics, so that their results vary from
 # run to run in the last bits: FourierFT's spectrum scatter and mix on the GPU (csrc/cuda/fourierft.cu,
-# kernels/triton/fourierft.py). The cpu backend's results depend only on the thread count, as torch's CPU ops do.
+# kernels/triton/fourierft.py), and its coefficient gradient on cuda. The cpu backend's results depend only on the
+# thread count, as torch's CPU ops do.
 NONDETERMINISTIC = {("fourierft", "cuda"), ("fourierft", "triton")}
 
 

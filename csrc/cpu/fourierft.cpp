@@ -171,7 +171,7 @@ at::Tensor fourierft_real_mirror_cpu(const at::Tensor& ft_in, const std::optiona
 // sign of its imaginary part (see plus_transform_at). Resolved once per call so the
 // token loops below are branch-free.
 struct Gather {
-  std::vector<int32_t> bin;  // 32-bit: vector gathers take 32-bit lanes
+  std::vector<int32_t> bin;
   std::vector<int8_t> im_sign;
   Gather(const int64_t* g, int64_t nnz, int64_t n) : bin(nnz), im_sign(nnz) {
     for (int64_t k = 0; k < nnz; ++k) {

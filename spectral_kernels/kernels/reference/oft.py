@@ -1,7 +1,8 @@
 """OFT exactly as peft 0.21 computes it (peft/tuners/oft/layer.py, OFTRotationModule).
 
-The rotation blocks are built by ``cayley`` for every backend (b x b work, in
-differentiable torch code), so all backends see the same R as peft. ``oft_linear``
+``cayley`` builds the rotation blocks as peft does, in differentiable torch code: for the
+exact Cayley transform, for the reference backend and for blocks past the kernels' limits
+(the Neumann series of the other backends runs in their own kernels, ops/oft.py). ``oft_linear``
 is the baseline the other backends are tested and benchmarked against: it rotates x
 with peft's einsum, expanding a shared block with ``repeat`` as peft does.
 """
@@ -29,7 +30,8 @@ def neumann_coefficients(num_neumann_terms):
 def cayley(params, block_size, use_cayley_neumann=True, num_neumann_terms=5):
     """peft's _cayley_batch: R = (I - Q)(I + Q)^-1, exact or as its truncated Neumann series.
 
-    Neumann with k terms: I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1) (the last power once).
+    Neumann with k terms: I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1) (the last power once) for k >= 4; k = 3 gives
+    the series of k = 4, k = 2 gives I + 2Q and k = 1 gives I (see ``neumann_coefficients``).
     The exact solve runs in float32 or wider (peft's float32 identity promotes Q).
     """
     n = params.shape[0]
