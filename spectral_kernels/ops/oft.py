@@ -5,7 +5,8 @@ filling the strict upper triangle of A_j in ``torch.triu_indices(b, b, 1)`` orde
 Q_j = A_j - A_j^T (skew), and
 
     R_j = (I - Q_j)(I + Q_j)^-1           exact Cayley, peft: solve(I+Q, I-Q, left=False)
-    R_j = I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1)      k-term Neumann (peft's default, k=5)
+    R_j = I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1)      k-term Neumann (peft's default, k=5; peft's
+                                                        k=3 gives k=4's series, k=2 gives I + 2Q)
 
 block_share: one block R_1 for all n. The input is rotated block-wise and fed to the
 frozen linear layer (W: (d_out, d_in)):
@@ -267,10 +268,10 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
     block_size, num_cayley_neumann_terms = int(block_size), int(num_cayley_neumann_terms)  # numpy integers too
     # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
-    if use_cayley_neumann and num_cayley_neumann_terms > 1 and not _autograd.tracing():
-        name = dispatch.select_backend(params.device, backend, "oft")
+    name = None if _autograd.tracing() else dispatch.select_backend(params.device, backend, "oft")  # checks it too
+    if use_cayley_neumann and num_cayley_neumann_terms > 1 and name not in (None, "reference"):
         n_coef = len(reference.neumann_coefficients(num_cayley_neumann_terms))
-        if name != "reference" and _kernels(name).neumann_fits(name, block_size, n_coef):
+        if _kernels(name).neumann_fits(name, block_size, n_coef):
             # The backward reads the parameters as they were: a copy where it runs, as peft's graph holds none of
             # the parameters themselves, which COFT projects in place on every forward (two forwards, one backward).
             if torch.is_grad_enabled() and params.requires_grad:
