@@ -337,13 +337,17 @@ def test_bad_layer_and_hyperparameters():
     for init_weights in ("gaussian", 1, 0, None):
         with pytest.raises(ValueError, match="Unknown initialization"):
             sk.OFTConfig(init_weights=init_weights)
+    edited = sk.OFTConfig(oft_block_size=4)
+    edited.r = 2  # past the config's own check
     with pytest.raises(ValueError, match="exactly one of r and oft_block_size"):
-        sk.OFTLinear(torch.nn.Linear(8, 4), config=sk.OFTConfig(oft_block_size=4)).update_layer(
-            "b", sk.OFTConfig(oft_block_size=4), r=2)
+        sk.OFTLinear(torch.nn.Linear(8, 4), config=sk.OFTConfig(oft_block_size=4)).update_layer("b", edited)
     with pytest.raises(ValueError, match="must have shape"):
         sk.oft_rotation(torch.zeros(2, 5), 4)
     with pytest.raises(ValueError, match="num_cayley_neumann_terms"):
         sk.oft_rotation(torch.zeros(2, 6), 4, num_cayley_neumann_terms=0)
+    for neumann, terms in ((False, 5), (True, 1), (True, 5)):  # also where no kernel would run
+        with pytest.raises(ValueError, match="unknown backend"):
+            sk.oft_rotation(torch.zeros(2, 6), 4, neumann, terms, backend="bogus")
     with pytest.raises(ValueError, match="OFT needs a layer with in_features >= 1"):
         sk.OFTLinear(torch.nn.Linear(0, 3))
     for field, value in [("oft_block_size", 8.5), ("num_cayley_neumann_terms", 2.5), ("eps", float("nan")),

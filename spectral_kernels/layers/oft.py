@@ -95,9 +95,9 @@ class OFTLinear(AdapterLayer):
         self._rotations = {}
         self.update_layer(adapter_name, config or OFTConfig())
 
-    def update_layer(self, adapter_name, config, r=None):
+    def update_layer(self, adapter_name, config):
         """Add adapter ``adapter_name`` (peft's update_layer) and activate the current set."""
-        r, block_size = oft_block_layout(self.in_features, config.r if r is None else r, config.oft_block_size)
+        r, block_size = oft_block_layout(self.in_features, config.r, config.oft_block_size)
         module = OFTRotation(1 if config.block_share else r, block_size, config)
         # peft's initialisation, on the float32 CPU tensor before moving it, so that
         # the same seed gives the same parameters.
