@@ -1,4 +1,9 @@
-"""Adapter configurations with peft's field names and defaults."""
+"""Adapter configurations with peft's field names and defaults.
+
+``fan_in_fan_out`` is kept for peft's checkpoints: the layers read the weight layout
+off the base layer (transformers' Conv1D stores it transposed), and ``inject``
+corrects the field with peft's warning where it says otherwise.
+"""
 import math
 import numbers
 from dataclasses import dataclass, field

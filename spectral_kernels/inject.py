@@ -567,7 +567,11 @@ def inject(model, config, adapter_name="default", autocast_adapter_dtype=True):
         shared = method.prepare(model, named, adapter_name, config) if method.prepare else None
         for key, module in targets.items():
             layer = method.adapt(module, key, adapter_name, config, shared)
-            config.fan_in_fan_out = layer._conv1d  # as in peft's saved config (the last module's layout); unused
+            if config.fan_in_fan_out != layer._conv1d:  # as peft: its saved config has the last module's layout
+                warnings.warn(f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is "
+                              f"`{'Conv1D' if layer._conv1d else 'torch.nn.Linear'}`. Setting fan_in_fan_out to "
+                              f"{layer._conv1d}.")
+                config.fan_in_fan_out = layer._conv1d
             if layer is not module:
                 _set_submodule(model, key, layer)
         if autocast_adapter_dtype:

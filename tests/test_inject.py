@@ -526,13 +526,20 @@ def test_peft_format_round_trip(tmp_path, config):
                                            (llama, sk.FrodConfig(fan_in_fan_out=True, progressbar=False))],
                          ids=["conv1d", "linear"])
 def test_saved_config_records_the_layout_as_peft(tmp_path, model, config):
-    """peft sets fan_in_fan_out in the config it saves to the adapted modules' layout (Conv1D or not)."""
-    sk.save_adapter(sk.inject(model(), config), tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """peft sets fan_in_fan_out in the config it saves to the adapted modules' layout (Conv1D or not), with a
+    warning where the config said otherwise."""
+    def layout_warnings(caught):
+        return {str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)}
+
+    with warnings.catch_warnings(record=True) as ours_caught:
+        warnings.simplefilter("always")
+        sk.save_adapter(sk.inject(model(), config), tmp_path / "ours")
+    with warnings.catch_warnings(record=True) as theirs_caught:
+        warnings.simplefilter("always")
         peft.get_peft_model(model(), peft_config(config)).save_pretrained(tmp_path / "peft")
     ours, theirs = (json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "peft"))
     assert ours["fan_in_fan_out"] is theirs["fan_in_fan_out"] is (model is gpt2)
+    assert len(layout_warnings(ours_caught)) == 1 and layout_warnings(ours_caught) == layout_warnings(theirs_caught)
 
 
 def test_saved_config_loads_through_peft_s_auto_classes(tmp_path):
@@ -924,7 +931,8 @@ def test_saving_oft_on_conv1d_warns_that_peft_cannot_load_it(tmp_path):
     assert_close(sk.load_adapter(gpt2(), tmp_path)(ids).logits, model(ids).logits, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sk.save_adapter(sk.inject(gpt2(), sk.FourierFTConfig(n_frequency=16)), tmp_path / "fourierft")
+        sk.save_adapter(sk.inject(gpt2(), sk.FourierFTConfig(n_frequency=16, fan_in_fan_out=True)),
+                        tmp_path / "fourierft")
 
 
 def peft_state(theirs):
