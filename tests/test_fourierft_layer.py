@@ -85,10 +85,12 @@ def test_half_precision_merge_rounds_once(dtype, safe_merge):
     unmerge is the exact difference rounded so (rounding the delta first cost a rounding more)."""
     ours, peft = pair(torch.nn.Linear(64, 48).to(dtype), n_frequency=300)
     ours.fourierft_spectrum.float()
+    peft.fourierft_spectrum.float()
     original = ours.base_layer.weight.detach().clone()
     with torch.no_grad():  # as merge computes it (with autograd it takes peft's torch.fft math)
         delta = ours.get_delta_weight("default")
-    assert delta.dtype == torch.float32
+        assert delta.dtype == torch.float32
+        assert_close(delta, peft.get_delta_weight("default"), torch.float32)
     ours.merge(safe_merge=safe_merge)
     merged = ours.base_layer.weight.detach().clone()
     assert merged.dtype == dtype and torch.equal(merged, (original.float() + delta).to(dtype))

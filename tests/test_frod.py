@@ -154,7 +154,8 @@ def test_effective_weight_of_trainable_projections(device, backend, dtype):
                           generator=torch.Generator().manual_seed(5)).to(device)
     got = torch.autograd.grad((sk.frod_effective_weight(u, v, lam, s, indices, backend=backend) * weights).sum(),
                               (u, v))
-    expected = torch.autograd.grad((reference.effective_weight(u, v, lam, s, indices) * weights).sum(), (u, v))
+    dense_s = torch.zeros_like(v).index_put((indices[0], indices[1]), s, accumulate=True)
+    expected = torch.autograd.grad((u @ (torch.diag(lam) + dense_s) @ v.t() * weights).sum(), (u, v))
     for g, e in zip(got, expected, strict=True):
         assert_close(g, e, dtype)
     with torch.no_grad():
@@ -165,14 +166,21 @@ def test_effective_weight_of_trainable_projections(device, backend, dtype):
     assert kept() is None
 
 
-def test_duplicate_entries_are_summed():
-    """peft coalesces S, summing repeated positions; so does the fused op."""
-    (x, u, v, lam, s, bias), _, _ = make_case(6, 4, 0, (3,), torch.float64, "cpu")
-    indices = torch.tensor([[1, 1, 4], [2, 2, 0]])
-    s = torch.tensor([0.5, -0.25, 2.0], dtype=torch.float64)
-    for path in PATHS:
-        assert_close(sk.frod_linear(x, u, v, lam, s, indices, bias, backend="cpu", path=path),
-                     reference.frod_linear(x, u, v, lam, s, indices, bias), torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("path", PATHS)
+def test_duplicate_entries_are_summed(device, backend, path, dtype):
+    """peft coalesces S, summing repeated positions; so does the fused op, and each repeated value gets the
+    gradient of their sum."""
+    (x, u, v, lam, _, bias), _, _ = make_case(6, 4, 0, (3,), dtype, device)
+    indices = torch.tensor([[1, 1, 4], [2, 2, 0]], device=device)
+    s = torch.tensor([0.5, -0.25, 2.0], dtype=dtype, device=device)
+    got, g = run(lambda *args: sk.frod_linear(*args[:5], indices, args[5], backend=backend, path=path),
+                 x, u, v, lam, s, bias)
+    expected, _ = run(lambda *args: reference.frod_linear(*args[:5], indices, args[5]), x, u, v, lam, s, bias, g)
+    for a, e in zip(got, expected, strict=True):
+        assert_close(a, e, dtype)
+    assert_close(got[3][0], got[3][1], dtype)  # the gradient of S at (1, 2), for both entries
 
 
 @pytest.mark.parametrize("path", PATHS)

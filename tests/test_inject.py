@@ -24,7 +24,7 @@ from spectral_kernels.inject import (FOURIERFT_DEFAULT_TARGETS, FROD_DEFAULT_TAR
                                      STATE_ATTRIBUTE, ModulesToSave, NoTargetModulesError, _condensed, adapters)
 from spectral_kernels.layers.base import AdapterLayer
 
-from conftest import assert_close
+from conftest import assert_close, assert_low_precision_close
 
 PEFT_CONFIG = {sk.FourierFTConfig: peft.FourierFTConfig, sk.OFTConfig: peft.OFTConfig, sk.FrodConfig: peft.FrodConfig}
 
@@ -766,14 +766,15 @@ def test_built_and_run_in_inference_mode(config):
                     q.add_(0.1)
 
 
-@pytest.mark.parametrize("config", [
-    sk.FourierFTConfig(n_frequency=20, target_modules=["query", "value"]),
-    sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"]),
-    sk.FrodConfig(target_modules=["query", "value"], progressbar=False),
+@pytest.mark.parametrize("config,factor", [
+    (sk.FourierFTConfig(n_frequency=20, scaling=1500.0, target_modules=["query", "value"]), 1),
+    (sk.OFTConfig(oft_block_size=8, target_modules=["query", "value"], init_weights=False), 10),
+    (sk.FrodConfig(target_modules=["query", "value"], sparse_rate=0.1, init_weights=False, progressbar=False), 30),
 ], ids=["fourierft", "oft", "frod"])
-def test_half_precision_models_get_float32_adapters_like_peft(tmp_path, config):
+def test_half_precision_models_get_float32_adapters_like_peft(tmp_path, config, factor):
     """peft's get_peft_model and from_pretrained upcast a bf16/fp16 model's adapter parameters to float32
-    (autocast_adapter_dtype); so do inject and load_adapter, and the model's logits stay as peft's."""
+    (autocast_adapter_dtype); so do inject and load_adapter, and the model's hidden states are as close to the
+    float64 model's as peft's are (with adapters that move them by far more than that)."""
     def half():
         return bert().to(torch.bfloat16)
 
@@ -786,9 +787,19 @@ def test_half_precision_models_get_float32_adapters_like_peft(tmp_path, config):
     ours = sk.inject(half(), config)
     assert trainable(ours) == trainable(theirs) == {torch.float32}
     assert trainable(sk.inject(half(), config, autocast_adapter_dtype=False)) == {torch.bfloat16}
+    with torch.no_grad():  # adapters that move the hidden states by far more than bfloat16 rounds them
+        for p in theirs.parameters():
+            p.mul_(factor if p.requires_grad else 1)
     ours.load_state_dict(theirs.base_model.model.state_dict(), strict=False)  # FRoD's projections: same values
     ids = tokens(ours)
-    assert (ours(ids).logits.float() - theirs(ids).logits.float()).abs().max() <= 0.05  # bfloat16 rounding
+
+    def hidden(model):  # the last hidden states: the logits of this small random model are ~0.01
+        return model(ids, output_hidden_states=True).hidden_states[-1]
+
+    exact, got = hidden(copy.deepcopy(theirs).double()), hidden(ours)
+    assert_low_precision_close(got, hidden(theirs), exact)
+    moved = (exact - hidden(bert().double())).abs().max().item()
+    assert moved > 10 * (got.double() - exact).abs().max().item()
     sk.save_adapter(ours, tmp_path)
     loaded = sk.load_adapter(half(), tmp_path, is_trainable=True)
     assert trainable(loaded) == {torch.float32}

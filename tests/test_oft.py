@@ -46,7 +46,8 @@ def check(device, backend, path, n_in, n_out, b, lead, dtype, neumann=True, term
     (x, w, bias, p), (x64, w64, bias64, p64) = make_case(n_in, n_out, b, lead, dtype, device, shared)
 
     def ours(x, w, bias, p):
-        return sk.oft_linear(x, w, bias, sk.oft_rotation(p, b, neumann, terms), backend=backend, path=path)
+        return sk.oft_linear(x, w, bias, sk.oft_rotation(p, b, neumann, terms, backend=backend), backend=backend,
+                             path=path)
 
     def ref(x, w, bias, p):
         return reference.oft_linear(x, w, bias, reference.cayley(p, b, neumann, terms))
@@ -127,7 +128,7 @@ def test_gradcheck(device, backend, path, neumann, shared):
     inputs = [t.detach().requires_grad_() for t in (x, w, bias, p)]
 
     def fn(x, w, bias, p):
-        return sk.oft_linear(x, w, bias, sk.oft_rotation(p, 4, neumann), backend=backend, path=path)
+        return sk.oft_linear(x, w, bias, sk.oft_rotation(p, 4, neumann, backend=backend), backend=backend, path=path)
 
     # fast_mode (random directions) keeps the interpreted Triton kernels quick.
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")

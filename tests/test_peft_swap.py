@@ -407,13 +407,18 @@ def test_export_runs_fused(method, training, dtype, monkeypatch):
                                   dynamic_shapes=({0: tokens},))
     assert len(calls) == 2
     program = program.module()
+    adapters = [name for name, p in theirs.base_model.model.named_parameters() if p.requires_grad]
+    assert adapters
     for count in (3, 100):
         x = torch.randn(count, 32, dtype=dtype, requires_grad=True)
-        results = [(y, torch.autograd.grad(y.square().sum(), x) if training else ())
-                   for y in (program(x), theirs(x))]
+        results = []
+        for model in (program, theirs.base_model.model):
+            y = model(x)
+            inputs = [x, *(model.get_parameter(name) for name in adapters)]
+            results.append((y, torch.autograd.grad(y.square().sum(), inputs) if training else ()))
         (y, grads), (expected, expected_grads) = results
         assert_close(y, expected, against_peft(method, dtype))
-        for got, want in zip(grads, expected_grads):
+        for got, want in zip(grads, expected_grads, strict=True):
             assert_close(got, want, against_peft(method, dtype))
 
 
@@ -540,10 +545,12 @@ class _RoundedLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, torch.round(self.weight * 8) / 8, self.bias)
 
 
-def output_and_input_gradient(model, x):
+def output_and_gradients(model, x):
+    """The output and the gradients of x and the trainable parameters, by name (None for those unused)."""
     x = x.clone().requires_grad_()
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     y = model(x)
-    return y, torch.autograd.grad(y.square().sum(), x)[0]
+    return y, dict(zip(("x", *names), torch.autograd.grad(y.square().sum(), (x, *params), allow_unused=True)))
 
 
 def _zero_input_gradient(module, grad_input, grad_output):
@@ -573,9 +580,13 @@ def test_base_layer_calls_run_as_in_peft(method, case, dtype, monkeypatch):
         if case == "global-hook":  # doubles the output of every plain nn.Linear
             stack.enter_context(torch.nn.modules.module.register_module_forward_hook(
                 lambda module, inputs, output: 2 * output if type(module) is torch.nn.Linear else None))
-        (y, dx), (expected, expected_dx) = [output_and_input_gradient(model, x) for model in (ours, theirs)]
+        (y, grads), (expected, expected_grads) = [output_and_gradients(model, x) for model in (ours, theirs)]
     assert_close(y, expected, against_peft(method, dtype))
-    assert_close(dx, expected_dx, against_peft(method, dtype))
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert (grad is None) == (expected_grads[name] is None), name
+        if grad is not None:
+            assert_close(grad, expected_grads[name], against_peft(method, dtype))
     assert len(calls) == {"backward-hook": 1, "global-hook": 0, "linear-subclass": 1}[case]  # layer b, unless global
 
 
