@@ -99,11 +99,13 @@ def assert_raises_all(cases):
             call()
 
 
-def assert_close(actual, expected, dtype):
-    """fp32/fp64: |actual - expected| <= tol * max|expected| (expected in the same dtype)."""
-    scale = max(1.0, expected.abs().max().item())
+def assert_close(actual, expected, dtype, tol=None):
+    """fp32/fp64: |actual - expected| <= tol * max|expected| (expected in the same dtype; tol TOL[dtype] unless
+    given; an all-zero expected takes the bound tol)."""
+    tol = TOL[dtype] if tol is None else tol
+    scale = expected.abs().max().item() or 1.0
     err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+    assert err <= tol * scale, f"max error {err:.3g} > {tol * scale:.3g}"
 
 
 def assert_compiled_matches_eager(layer, x):

