@@ -267,8 +267,8 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
     if use_cayley_neumann and num_cayley_neumann_terms < 1:
         raise ValueError(f"oft_rotation: num_cayley_neumann_terms must be >= 1, got {num_cayley_neumann_terms}")
     block_size, num_cayley_neumann_terms = int(block_size), int(num_cayley_neumann_terms)  # numpy integers too
-    # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
     name = None if _autograd.tracing() else dispatch.select_backend(params.device, backend, "oft")  # checks it too
+    # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
     if use_cayley_neumann and num_cayley_neumann_terms > 1 and name not in (None, "reference"):
         n_coef = len(reference.neumann_coefficients(num_cayley_neumann_terms))
         if _kernels(name).neumann_fits(name, block_size, n_coef):
