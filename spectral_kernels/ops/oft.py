@@ -228,10 +228,10 @@ class _Neumann(torch.autograd.Function):
     dL/dQ = sum_p c_p sum_{i+j=p-1} (Q^T)^i G (Q^T)^j, see csrc/cpu/oft.cpp."""
 
     @staticmethod
-    def forward(ctx, params, block_size, terms, backend):
+    def forward(ctx, params, block_size, coef, terms, backend):
         ctx.save_for_backward(params)
-        ctx.block_size, ctx.terms, ctx.backend = block_size, terms, backend
-        return _kernels(backend).neumann(params, block_size, reference.neumann_coefficients(terms))
+        ctx.block_size, ctx.coef, ctx.terms, ctx.backend = block_size, coef, terms, backend
+        return _kernels(backend).neumann(params, block_size, coef)
 
     @staticmethod
     def backward(ctx, grad):
@@ -240,11 +240,10 @@ class _Neumann(torch.autograd.Function):
             with torch.enable_grad():
                 params = params.detach().requires_grad_()
                 return torch.autograd.grad(reference.cayley(params, ctx.block_size, True, ctx.terms), params,
-                                           grad)[0], None, None, None
+                                           grad)[0], None, None, None, None
         with torch.no_grad():
-            dparams = _kernels(ctx.backend).neumann_backward(params, grad.contiguous(), ctx.block_size,
-                                                             reference.neumann_coefficients(ctx.terms))
-        return _autograd.first_order_value("oft_rotation", dparams, params, grad), None, None, None
+            dparams = _kernels(ctx.backend).neumann_backward(params, grad.contiguous(), ctx.block_size, ctx.coef)
+        return _autograd.first_order_value("oft_rotation", dparams, params, grad), None, None, None, None
 
 
 def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann_terms=5, backend=None):
@@ -270,13 +269,13 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
     name = None if _autograd.tracing() else dispatch.select_backend(params.device, backend, "oft")  # checks it too
     # One Neumann term is R = I: it does not depend on the parameters, whose gradient is then None, as in peft.
     if use_cayley_neumann and num_cayley_neumann_terms > 1 and name not in (None, "reference"):
-        n_coef = len(reference.neumann_coefficients(num_cayley_neumann_terms))
-        if _kernels(name).neumann_fits(name, block_size, n_coef):
+        coef = reference.neumann_coefficients(num_cayley_neumann_terms)
+        if _kernels(name).neumann_fits(name, block_size, len(coef)):
             # The backward reads the parameters as they were: a copy where it runs, as peft's graph holds none of
             # the parameters themselves, which COFT projects in place on every forward (two forwards, one backward).
             if torch.is_grad_enabled() and params.requires_grad:
                 params = params.clone()
-            return _Neumann.apply(params, block_size, num_cayley_neumann_terms, name)
+            return _Neumann.apply(params, block_size, coef, num_cayley_neumann_terms, name)
     return reference.cayley(params, block_size, use_cayley_neumann, num_cayley_neumann_terms)
 
 
