@@ -4,20 +4,24 @@ The CPU tests run the Triton kernels in Triton's interpreter, which checks nothi
 compiler checks (tl.dot's operand shapes and dtypes, block shapes, type promotion in
 the lowering). Here the wrappers in spectral_kernels/kernels/triton are called for every
 input dtype and block size they choose between, each kernel launch is recorded instead
-of run, and the recorded signature is compiled ahead of time down to a cubin with the
-ptxas that Triton ships. Each module's check runs this file as a script in a process of
+of run, and the recorded signature is compiled ahead of time, with the launch's options,
+down to a cubin with the ptxas that Triton ships, whose threads must not spill much to
+local memory. Each module's check runs this file as a script in a process of
 its own, without TRITON_INTERPRET: in interpreter mode triton.language's own jit helpers
 are interpreted functions, which the compiler cannot lower.
 """
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.backends.nvidia  # noqa: E402  (its bin/ holds the cuobjdump used below)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -42,9 +46,13 @@ def _arg_type(value):
     raise TypeError(f"unexpected kernel argument {value!r}")
 
 
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
 def record(module, calls):
     """Replace the @triton.jit kernels of ``module`` with recorders, run ``calls`` and return each distinct launch
-    as {(kernel name, signature items, constexpr items as text): (kernel, signature, constexprs)}."""
+    as {(kernel name, signature items, constexpr and option items as text): (kernel, signature, constexprs,
+    options)}."""
     seen = {}
 
     def recorder(kernel):
@@ -52,8 +60,10 @@ def record(module, calls):
             bound = dict(zip(kernel.arg_names, args)) | kwargs
             signature = {p.name: "constexpr" if p.is_constexpr else _arg_type(bound[p.name]) for p in kernel.params}
             constexprs = {p.name: bound[p.name] for p in kernel.params if p.is_constexpr}
-            key = (kernel.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()))
-            seen[key] = (kernel, signature, constexprs)
+            options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+            key = (kernel.__name__, tuple(signature.items()),
+                   tuple((k, str(v)) for k, v in (constexprs | options).items()))
+            seen[key] = (kernel, signature, constexprs, options)
 
         class Grid:
             def __getitem__(self, grid):
@@ -72,15 +82,35 @@ def jit_kernels(module):
     return sorted(name for name, value in vars(module).items() if hasattr(value, "fn") and hasattr(value, "arg_names"))
 
 
+# Local memory a thread of a launch may use: a kernel whose tiles do not fit its registers spills them there, which
+# compiles and runs correctly, only many times slower (the OFT Neumann backward at b = 64 on four warps took 6480
+# bytes).
+MAX_STACK_BYTES = 512
+
+
 def compile_all(seen):
-    """Compile every recorded launch for the H100: [kernel, signature, constexprs, error] per failure."""
+    """Compile every recorded launch for the H100 with its launch options: [kernel, signature, constexprs and
+    options, error] per failure, a launch whose threads spill more than MAX_STACK_BYTES to local memory included."""
     failures = []
-    for (name, _, constexprs), (kernel, signature, values) in seen.items():
+    for (name, _, settings), (kernel, signature, values, options) in seen.items():
         try:
-            triton.compile(ASTSource(kernel, signature, constexprs=values), target=H100)
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs=values), target=H100, options=options)
+            stack = _stack_bytes(compiled.asm["cubin"])
+            if stack > MAX_STACK_BYTES:
+                raise RuntimeError(f"{stack} bytes of local memory a thread (spilled registers)")
         except Exception as error:  # noqa: BLE001 - reported whole below
-            failures.append([name, signature, dict(constexprs), str(error).strip().splitlines()[-1]])
+            failures.append([name, signature, dict(settings), str(error).strip().splitlines()[-1]])
     return failures
+
+
+def _stack_bytes(cubin):
+    """The largest per-thread stack (local memory) of the kernels in ``cubin``, by the cuobjdump Triton ships."""
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([tool, "-res-usage", file.name], capture_output=True, text=True, check=True).stdout
+    return max(int(n) for n in re.findall(r"STACK:(\d+)", report))
 
 
 def call_oft():

@@ -179,11 +179,15 @@ def _neumann(params, coef, grad, block_size):
     blocks, acc = params.shape[0], _acc(params.dtype)
     out = params.new_empty(blocks, block_size, block_size) if grad is None else params.new_empty(params.shape)
     if blocks:
+        block = max(16, triton.next_power_of_2(block_size))
+        # The backward holds four b x b matrices: at b = 64 on four warps ptxas puts them in local memory (6.5 KB
+        # of stack a thread for sm_90), on eight in registers (320 bytes of stack); tests/test_triton_compile.py.
+        warps = 8 if grad is not None and block == 64 else 4
         _neumann_kernel[(blocks,)](params.contiguous(), _coefficients(tuple(coef), acc, params.device),
                                    params if grad is None else grad.contiguous(),  # (the forward reads no G)
                                    out, block_size, len(coef) - 1,
-                                   ACC=_dot_args(params.dtype)[0], BACKWARD=grad is not None,
-                                   BLOCK=max(16, triton.next_power_of_2(block_size)))
+                                   ACC=_dot_args(params.dtype)[0], BACKWARD=grad is not None, BLOCK=block,
+                                   num_warps=warps)
     return out
 
 
