@@ -6,6 +6,7 @@ import itertools
 import torch
 from torch.autograd import forward_ad
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Per storage, [serial, optimizer steps]. The serial is never reused: an address and a version count alone can
@@ -26,14 +27,16 @@ def _record(storage):
 
 
 # Steps of optimizers with a sharded parameter, whose layers read other tensors (gathered ones): FSDP's flat
-# parameters, or views into one (use_orig_params=True; a parameter with no elements on this rank). Every version
-# key holds this count. (A parameter that is a view for another reason, e.g. a slice of a fused checkpoint
-# tensor, counts too: its steps then rebuild every eval cache, which costs time, not correctness.)
+# parameters, or views into one (use_orig_params=True; a parameter with no elements on this rank), and tensor
+# subclasses that wrap others (FSDP2's DTensor shards, whose storage spans the whole tensor). Every version key
+# holds this count. (A parameter that is a view for another reason, e.g. a slice of a fused checkpoint tensor,
+# counts too: its steps then rebuild every eval cache, which costs time, not correctness.)
 _shared_steps = 0
 
 
 def _sharded(p, storage):
-    return getattr(p, "_is_flat_param", False) or not p.numel() or storage.nbytes() != p.numel() * p.element_size()
+    return (getattr(p, "_is_flat_param", False) or is_traceable_wrapper_subclass(p) or not p.numel()
+            or storage.nbytes() != p.numel() * p.element_size())
 
 
 def _count_step(optimizer, args, kwargs):

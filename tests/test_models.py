@@ -827,11 +827,12 @@ def test_layers_pickled_before_the_cache_flag_was_a_property(method):
     assert_close(old(x), layer(x), torch.float32)
 
 
-def _fsdp_stale_steps(rank, store, out):
+def _fsdp_stale_steps(rank, store, out, wrapper):
     """One of two ranks of test_eval_cache_sees_sharded_steps: per method, the eval calls after a fused step that
     differ from the fused op's."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -840,7 +841,10 @@ def _fsdp_stale_steps(rank, store, out):
     for method in CONFIGS:
         torch.manual_seed(0)
         model = sk.inject(_OneLayer(), CONFIGS[method](["proj"])).eval()
-        wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+        if wrapper == "fully_shard":
+            wrapped = fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+        else:
+            wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
         optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=0.1, fused=True)
         x = torch.randn(3, 24)
         stale[method] = 0
@@ -859,10 +863,11 @@ def _fsdp_stale_steps(rank, store, out):
     torch.save(stale, f"{out}.{rank}")
 
 
-def test_eval_cache_sees_sharded_steps(tmp_path):
+@pytest.mark.parametrize("wrapper", ["FullyShardedDataParallel", "fully_shard"])
+def test_eval_cache_sees_sharded_steps(wrapper, tmp_path):
     """Under FSDP (use_orig_params=True) an optimizer steps the shards, and the layers read the gathered tensors,
     whose storage sees no step (a rank may hold no element of the adapter): every eval call after a step saw the
-    weight from before it on some rank."""
-    torch.multiprocessing.spawn(_fsdp_stale_steps, args=(tmp_path / "store", tmp_path / "stale"), nprocs=2)
+    weight from before it on some rank. FSDP2's shards are DTensors, whose storage spans the whole tensor."""
+    torch.multiprocessing.spawn(_fsdp_stale_steps, args=(tmp_path / "store", tmp_path / "stale", wrapper), nprocs=2)
     for rank in range(2):
         assert torch.load(tmp_path / f"stale.{rank}") == {method: 0 for method in CONFIGS}
