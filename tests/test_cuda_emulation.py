@@ -107,3 +107,36 @@ def test_grid_stride_loops(emulated):
     yf = torch.randn(3000, 4, dtype=torch.complex64, generator=g)
     args = (xf[:3000], yf, idx, torch.tensor([5, 0, 2]), 4, 6, 1.5)
     assert_close(emulated.fourierft_coef_grad(*args), ops.fourierft_coef_grad(*args), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("tokens,offset", [(2056, 0), (2056, 1), (2051, 0), (24, 0), (3, 0)],
+                         ids=["tiles", "unaligned", "ragged", "one-tile", "few"])
+def test_frod_rows_whole_or_by_element(emulated, dtype, tokens, offset):
+    """FRoD's kernels access a thread's tokens of a row with one 16-byte load or store where every row allows it
+    (tokens a multiple of 16 bytes' worth, 16-byte aligned tensors), element by element otherwise: rows several
+    tiles long, rows off a 16-byte boundary (offset), ragged and short rows, against the CPU kernels."""
+    g = torch.Generator().manual_seed(tokens + offset)
+    ops = torch.ops.spectral_kernels
+    rows, entries = 5, 23  # batches of four entries and a partial one; a row without entries
+
+    def feature_major(n):  # (n, tokens), its data `offset` elements past the start of its allocation
+        flat = torch.randn(n * tokens + offset, generator=g, dtype=torch.float64).to(dtype)
+        return flat[offset:].view(n, tokens)
+
+    x, z, grad = feature_major(rows), feature_major(rows), feature_major(rows)
+    ptr = torch.tensor([0, 6, 6, 15, 16, entries])
+    src, perm = torch.randint(0, rows, (entries,), generator=g), torch.randperm(entries, generator=g)
+    coef = torch.randn(entries, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    exact = dtype in (torch.float32, torch.float64)
+    tol = None if exact else 1e-2  # one rounding of float sums to bfloat16 / float16
+    assert_close(emulated.frod_mix(x, coef, ptr, src, perm), ops.frod_mix(x, coef, ptr, src, perm),
+                 dtype if exact else torch.float32, tol)
+    for need_dz in (True, False):
+        dz, dcoef = emulated.frod_mix_backward(grad, z, coef, ptr, src, perm, need_dz)
+        dz_cpu, dcoef_cpu = ops.frod_mix_backward(grad, z, coef, ptr, src, perm, need_dz)
+        assert_close(dcoef, dcoef_cpu, dtype if dtype == torch.float64 else torch.float32)
+        assert dz.shape == dz_cpu.shape
+        if need_dz:
+            assert_close(dz, dz_cpu, dtype if exact else torch.float32, tol)
