@@ -738,6 +738,38 @@ def test_merging_or_disabling_drops_the_eval_cache(method):
             assert_close(model(x), expected, torch.float32)
 
 
+class _Tied(torch.nn.Module):
+    """Two linear layers sharing one weight (tied, as transformers ties them); the output reads the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(24, 24), torch.nn.Linear(24, 24)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_eval_cache_sees_merges_into_a_tied_weight(method):
+    """Merging or unmerging one layer writes a weight another adapted layer shares: that layer's eval cache sees it
+    (the writes, through .data as peft's, counted no version: FourierFT's and OFT's caches kept the weight from
+    before; FRoD's with two active adapters, which reads the base weight, likewise)."""
+    torch.manual_seed(0)
+    model = sk.inject(_Tied(), CONFIGS[method](["a", "b"])).eval()
+    if method == "frod":
+        sk.inject(model, CONFIGS[method](["a", "b"]), "other")
+        sk.set_adapter(model, ["default", "other"])
+    assert model.a.base_layer.weight is model.b.base_layer.weight
+    x = torch.randn(5, 24)
+    for step in (model.b.merge, model.b.unmerge):
+        with torch.no_grad():
+            model(x)  # a's eval cache
+        step()
+        with torch.no_grad():
+            assert_close(model(x), _fresh(model, x), torch.float32)
+
+
 def test_fourierft_folded_indices_go_with_their_adapters():
     """FourierFT keeps the active adapters' indices concatenated while several are active; a deleted adapter's and
     those left on a device the layer moved off stayed until the next call with several adapters."""

@@ -330,6 +330,8 @@ class AdapterLayer(WatchesMoves, nn.Module):
             else:
                 weight.data += delta
             self.merged_adapters.append(name)
+        if names:  # written through .data, as peft writes, outside autograd; the version counts the write, so
+            torch.autograd.graph.increment_version(weight)  # that other layers sharing it (tied) see it in eval
         self._drop_caches()  # the merged base layer runs alone
 
     @torch.no_grad()
@@ -342,3 +344,4 @@ class AdapterLayer(WatchesMoves, nn.Module):
         while self.merged_adapters:
             delta = self.delta_weight(self.merged_adapters.pop())
             weight.data -= delta.t() if self._conv1d else delta
+        torch.autograd.graph.increment_version(weight)  # as in merge

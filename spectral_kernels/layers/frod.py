@@ -262,6 +262,7 @@ class FrodLinear(AdapterLayer):
         weight = self.base_layer.weight
         original = self._weight_before_merge
         weight.data.copy_(original.t() if self._conv1d else original)
+        torch.autograd.graph.increment_version(weight)  # as AdapterLayer.merge
         self._weight_before_merge = None
         self.merged_adapters.clear()
 

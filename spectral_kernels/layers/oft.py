@@ -165,6 +165,7 @@ class OFTLinear(AdapterLayer):
 
     def _write_weight(self, new):
         self.base_layer.weight.data.copy_(new.t() if self._conv1d else new)
+        torch.autograd.graph.increment_version(self.base_layer.weight)  # as AdapterLayer.merge
 
     @torch.no_grad()
     def merge(self, safe_merge=False, adapter_names=None):
