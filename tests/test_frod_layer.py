@@ -168,6 +168,29 @@ def test_merge_unmerge_and_eval_cache():
         assert_close(ours(x), adapted, torch.float32)
 
 
+def test_merging_nothing_keeps_no_copy_of_the_weight():
+    """merge() of an adapter the layer lacks (a model-wide merge of an adapter on other layers) or one safe_merge
+    refuses merges nothing: get_delta_weight goes on from the base weight as it is, as peft's (it kept reading the
+    copy taken for the merge, from before later changes to the weight)."""
+    torch.manual_seed(0)
+    layer = sk.FrodLinear(nn.Linear(10, 6), config=sk.FrodConfig(sparse_rate=0.2, init_weights=False))
+    layer.update_layer("broken", sk.FrodConfig(sparse_rate=0.2, init_weights=False))
+    with torch.no_grad():
+        layer.frod_lambda_l["broken"][0] = float("nan")
+    for merge in (lambda: layer.merge(adapter_names=["elsewhere"]),
+                  lambda: layer.merge(safe_merge=True, adapter_names=["broken"])):
+        try:
+            merge()
+        except ValueError as err:
+            assert "NaNs detected" in str(err)
+        assert not layer.merged
+        with torch.no_grad():
+            layer.base_layer.weight.mul_(2)  # e.g. another base checkpoint loaded
+        u, v, lam, s_values, s_indices = layer._tensors("default")
+        expected = sk.frod_effective_weight(u, v, lam, s_values, s_indices) - layer.base_layer.weight
+        assert_close(layer.get_delta_weight("default"), expected, torch.float32)
+
+
 def test_dropout_and_two_adapters():
     """The base-output path (dropout in training, several adapters) follows peft's arithmetic."""
     torch.manual_seed(0)

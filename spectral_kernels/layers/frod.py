@@ -252,7 +252,11 @@ class FrodLinear(AdapterLayer):
         self._restore_base_weight()
         if not self.merged:
             self._weight_before_merge = self._weight().detach().clone()
-        super().merge(safe_merge, adapter_names)
+        try:
+            super().merge(safe_merge, adapter_names)
+        finally:
+            if not self.merged:  # nothing merged (no adapter to merge, or safe_merge found NaNs): no copy kept
+                self._weight_before_merge = None
 
     @torch.no_grad()
     def unmerge(self):
