@@ -112,20 +112,26 @@ def _kept(build):
 
 
 class TensorCache:
-    """Values computed from one tensor (held weakly, by identity), rebuilt when its version key or ``extra``
-    changes."""
+    """Values computed from one tensor, rebuilt when its version key or ``extra`` changes. Held per view of its
+    storage, the storage weakly: a weak reference to the tensor itself would make torch.utils.swap_tensors refuse
+    it, which load_state_dict calls on every parameter and buffer under
+    torch.__future__.set_swap_module_params_on_conversion(True)."""
 
     def __init__(self):
-        self._entries = WeakIdKeyDictionary()
+        self._entries = WeakIdKeyDictionary()  # storage -> {(data_ptr, shape, strides): (key, value)}
 
     def get(self, tensor, extra, build):
         key = version_key(tensor)
         if key is None:
             return build()
         key += (extra,)
-        cached = self._entries.get(tensor)
+        views = self._entries.get(storage := tensor.untyped_storage())
+        if views is None:
+            views = self._entries[storage] = {}
+        view = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        cached = views.get(view)
         if cached is None or cached[0] != key:
-            cached = self._entries[tensor] = (key, _kept(build))
+            cached = views[view] = (key, _kept(build))
         return cached[1]
 
     def clear(self):

@@ -770,6 +770,33 @@ def test_eval_cache_sees_merges_into_a_tied_weight(method):
             assert_close(model(x), _fresh(model, x), torch.float32)
 
 
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_load_state_dict_swapping_tensors(method):
+    """Under torch.__future__.set_swap_module_params_on_conversion(True), load_state_dict swaps every parameter and
+    buffer (torch.utils.swap_tensors), which refuses a tensor with weak references: after a forward, FRoD's
+    projection and pattern, keys of the ops' caches, had them. The model then computes with what it loaded."""
+    torch.manual_seed(0)
+    model = sk.inject(_OneLayer(), CONFIGS[method](["proj"]))
+    loaded = copy.deepcopy(model)  # FRoD's U, computed at set-up, is not in the state dict
+    x = torch.randn(5, 24)
+    model(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    state = {name: t + 0.5 if t.is_floating_point() else t.clone() for name, t in model.state_dict().items()}
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    assert all(torch.equal(t, state[name]) for name, t in model.state_dict().items())
+    with torch.no_grad():
+        assert_close(model(x), _fresh(model, x), torch.float32)
+        loaded.load_state_dict(state)
+        assert_close(model(x), loaded.eval()(x), torch.float32)
+
+
 def test_fourierft_folded_indices_go_with_their_adapters():
     """FourierFT keeps the active adapters' indices concatenated while several are active; a deleted adapter's and
     those left on a device the layer moved off stayed until the next call with several adapters."""
