@@ -125,7 +125,8 @@ class TensorCache:
         if key is None:
             return build()
         key += (extra,)
-        views = self._entries.get(storage := tensor.untyped_storage())
+        storage = tensor.untyped_storage()
+        views = self._entries.get(storage)
         if views is None:
             views = self._entries[storage] = {}
         view = (tensor.data_ptr(), tensor.shape, tensor.stride())
