@@ -39,6 +39,7 @@ def _sharded(p, storage):
             or storage.nbytes() != p.numel() * p.element_size())
 
 
+@torch.compiler.disable  # traced in a compiled optimizer.step, it was recompiled for every parameter
 def _count_step(optimizer, args, kwargs):
     """Before and after each optimizer step (an optimizer's own post-step hooks run first), on its parameters."""
     global _shared_steps

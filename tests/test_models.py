@@ -674,6 +674,28 @@ def test_eval_cache_and_optimizer_steps(method):
     assert kept is not None and teacher.proj._cache is kept
 
 
+def test_compiled_optimizer_steps():
+    """torch.compile(optimizer.step) runs the package's global step hooks (_cache._count_step) outside the graph:
+    traced, they were compiled once per parameter, which raised under error_on_recompile in any process that had
+    imported spectral_kernels, adapters or not. A fused step compiled so is seen by the eval cache."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = sk.inject(torch.nn.Sequential(*[_OneLayer(24, 24) for _ in range(3)]),
+                      CONFIGS["fourierft"](["proj"])).eval()
+    x = torch.randn(5, 24)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    step = torch.compile(optimizer.step, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            with torch.no_grad():
+                model(x)  # the eval caches
+            model(x).square().sum().backward()
+            step()
+            optimizer.zero_grad()
+    with torch.no_grad():
+        assert_close(model(x), _fresh(model, x), torch.float32)
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_eval_cache_skips_parametrized_tensors(method, monkeypatch):
     """A parametrized base weight or adapter parameter is a new tensor on every read: the eval cache rebuilt its
