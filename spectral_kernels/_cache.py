@@ -116,10 +116,11 @@ class TensorCache:
     """Values computed from one tensor, rebuilt when its version key or ``extra`` changes. Held per view of its
     storage, the storage weakly: a weak reference to the tensor itself would make torch.utils.swap_tensors refuse
     it, which load_state_dict calls on every parameter and buffer under
-    torch.__future__.set_swap_module_params_on_conversion(True)."""
+    torch.__future__.set_swap_module_params_on_conversion(True). The values of a view no longer used stay as long
+    as the storage: the callers' keys are parameters, buffers and tensors that own their storage."""
 
     def __init__(self):
-        self._entries = WeakIdKeyDictionary()  # storage -> {(data_ptr, shape, strides): (key, value)}
+        self._entries = WeakIdKeyDictionary()  # storage -> {(data_ptr, dtype, shape, strides): (key, value)}
 
     def get(self, tensor, extra, build):
         key = version_key(tensor)
@@ -130,7 +131,7 @@ class TensorCache:
         views = self._entries.get(storage)
         if views is None:
             views = self._entries[storage] = {}
-        view = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        view = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
         cached = views.get(view)
         if cached is None or cached[0] != key:
             cached = views[view] = (key, _kept(build))

@@ -131,12 +131,17 @@ def test_frod_rows_whole_or_by_element(emulated, dtype, tokens, offset):
     coef = torch.randn(entries, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     exact = dtype in (torch.float32, torch.float64)
     tol = None if exact else 1e-2  # one rounding of float sums to bfloat16 / float16
-    assert_close(emulated.frod_mix(x, coef, ptr, src, perm), ops.frod_mix(x, coef, ptr, src, perm),
-                 dtype if exact else torch.float32, tol)
-    for need_dz in (True, False):
-        dz, dcoef = emulated.frod_mix_backward(grad, z, coef, ptr, src, perm, need_dz)
-        dz_cpu, dcoef_cpu = ops.frod_mix_backward(grad, z, coef, ptr, src, perm, need_dz)
-        assert_close(dcoef, dcoef_cpu, dtype if dtype == torch.float64 else torch.float32)
-        assert dz.shape == dz_cpu.shape
-        if need_dz:
-            assert_close(dz, dz_cpu, dtype if exact else torch.float32, tol)
+    mixed = ops.frod_mix(x, coef, ptr, src, perm)
+    backward = {need_dz: ops.frod_mix_backward(grad, z, coef, ptr, src, perm, need_dz) for need_dz in (True, False)}
+    for reverse in (False, True):  # the backward's reduction over warps, in both orders
+        emulated.set_reverse(reverse)
+        try:
+            assert_close(emulated.frod_mix(x, coef, ptr, src, perm), mixed, dtype if exact else torch.float32, tol)
+            for need_dz, (dz_cpu, dcoef_cpu) in backward.items():
+                dz, dcoef = emulated.frod_mix_backward(grad, z, coef, ptr, src, perm, need_dz)
+                assert_close(dcoef, dcoef_cpu, dtype if dtype == torch.float64 else torch.float32)
+                assert dz.shape == dz_cpu.shape
+                if need_dz:
+                    assert_close(dz, dz_cpu, dtype if exact else torch.float32, tol)
+        finally:
+            emulated.set_reverse(False)

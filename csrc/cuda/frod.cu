@@ -252,13 +252,13 @@ std::tuple<at::Tensor, at::Tensor> frod_mix_backward_cuda(const at::Tensor& g_, 
           ptr.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
           need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<Acc>(), tokens, g.size(0),
           coef.numel(), entries, need_dz);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vector_rows(tokens, kPer<scalar_t>, {&g, &z}) && (!need_dz || vector_rows(tokens, kPer<scalar_t>, {&dz})))
       launch(std::true_type{});
     else
       launch(std::false_type{});
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dz, partial.sum(0)};
 }
 

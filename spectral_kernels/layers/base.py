@@ -329,9 +329,10 @@ class AdapterLayer(WatchesMoves, nn.Module):
                 weight.data = merged
             else:
                 weight.data += delta
+            # Written through .data, as peft writes, outside autograd; the version counts the write, so that other
+            # layers sharing the weight (tied) see it in eval mode.
+            torch.autograd.graph.increment_version(weight)
             self.merged_adapters.append(name)
-        if names:  # written through .data, as peft writes, outside autograd; the version counts the write, so
-            torch.autograd.graph.increment_version(weight)  # that other layers sharing it (tied) see it in eval
         self._drop_caches()  # the merged base layer runs alone
 
     @torch.no_grad()
@@ -344,4 +345,4 @@ class AdapterLayer(WatchesMoves, nn.Module):
         while self.merged_adapters:
             delta = self.delta_weight(self.merged_adapters.pop())
             weight.data -= delta.t() if self._conv1d else delta
-        torch.autograd.graph.increment_version(weight)  # as in merge
+            torch.autograd.graph.increment_version(weight)  # as in merge
