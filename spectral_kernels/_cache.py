@@ -131,7 +131,8 @@ class TensorCache:
         views = self._entries.get(storage)
         if views is None:
             views = self._entries[storage] = {}
-        view = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+        _, (_, _, data_ptr, _, shape, strides), _ = key  # the view's place, read from its version key
+        view = (data_ptr, tensor.dtype, shape, strides)
         cached = views.get(view)
         if cached is None or cached[0] != key:
             cached = views[view] = (key, _kept(build))
