@@ -56,7 +56,10 @@ class FourierFTConfig:
     def __post_init__(self):
         if not is_integer(self.n_frequency) or self.n_frequency <= 0:
             raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency!r}")
-        for key, n in (self.n_frequency_pattern or {}).items():
+        if not isinstance(self.n_frequency_pattern, dict):  # peft fails later, in get_peft_model
+            raise ValueError("n_frequency_pattern must be a dict of module name patterns to n_frequency, got "
+                             f"{self.n_frequency_pattern!r}")
+        for key, n in self.n_frequency_pattern.items():
             if not is_integer(n) or n <= 0:
                 raise ValueError(f"n_frequency_pattern[{key!r}] must be a positive integer, got {n!r}")
         check_seed("random_loc_seed", self.random_loc_seed)

@@ -287,6 +287,9 @@ def test_bad_layer_and_hyperparameters():
     for n in (0, 2.5, True, "8"):
         with pytest.raises(ValueError, match=r"n_frequency_pattern\['q_proj'\] must be a positive integer"):
             sk.FourierFTConfig(n_frequency_pattern={"q_proj": n})
+    for pattern in (None, [("q_proj", 8)]):
+        with pytest.raises(ValueError, match="n_frequency_pattern must be a dict"):
+            sk.FourierFTConfig(n_frequency_pattern=pattern)
 
 
 def test_backend_selection(monkeypatch):
