@@ -6,7 +6,7 @@ import itertools
 import torch
 from torch.autograd import forward_ad
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wrapper_subclass
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Per storage, [serial, optimizer steps]. The serial is never reused: an address and a version count alone can
@@ -107,8 +107,10 @@ def _kept(build):
     """``build()`` for a cache: never inference tensors (made by a first call in inference mode, e.g. an HF
     pipeline), which have no version counter, so that what is cached on them in turn (an index check, a device
     sync on GPU; an eval-mode weight) would be rebuilt on every call, nor be saved for a backward later. Nor values
-    with an autograd graph (inference_mode(False) turns grad mode on): a graph back to the key kept it alive."""
-    with torch.inference_mode(False), torch.no_grad():
+    with an autograd graph (inference_mode(False) turns grad mode on): a graph back to the key kept it alive. Nor
+    seen by dispatch modes (traced graphs keep nothing, see ``caching``): selective activation checkpointing hands
+    the recompute the kept outputs of each op in the order of the first run, which a build ran in only."""
+    with torch.inference_mode(False), torch.no_grad(), _disable_current_modes():
         return build()
 
 

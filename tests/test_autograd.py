@@ -4,11 +4,13 @@ A graph recorded with create_graph=True must give the same first-order gradients
 without it; differentiating those gradients once more must raise (the kernels'
 backward is not differentiable), never return silently wrong numbers.
 """
+import functools
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import spectral_kernels as sk
 from spectral_kernels import dispatch
@@ -187,6 +189,42 @@ def test_compiled_checkpoint_as_the_first_call():
     backend filled a module-level cache there, a side effect the checkpoint's traced region refuses."""
     result = subprocess.run([sys.executable, "-c", _COLD_CHECKPOINT], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# What torchtitan's selective activation checkpointing keeps instead of recomputing (its op list, in part).
+_SAC_SAVED = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.max.default}
+
+
+def _sac_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVED else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("device,backend", [*device_backends(), pytest.param("cpu", "reference", id="reference-cpu")])
+@pytest.mark.parametrize("make,path", CASES)
+def test_selective_activation_checkpointing(device, backend, make, path, dtype):
+    """Under selective activation checkpointing (checkpoint with create_selective_checkpoint_contexts) the recompute
+    gets back the kept outputs of the saved ops in the order of the first run, and refuses kept outputs written in
+    place: the ops write into no output of a GEMM, and their first call's one-time work (index checks, FRoD's plan
+    and V^T) is hidden from the region, whose recompute finds it done. Outputs and gradients as without it."""
+    def run(sac):
+        g = torch.Generator().manual_seed(0)
+        params, fn = make(backend, path, device, dtype, g)  # new tensors, so that nothing is cached for them yet
+        inputs = [t.to(device, dtype).requires_grad_() for t in (torch.randn(2, 3, D_IN, generator=g), *params)]
+
+        def region(*inputs):
+            h = fn(*inputs)
+            return h / h.abs().max()  # an amax scaling, as float8 recipes take
+
+        if sac:
+            context = functools.partial(create_selective_checkpoint_contexts, _sac_policy)
+            y = checkpoint(region, *inputs, use_reentrant=False, context_fn=context)
+        else:
+            y = region(*inputs)
+        return [y.detach(), *torch.autograd.grad(y.square().sum(), inputs)]
+
+    for got, expected in zip(run(True), run(False), strict=True):
+        assert_close(got, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

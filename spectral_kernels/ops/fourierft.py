@@ -71,13 +71,15 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path, keep
         state = _delta_weight(k, coef, rows, cols, m, n, scaling, weight.to(x.dtype))
         y = F.linear(x2, state, bias)
     else:
-        y = F.linear(x2, weight, bias)
         tokens, chunk = x2.shape[0], dispatch.fourierft_chunk_tokens(x.device, m, n)
         state = x.new_empty(0, n // 2 + 1, dtype=acc.to_complex())
+        y = x2.new_empty(tokens, m)
         for t0 in range(0, tokens, chunk):
             part = slice(t0, t0 + chunk)
             xf = torch.fft.rfft(x2[part].to(acc), dim=-1)
-            y[part].add_(torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m))
+            delta = torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m)
+            # Not added into the GEMM's output: selective activation checkpointing may keep that for the recompute.
+            torch.add(F.linear(x2[part], weight, bias), delta, out=y[part])
             if keep:  # kept for the backward; several chunks' spectra are recomputed there
                 state = xf
     return y, state
