@@ -2,6 +2,7 @@
 spectral_kernels.inject and through peft + spectral_kernels.peft.swap, against peft itself: logits, gradients,
 the losses of a few optimizer steps, and merging the trained adapters."""
 import copy
+import functools
 import gc
 import pickle
 import warnings
@@ -11,6 +12,7 @@ import peft
 import pytest
 import torch
 from torch.autograd import forward_ad
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers.pytorch_utils import Conv1D
 
 import spectral_kernels as sk
@@ -112,11 +114,23 @@ def first_step(model, ids):
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _keep_gemms(ctx, op, *args, **kwargs):
+    """A selective checkpointing policy like torchtitan's: GEMMs and max are kept, the rest is recomputed."""
+    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.max.default)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+CHECKPOINTING = {"reentrant": {"use_reentrant": True}, "non-reentrant": {"use_reentrant": False},
+                 "selective": {"use_reentrant": False,
+                               "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_gemms)}}
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_gradient_checkpointing(method, use_reentrant):
+@pytest.mark.parametrize("kind", list(CHECKPOINTING))
+def test_gradient_checkpointing(method, kind):
     """transformers' gradient checkpointing (the forward of each decoder layer run again in the backward) gives
-    the gradients of a plain step, for inject and for peft + swap."""
+    the gradients of a plain step, for inject and for peft + swap; so does selective checkpointing, whose recompute
+    takes kept outputs in the order of the first run, the layers' first call there."""
     config = CONFIGS[method]("all-linear")
     ours = sk.inject(llama(), config)
     with warnings.catch_warnings():
@@ -126,7 +140,7 @@ def test_gradient_checkpointing(method, use_reentrant):
     for model in (ours.train(), swapped.train()):  # transformers checkpoints in training mode only
         loss, grads = first_step(copy.deepcopy(model), ids)
         checkpointed = copy.deepcopy(model)
-        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING[kind])
         checkpointed.enable_input_require_grads()  # the reentrant variant needs an input that requires grad
         checkpointed_loss, checkpointed_grads = first_step(checkpointed, ids)
         assert checkpointed_loss == loss and grads and checkpointed_grads.keys() == grads.keys()
