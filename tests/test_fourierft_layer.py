@@ -181,6 +181,34 @@ def test_multiple_adapters_fold_once(monkeypatch):
     assert len(builds) == 3 and checks == [True, True] and not torch.equal(changed, outputs[0])
 
 
+@pytest.mark.parametrize("adapters", [["a"], ["a", "b"]], ids=["one", "two"])
+def test_eval_cache_reads_coefficients_after_its_key(adapters):
+    """A step on the coefficients that lands while an eval call is under way (another thread's), after the layer
+    has gathered its adapters and before its cache takes their versions: the cache keeps a weight built from the
+    coefficients it read after taking them, so that the next call is the updated model's. With several adapters
+    the summed coefficients were read before, and the old model's weight stayed, keyed as the new one."""
+    ours = sk.FourierFTLinear(torch.nn.Linear(30, 20), "a", sk.FourierFTConfig(n_frequency=50, init_weights=False))
+    ours.update_layer("b", sk.FourierFTConfig(n_frequency=80, random_loc_seed=3, init_weights=False))
+    ours.set_adapter(adapters)
+    ours.eval()
+    x = torch.randn(6, 30)
+    cached_linear = ours._cached_linear
+
+    def step_first(*args):
+        ours.fourierft_spectrum["a"].add_(1.0)
+        return cached_linear(*args)
+
+    with torch.no_grad():
+        before = ours(x)  # the cache holds the current model's weight
+        ours._cached_linear = step_first
+        ours(x)  # the step lands inside this call
+        del ours._cached_linear
+        got = ours(x)
+        ours.cache_effective_weight = False
+        assert_close(got, ours(x), torch.float32)
+        assert not torch.allclose(got, before)
+
+
 @pytest.mark.parametrize("tokens", [1, 600])
 def test_eval_cache_follows_inplace_updates(tokens):
     ours, _ = pair(torch.nn.Linear(40, 30))

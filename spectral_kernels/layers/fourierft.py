@@ -80,7 +80,9 @@ class FourierFTLinear(AdapterLayer):
 
     def _adapter_terms(self):
         """(spectrum, indices, scaling) of the active adapters, folded into one when several, and the eval cache's
-        key for them: (the tensors they come from, their scalings)."""
+        key for them: (the tensors they come from, their scalings). The spectrum comes as a function that reads
+        the coefficients when called: the eval cache calls it after taking the versions of its key, so that what it
+        keeps is not older than its key says (a step in another thread in between would leave it stale)."""
         spectra = adapter_entries(self, "fourierft_spectrum", "_parameters")
         names = [n for n in self._active_adapter if n in spectra]
         if not names:
@@ -89,12 +91,13 @@ class FourierFTLinear(AdapterLayer):
         if len(names) == 1:
             spectrum = spectra[names[0]]
             indices = self._indices(names[0], spectrum)
-            return spectrum, indices, scalings[0], ((spectrum, indices), scalings)
+            return (lambda: spectrum), indices, scalings[0], ((spectrum, indices), scalings)
         # dW is linear in the coefficients: sum_a s_a Re(ifft2(S_a)) = Re(ifft2(sum_a s_a S_a)). The indices are
         # concatenated once, not per call, so their check (a device sync on GPU) runs once too.
         parts = [spectra[n] for n in names]
         indices = self._folded_indices.get([self._indices(n, spectra[n]) for n in names], 1)
-        return (torch.cat([s * a for s, a in zip(parts, scalings)]), indices, 1.0, ((*parts, indices), scalings))
+        return (lambda: torch.cat([s * a for s, a in zip(parts, scalings)]), indices, 1.0,
+                ((*parts, indices), scalings))
 
     def _effective_weight(self, weight, spectrum, indices, scaling):
         delta = fourierft_delta_weight(spectrum, indices, self.out_features, self.in_features, scaling, self.backend)
@@ -111,6 +114,7 @@ class FourierFTLinear(AdapterLayer):
             return base_layer(x, *args, **kwargs)
         spectrum, indices, scaling, (sources, scalings) = terms
         if args or kwargs or not computes_product_only(base_layer):  # peft's forward: base_layer(x) + x dW^T
+            spectrum = spectrum()
             if spectrum.device != x.device:  # coefficients that accelerate offloaded: peft would compute garbage
                 raise RuntimeError(f"fourierft_linear: tensors on different devices: x on {x.device}, the "
                                    f"coefficients on {spectrum.device}")
@@ -120,8 +124,8 @@ class FourierFTLinear(AdapterLayer):
         weight, bias = self._weight(), self._bias()
         if self._eval_cache_applies(x):
             return self._cached_linear("fourierft_linear", x, bias, (*sources, weight), scalings,
-                                       lambda: self._effective_weight(weight, spectrum, indices, scaling))
-        return fourierft_linear(x, weight, bias, spectrum, indices, scaling, self.backend)
+                                       lambda: self._effective_weight(weight, spectrum(), indices, scaling))
+        return fourierft_linear(x, weight, bias, spectrum(), indices, scaling, self.backend)
 
     def __repr__(self):
         return "spectral_kernels.fourierft." + super().__repr__()
