@@ -248,6 +248,28 @@ def test_neumann_kernels_gradcheck(device, backend, terms):
     assert torch.autograd.gradcheck(lambda p: sk.oft_rotation(p, 5, True, terms, backend=backend), (params,))
 
 
+@pytest.mark.parametrize("device,backend", NEUMANN_BACKENDS)
+def test_neumann_kernels_without_autograd(device, backend, monkeypatch):
+    """Where autograd records nothing (no_grad, inference_mode, parameters without grad) the Neumann kernel runs
+    alone, as the fused ops' bodies do there, not through its autograd.Function: Function.apply on a live parameter
+    waits for the parameter's autograd lock while holding the GIL, and another thread's grad-enabled call (a clone
+    of the parameter) holds that lock while waiting for the GIL: an eval call beside a training step hung the
+    process (torch's own lock inversion; 2 of 2 runs of 6000 calls a thread before the change)."""
+    from spectral_kernels.ops import oft as oft_ops
+
+    params = torch.nn.Parameter(0.2 * torch.randn(3, 10, device=device))
+    expected = sk.oft_rotation(params, 5, backend=backend).detach()
+
+    def refuse(*args):
+        raise AssertionError("autograd.Function applied where autograd records nothing")
+
+    monkeypatch.setattr(oft_ops._Neumann, "apply", refuse)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            assert torch.equal(sk.oft_rotation(params, 5, backend=backend), expected)
+    assert torch.equal(sk.oft_rotation(params.detach(), 5, backend=backend), expected)
+
+
 @pytest.mark.parametrize("device,backend", native_device_backends())
 def test_native_neumann_bad_input(device, backend, kernel_device):
     ops = torch.ops.spectral_kernels

@@ -271,11 +271,14 @@ def oft_rotation(params, block_size, use_cayley_neumann=True, num_cayley_neumann
     if use_cayley_neumann and num_cayley_neumann_terms > 1 and name not in (None, "reference"):
         coef = reference.neumann_coefficients(num_cayley_neumann_terms)
         if _kernels(name).neumann_fits(name, block_size, len(coef)):
-            # The backward reads the parameters as they were: a copy where it runs, as peft's graph holds none of
-            # the parameters themselves, which COFT projects in place on every forward (two forwards, one backward).
-            if torch.is_grad_enabled() and params.requires_grad:
-                params = params.clone()
-            return _Neumann.apply(params, block_size, coef, num_cayley_neumann_terms, name)
+            if not _autograd.needs_grad(params):
+                # The kernel alone, as the fused ops' bodies run there: Function.apply on a live parameter without
+                # autograd waits for its autograd lock holding the GIL, which another thread's autograd (a clone of
+                # the parameter) can hold while it waits for the GIL, and the process hung (torch's inversion).
+                return _kernels(name).neumann(params, block_size, coef)
+            # The backward reads the parameters as they were: a copy, as peft's graph holds none of the parameters
+            # themselves, which COFT projects in place on every forward (two forwards, one backward).
+            return _Neumann.apply(params.clone(), block_size, coef, num_cayley_neumann_terms, name)
     return reference.cayley(params, block_size, use_cayley_neumann, num_cayley_neumann_terms)
 
 
