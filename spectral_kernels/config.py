@@ -6,6 +6,7 @@ corrects the field with peft's warning where it says otherwise.
 """
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -56,9 +57,10 @@ class FourierFTConfig:
     def __post_init__(self):
         if not is_integer(self.n_frequency) or self.n_frequency <= 0:
             raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency!r}")
-        if not isinstance(self.n_frequency_pattern, dict):  # peft fails later, in get_peft_model
+        if not isinstance(self.n_frequency_pattern, Mapping):  # peft fails later, in get_peft_model
             raise ValueError("n_frequency_pattern must be a dict of module name patterns to n_frequency, got "
                              f"{self.n_frequency_pattern!r}")
+        self.n_frequency_pattern = dict(self.n_frequency_pattern)  # a plain dict, as saved configs hold it
         for key, n in self.n_frequency_pattern.items():
             if not is_integer(n) or n <= 0:
                 raise ValueError(f"n_frequency_pattern[{key!r}] must be a positive integer, got {n!r}")

@@ -1,5 +1,6 @@
 """FourierFTLinear against peft's own FourierFT layer, plus the layer's adapter handling."""
 import copy
+from collections import UserDict
 
 import pytest
 import torch
@@ -318,6 +319,8 @@ def test_bad_layer_and_hyperparameters():
     for pattern in (None, [("q_proj", 8)]):
         with pytest.raises(ValueError, match="n_frequency_pattern must be a dict"):
             sk.FourierFTConfig(n_frequency_pattern=pattern)
+    pattern = sk.FourierFTConfig(n_frequency_pattern=UserDict(q_proj=8)).n_frequency_pattern  # other mappings too
+    assert type(pattern) is dict and pattern == {"q_proj": 8}
 
 
 def test_backend_selection(monkeypatch):
