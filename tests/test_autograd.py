@@ -191,12 +191,14 @@ def test_compiled_checkpoint_as_the_first_call():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-# What torchtitan's selective activation checkpointing keeps instead of recomputing (its op list, in part).
-_SAC_SAVED = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.max.default}
+# What selective activation checkpointing keeps instead of recomputing: GEMMs and max (torchtitan's op list, in part),
+# each in every variant (out= too), as policies matching on the op's overload packet keep them (torch's default op
+# list).
+_SAC_SAVED = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.max}
 
 
 def _sac_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVED else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in _SAC_SAVED else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

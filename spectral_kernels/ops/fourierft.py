@@ -73,18 +73,14 @@ def _forward(x, weight, bias, spectrum, rows, cols, scaling, backend, path, keep
     else:
         tokens, chunk = x2.shape[0], dispatch.fourierft_chunk_tokens(x.device, m, n)
         state = x.new_empty(0, n // 2 + 1, dtype=acc.to_complex())
-        # F.linear's GEMM, into a buffer of the op's own that the adapter's terms are added into: selective
-        # activation checkpointing may keep the output of a GEMM (aten.mm.default) for the recompute, and refuses
-        # writes to it.
-        y = x2.new_empty(tokens, m)
-        if bias is None:
-            torch.mm(x2, weight.t(), out=y)
-        else:
-            torch.addmm(bias, x2, weight.t(), out=y)
+        # The sum goes into a buffer of the op's own, not into the GEMM's output: selective activation
+        # checkpointing may keep that for the recompute (a policy keeping GEMMs), and refuses writes to it.
+        base = F.linear(x2, weight, bias)
+        y = torch.empty_like(base)
         for t0 in range(0, tokens, chunk):
             part = slice(t0, t0 + chunk)
             xf = torch.fft.rfft(x2[part].to(acc), dim=-1)
-            y[part].add_(torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m))
+            torch.add(base[part], torch.fft.irfft(k.mix(xf, coef, cols, rows, n, m, scaling / n), n=m), out=y[part])
             if keep:  # kept for the backward; several chunks' spectra are recomputed there
                 state = xf
     return y, state
