@@ -1,10 +1,11 @@
-"""Shared test helpers: the backends runnable here, and the per-dtype tolerance rule."""
+"""Shared test helpers: the backends runnable here, the per-dtype tolerance rule, a selective checkpointing policy."""
 import functools
 import os
 import platform
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 # The Triton kernels run on the CPU through the interpreter when there is no GPU;
 # the flag must be set before triton decorates the kernels.
@@ -90,6 +91,21 @@ def _emulated_cuda_kernels(request):
         return
     with request.getfixturevalue("cuda_emulation").active():
         yield
+
+
+# What selective activation checkpointing keeps instead of recomputing in the tests: GEMMs and max (torchtitan's op
+# list, in part), each in every variant (out= too), as policies matching on the op's overload packet keep them
+# (torch's default op list).
+_SAC_KEPT = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.max}
+
+
+def _keep_gemms(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in _SAC_KEPT else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpointing():
+    """The context_fn of torch.utils.checkpoint for selective activation checkpointing that keeps GEMMs."""
+    return create_selective_checkpoint_contexts(_keep_gemms)
 
 
 def assert_raises_all(cases):

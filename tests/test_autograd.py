@@ -4,19 +4,18 @@ A graph recorded with create_graph=True must give the same first-order gradients
 without it; differentiating those gradients once more must raise (the kernels'
 backward is not differentiable), never return silently wrong numbers.
 """
-import functools
 import subprocess
 import sys
 
 import pytest
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 import spectral_kernels as sk
 from spectral_kernels import dispatch
 from spectral_kernels.layers.fourierft import fourierft_indices
 
-from conftest import assert_close, device_backends
+from conftest import assert_close, device_backends, selective_checkpointing
 
 D_IN, D_OUT, TOKENS, BLOCK = 12, 10, 5, 4
 
@@ -191,16 +190,6 @@ def test_compiled_checkpoint_as_the_first_call():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-# What selective activation checkpointing keeps instead of recomputing: GEMMs and max (torchtitan's op list, in part),
-# each in every variant (out= too), as policies matching on the op's overload packet keep them (torch's default op
-# list).
-_SAC_SAVED = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.max}
-
-
-def _sac_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in _SAC_SAVED else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("device,backend", [*device_backends(), pytest.param("cpu", "reference", id="reference-cpu")])
 @pytest.mark.parametrize("make,path", CASES)
@@ -219,8 +208,7 @@ def test_selective_activation_checkpointing(device, backend, make, path, dtype):
             return h / h.abs().max()  # an amax scaling, as float8 recipes take
 
         if sac:
-            context = functools.partial(create_selective_checkpoint_contexts, _sac_policy)
-            y = checkpoint(region, *inputs, use_reentrant=False, context_fn=context)
+            y = checkpoint(region, *inputs, use_reentrant=False, context_fn=selective_checkpointing)
         else:
             y = region(*inputs)
         return [y.detach(), *torch.autograd.grad(y.square().sum(), inputs)]

@@ -2,7 +2,6 @@
 spectral_kernels.inject and through peft + spectral_kernels.peft.swap, against peft itself: logits, gradients,
 the losses of a few optimizer steps, and merging the trained adapters."""
 import copy
-import functools
 import gc
 import pickle
 import warnings
@@ -12,14 +11,13 @@ import peft
 import pytest
 import torch
 from torch.autograd import forward_ad
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers.pytorch_utils import Conv1D
 
 import spectral_kernels as sk
 from spectral_kernels import dispatch
 from spectral_kernels.peft import swap
 
-from conftest import assert_close
+from conftest import assert_close, selective_checkpointing
 from test_inject import bert, gpt2, llama, peft_config, tokens
 
 CONFIGS = {
@@ -114,15 +112,8 @@ def first_step(model, ids):
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _keep_gemms(ctx, op, *args, **kwargs):
-    """A selective checkpointing policy like torchtitan's: GEMMs and max are kept, the rest is recomputed."""
-    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.max.default)
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 CHECKPOINTING = {"reentrant": {"use_reentrant": True}, "non-reentrant": {"use_reentrant": False},
-                 "selective": {"use_reentrant": False,
-                               "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_gemms)}}
+                 "selective": {"use_reentrant": False, "context_fn": selective_checkpointing}}
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
